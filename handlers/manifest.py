@@ -1,0 +1,269 @@
+"""The archive's manifest: what the partitioner promises and the handler checks before loading.
+
+The manifest is JSON (never pickle). It lists every file of the archive with its SHA-256; the
+handler refuses to load anything until each listed file exists inside the model directory, is a
+regular file (not a link), and hashes to the recorded value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+MANIFEST_NAME = "hetserve-manifest.json"
+MANIFEST_FORMAT = "hetserve-manifest"
+MANIFEST_VERSION = 1
+
+# numpy dtype names the runtime accepts; ONNX element types map onto these (partitioner side).
+SUPPORTED_DTYPES = (
+    "float32",
+    "float16",
+    "float64",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "bool",
+)
+
+
+class ManifestError(ValueError):
+    """The archive cannot be trusted or understood; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input, output or cut tensor. ``None`` marks a dynamic dimension; dim 0 is batch."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+
+    def __post_init__(self) -> None:
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ManifestError(f"tensor {self.name!r}: unsupported dtype {self.dtype!r}")
+        if not self.shape:
+            raise ManifestError(f"tensor {self.name!r}: needs at least a batch dimension")
+
+    @property
+    def sample_shape(self) -> tuple[int | None, ...]:
+        return self.shape[1:]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TensorSpec:
+        return cls(
+            name=_req(data, "name", str),
+            dtype=_req(data, "dtype", str),
+            shape=tuple(None if d is None else int(d) for d in _req(data, "shape", list)),
+        )
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One head/tail split of the model, as cut offline for one requested ratio."""
+
+    ratio: float  # requested share of the cost in the head
+    achieved_ratio: float
+    method: str
+    head: str  # archive-relative paths
+    tail: str
+    cut_tensors: tuple[TensorSpec, ...]
+    cut_bytes_per_sample: int
+    head_cost: float
+    tail_cost: float
+    max_abs_err: float
+    head_outputs: tuple[str, ...] = ()  # model outputs the head produces itself
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["cut_tensors"] = [t.to_json() for t in self.cut_tensors]
+        out["head_outputs"] = list(self.head_outputs)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Partition:
+        return cls(
+            ratio=float(_req(data, "ratio", (int, float))),
+            achieved_ratio=float(_req(data, "achieved_ratio", (int, float))),
+            method=_req(data, "method", str),
+            head=_req(data, "head", str),
+            tail=_req(data, "tail", str),
+            cut_tensors=tuple(TensorSpec.from_json(t) for t in _req(data, "cut_tensors", list)),
+            cut_bytes_per_sample=int(_req(data, "cut_bytes_per_sample", int)),
+            head_cost=float(_req(data, "head_cost", (int, float))),
+            tail_cost=float(_req(data, "tail_cost", (int, float))),
+            max_abs_err=float(_req(data, "max_abs_err", (int, float))),
+            head_outputs=tuple(data.get("head_outputs", ())),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model_name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    whole_model: str
+    partitions: tuple[Partition, ...]
+    files: dict[str, FileEntry]
+    default_ratio: float | None = None
+    profile: dict[str, Any] = field(default_factory=dict)
+    producer: dict[str, Any] = field(default_factory=dict)
+    version: int = MANIFEST_VERSION
+
+    def partition_for(self, ratio: float | None) -> Partition | None:
+        """The partition cut for ``ratio`` (``None``: the default one; no partitions: ``None``)."""
+        if ratio is None:
+            ratio = self.default_ratio
+        if ratio is None or ratio >= 1.0:
+            return None
+        for part in self.partitions:
+            if abs(part.ratio - ratio) < 1e-9:
+                return part
+        known = ", ".join(f"{p.ratio:g}" for p in self.partitions) or "none"
+        raise ManifestError(f"no partition for ratio {ratio:g} in the archive (has: {known})")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": self.version,
+            "model_name": self.model_name,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "whole_model": self.whole_model,
+            "default_ratio": self.default_ratio,
+            "partitions": [p.to_json() for p in self.partitions],
+            "profile": self.profile,
+            "producer": self.producer,
+            "files": {p: {"sha256": e.sha256, "size": e.size} for p, e in sorted(self.files.items())},
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Manifest:
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+            raise ManifestError("not a hetserve manifest (missing format marker)")
+        version = data.get("version")
+        if version != MANIFEST_VERSION:
+            raise ManifestError(
+                f"manifest version {version!r} is not supported (this handler reads {MANIFEST_VERSION})"
+            )
+        files = {}
+        for path, entry in _req(data, "files", dict).items():
+            check_relative_path(path)
+            files[path] = FileEntry(
+                sha256=_req(entry, "sha256", str), size=int(_req(entry, "size", int))
+            )
+        manifest = cls(
+            model_name=_req(data, "model_name", str),
+            inputs=tuple(TensorSpec.from_json(t) for t in _req(data, "inputs", list)),
+            outputs=tuple(TensorSpec.from_json(t) for t in _req(data, "outputs", list)),
+            whole_model=_req(data, "whole_model", str),
+            partitions=tuple(Partition.from_json(p) for p in data.get("partitions", [])),
+            files=files,
+            default_ratio=data.get("default_ratio"),
+            profile=data.get("profile", {}),
+            producer=data.get("producer", {}),
+            version=version,
+        )
+        for path in manifest.referenced_files():
+            if path not in files:
+                raise ManifestError(f"manifest refers to {path!r} but does not list its hash")
+        return manifest
+
+    def referenced_files(self) -> list[str]:
+        paths = [self.whole_model]
+        for part in self.partitions:
+            paths += [part.head, part.tail]
+        return paths
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_relative_path(path: str) -> PurePosixPath:
+    """Refuse archive paths that could point outside the model directory."""
+    pure = PurePosixPath(path)
+    if not path or pure.is_absolute() or "\\" in path or ".." in pure.parts or path.startswith("~"):
+        raise ManifestError(f"unsafe path in manifest: {path!r}")
+    return pure
+
+
+def resolve_inside(model_dir: str | os.PathLike[str], path: str) -> Path:
+    """The real path of an archive file, refusing links and anything outside ``model_dir``."""
+    check_relative_path(path)
+    root = Path(model_dir).resolve()
+    candidate = root / path
+    # Walk every component: a symlinked directory is as dangerous as a symlinked file.
+    current = root
+    for part in PurePosixPath(path).parts:
+        current = current / part
+        if current.is_symlink():
+            raise ManifestError(f"{path!r} is a symbolic link; archives may not contain links")
+    resolved = candidate.resolve()
+    if root not in resolved.parents:
+        raise ManifestError(f"{path!r} resolves outside the model directory")
+    return resolved
+
+
+def verify_files(manifest: Manifest, model_dir: str | os.PathLike[str]) -> None:
+    """Check every listed file's presence, type, size and SHA-256; raise on the first problem."""
+    for path, entry in sorted(manifest.files.items()):
+        real = resolve_inside(model_dir, path)
+        if not real.is_file():
+            raise ManifestError(f"{path!r} is listed in the manifest but missing from the archive")
+        size = real.stat().st_size
+        if size != entry.size:
+            raise ManifestError(f"{path!r} has {size} bytes, the manifest says {entry.size}")
+        digest = sha256_file(real)
+        if digest != entry.sha256:
+            raise ManifestError(f"{path!r} does not match its SHA-256 in the manifest")
+
+
+def read_manifest(model_dir: str | os.PathLike[str]) -> Manifest:
+    path = Path(model_dir) / MANIFEST_NAME
+    if not path.is_file() or path.is_symlink():
+        raise ManifestError(f"{MANIFEST_NAME} is missing from the archive")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{MANIFEST_NAME} is not valid JSON: {exc}") from None
+    return Manifest.from_json(data)
+
+
+def load_verified_manifest(model_dir: str | os.PathLike[str]) -> Manifest:
+    manifest = read_manifest(model_dir)
+    verify_files(manifest, model_dir)
+    return manifest
+
+
+def write_manifest(manifest: Manifest, model_dir: str | os.PathLike[str]) -> Path:
+    path = Path(model_dir) / MANIFEST_NAME
+    path.write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def _req(data: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    if not isinstance(data, dict) or key not in data:
+        raise ManifestError(f"manifest field {key!r} is missing")
+    value = data[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ManifestError(f"manifest field {key!r} has the wrong type")
+    return value

@@ -1,0 +1,1 @@
+"""Offline side of hetserve: export, profile, cut, build stages, archive."""
