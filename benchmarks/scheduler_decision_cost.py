@@ -1,0 +1,148 @@
+"""Cost of one placement decision on the request path, for 2, 5 and 17 executors.
+
+One decision is what the runtime does per micro-batch and stage: read the executors' predicted
+free times, build candidates from the PerfHistory (run and transfer predictions), choose with
+dmda, and book the choice on the ExecutorClock. The budget is 100 us per decision.
+
+    .venv/bin/python benchmarks/scheduler_decision_cost.py [--decisions N] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the handlers package is copied into archives, not installed
+
+from handlers.perf_model import PerfHistory  # noqa: E402
+from handlers.scheduler import (  # noqa: E402
+    ExecutorClock,
+    ExecutorSpec,
+    build_candidates,
+    choose_executor,
+)
+from handlers.topology import probe  # noqa: E402
+
+BUDGET_US = 100.0
+SIZES = (2, 5, 17)  # GPU + 1 group; GPU + 4; GPU + 16 one-core groups (a 16-core box)
+
+
+def make_setup(n_executors: int) -> tuple[PerfHistory, ExecutorClock, list[ExecutorSpec]]:
+    now = [0.0]
+    history = PerfHistory(clock=lambda: now[0])
+    executors = [ExecutorSpec("cuda:0", "cuda:0")] + [
+        ExecutorSpec(f"cpu{k}", "cpu") for k in range(n_executors - 1)
+    ]
+    for ex in executors:
+        for batch in (1, 2, 4, 8, 16, 32):
+            per_sample = 0.0002 if ex.device == "cuda:0" else 0.001
+            history.observe_run("tail", ex.name, batch, per_sample * batch)
+    for nbytes in (1 << 16, 1 << 20, 1 << 24):
+        history.observe_transfer("cuda:0->cpu", nbytes, 2e-5 + nbytes / 12e9)
+    clock = ExecutorClock(clock=time.perf_counter)
+    return history, clock, executors
+
+
+def measure(n_executors: int, decisions: int, warmup: int) -> dict[str, float]:
+    history, clock, executors = make_setup(n_executors)
+    names = [ex.name for ex in executors]
+    timer = time.perf_counter_ns
+    samples = []
+    for i in range(decisions + warmup):
+        batch = 1 + i % 32
+        t0 = timer()
+        now = time.perf_counter()
+        free = {name: clock.free_at(name) for name in names}
+        candidates = build_candidates(
+            history, "tail", batch, batch * 200_704, "cuda:0", executors, free
+        )
+        placement = choose_executor(now, candidates)
+        clock.reserve(placement.executor, placement.start, placement.end)
+        t1 = timer()
+        clock.complete(placement.executor)  # keep queues short, as the running system does
+        if i >= warmup:
+            samples.append((t1 - t0) / 1e3)
+    samples.sort()
+    return {
+        "executors": n_executors,
+        "decisions": decisions,
+        "median_us": round(statistics.median(samples), 3),
+        "p99_us": round(samples[int(0.99 * (len(samples) - 1))], 3),
+        "max_us": round(samples[-1], 3),
+        "within_budget": samples[int(0.99 * (len(samples) - 1))] < BUDGET_US,
+    }
+
+
+def timer_overhead_us(n: int = 100_000) -> float:
+    timer = time.perf_counter_ns
+    gaps = []
+    for _ in range(n):
+        t0 = timer()
+        gaps.append(timer() - t0)
+    return statistics.median(gaps) / 1e3
+
+
+def machine_info() -> dict[str, object]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "logical_cpus": os.cpu_count(),
+        "affinity_cpus": len(os.sched_getaffinity(0)),
+        "physical_cores_usable": len(probe().cores),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--decisions", type=int, default=50_000)
+    parser.add_argument("--warmup", type=int, default=2_000)
+    parser.add_argument(
+        "--out", default=str(REPO / "benchmarks" / "results" / "scheduler_decision_cost.json")
+    )
+    args = parser.parse_args(argv)
+    results = [measure(n, args.decisions, args.warmup) for n in SIZES]
+    report = {
+        "command": " ".join(
+            shlex.quote(a) for a in [sys.executable, *sys.argv]
+        ),
+        "cwd": os.getcwd(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+        "budget_us": BUDGET_US,
+        "timer_overhead_us": round(timer_overhead_us(), 3),
+        "path_measured": "ExecutorClock.free_at x N + build_candidates(PerfHistory) "
+        "+ choose_executor + ExecutorClock.reserve",
+        "results": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    for r in results:
+        print(
+            f"{r['executors']:>3} executors: median {r['median_us']:.2f} us, "
+            f"p99 {r['p99_us']:.2f} us, max {r['max_us']:.1f} us"
+        )
+    print(f"wrote {out}")
+    return 0 if all(r["within_budget"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

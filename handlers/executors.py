@@ -1,0 +1,189 @@
+"""Executors: one thread each, owning ORT sessions for the stages it can run.
+
+A CPU executor owns one core group: its ORT intra-op threads are pinned to the group's cores
+(``session.intra_op_thread_affinities``) and its own thread, which is ORT's calling thread and
+does a share of the work, pins itself to the group's first core. ORT releases the GIL, so
+executors on different groups run truly in parallel inside one TorchServe worker.
+
+A failing run fails only its job's future: the executor thread survives to run the next job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from handlers.topology import CoreGroup, ort_affinity_string
+
+log = logging.getLogger(__name__)
+
+# (stage, executor, batch, seconds) -> None; called from the executor thread after each run.
+RunObserver = Callable[[str, str, int, float], None]
+
+
+class ExecutorError(RuntimeError):
+    """A stage failed on an executor; the message says which, never the raw input."""
+
+
+class ExecutorLoadError(RuntimeError):
+    """An executor could not load its stages (RuntimeError so TorchServe reports a load failure)."""
+
+
+@dataclass
+class Job:
+    stage: str
+    feeds: Mapping[str, np.ndarray]
+    batch: int
+    observe: bool = True  # False for warm-up runs that must not bias the history
+    future: Future = field(default_factory=Future)
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class Executor:
+    """Base: a job queue drained by one thread; subclasses load sessions and run them."""
+
+    device = "cpu"
+
+    def __init__(self, name: str, observer: RunObserver | None = None) -> None:
+        self.name = name
+        self._observer = observer
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._ready: Future = Future()
+        self._thread = threading.Thread(target=self._main, name=f"hetserve-{name}", daemon=True)
+        self.stages: frozenset[str] = frozenset()
+
+    def start(self, timeout: float | None = None) -> None:
+        self._thread.start()
+        self._ready.result(timeout=timeout)  # re-raises the load error, if any
+
+    def submit(
+        self, stage: str, feeds: Mapping[str, np.ndarray], batch: int, observe: bool = True
+    ) -> Future:
+        if stage not in self.stages:
+            raise ExecutorError(f"executor {self.name} has no stage {stage!r}")
+        job = Job(stage, feeds, batch, observe)
+        self._jobs.put(job)
+        return job.future
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join(timeout)
+
+    # -- the executor thread --
+    def _main(self) -> None:
+        try:
+            self._on_thread_start()
+            self.stages = frozenset(self._load())
+        except Exception as exc:  # noqa: BLE001 - reported through the ready future
+            self._ready.set_exception(ExecutorLoadError(f"executor {self.name}: {exc}"))
+            return
+        self._ready.set_result(None)
+        while (job := self._jobs.get()) is not None:
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            started = time.perf_counter()
+            try:
+                outputs = self._run(job.stage, job.feeds)
+            except Exception as exc:  # noqa: BLE001 - one failed job must not end the thread
+                log.warning("executor %s: stage %s failed: %s", self.name, job.stage, exc)
+                job.future.set_exception(
+                    ExecutorError(f"stage {job.stage!r} failed on {self.name}")
+                )
+                continue
+            elapsed = time.perf_counter() - started
+            if self._observer is not None and job.observe:
+                self._observer(job.stage, self.name, job.batch, elapsed)
+            job.future.set_result(outputs)
+        self._unload()
+
+    def _on_thread_start(self) -> None:
+        pass
+
+    def _load(self) -> list[str]:
+        raise NotImplementedError
+
+    def _run(self, stage: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _unload(self) -> None:
+        pass
+
+
+def cpu_session_options(group: CoreGroup, spinning: bool) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = len(group.cpus)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    affinities = ort_affinity_string(group)
+    if affinities:
+        options.add_session_config_entry("session.intra_op_thread_affinities", affinities)
+    # Spinning threads burn cores the neighbouring group's executor needs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return options
+
+
+class CpuExecutor(Executor):
+    """Runs its stages on one core group."""
+
+    device = "cpu"
+
+    def __init__(
+        self,
+        group: CoreGroup,
+        models: Mapping[str, Path],
+        spinning: bool = False,
+        observer: RunObserver | None = None,
+        pin: bool = True,
+    ) -> None:
+        super().__init__(group.name, observer)
+        self.group = group
+        self._models = dict(models)
+        self._spinning = spinning
+        self._pin = pin
+        self._sessions: dict[str, Any] = {}
+        self._output_names: dict[str, list[str]] = {}
+        self._input_names: dict[str, list[str]] = {}
+
+    def _on_thread_start(self) -> None:
+        # Pin first, load second: the sessions' weights are then first touched from this core's
+        # NUMA node.
+        if self._pin:
+            os.sched_setaffinity(0, {self.group.cpus[0]})
+
+    def _load(self) -> list[str]:
+        import onnxruntime as ort
+
+        options = cpu_session_options(self.group, self._spinning)
+        for stage, path in self._models.items():
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self._sessions[stage] = session
+            self._input_names[stage] = [i.name for i in session.get_inputs()]
+            self._output_names[stage] = [o.name for o in session.get_outputs()]
+        return list(self._sessions)
+
+    def input_names(self, stage: str) -> list[str]:
+        return self._input_names[stage]
+
+    def _run(self, stage: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self._sessions[stage]
+        names = self._output_names[stage]
+        values = session.run(names, {k: feeds[k] for k in self._input_names[stage]})
+        return dict(zip(names, values, strict=True))
+
+    def _unload(self) -> None:
+        self._sessions.clear()

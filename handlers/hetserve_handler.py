@@ -1,0 +1,72 @@
+"""TorchServe entry point (``--handler``): a thin adapter over ``handlers.service``.
+
+It reads the verified manifest and builds the runtime in ``initialize``, then, per batch,
+translates TorchServe's request list and context into plain requests and back. TorchServe
+requires exactly one class in this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from handlers.metrics import emit_runtime_metrics
+from handlers.service import InferenceService, RawRequest
+
+log = logging.getLogger(__name__)
+
+
+class HetServeHandler:
+    def __init__(self) -> None:
+        self.service: InferenceService | None = None
+        self.initialized = False
+
+    def initialize(self, context: Any) -> None:
+        # Bodies must reach the handler as bytes: it bounds JSON size and depth itself.
+        os.environ["TS_DECODE_INPUT_REQUEST"] = "false"
+        model_dir = context.system_properties.get("model_dir")
+        version = ((context.manifest or {}).get("model") or {}).get("modelVersion", "1.0")
+        try:
+            self.service = InferenceService.load(model_dir, context.model_yaml_config, version)
+        except Exception as exc:
+            # TorchServe only reports RuntimeError/MemoryError as a load failure; anything else
+            # (ONNX Runtime's errors included) would kill the worker without a clear reason.
+            log.error("hetserve: model %s failed to load: %s", context.model_name, exc)
+            raise RuntimeError(
+                f"hetserve could not load model {context.model_name}: {exc}"
+            ) from None
+        self.initialized = True
+
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
+        requests = [_raw_request(item, context, i) for i, item in enumerate(data or [])]
+        replies = self.service.handle(requests)
+        for i, reply in enumerate(replies):
+            context.set_response_status(reply.status, reply.reason, i)
+            context.set_response_content_type(i, reply.content_type)
+            for key, value in reply.headers.items():
+                context.set_response_header(i, key, value)
+        emit_runtime_metrics(context.metrics, context.model_name, self.service.drain_stats())
+        return [_wire(reply.body) for reply in replies]
+
+
+def _raw_request(item: dict[str, Any], context: Any, index: int) -> RawRequest:
+    headers = {
+        k.lower(): v for k, v in context.get_all_request_header(index).items() if isinstance(v, str)
+    }
+    name = "body" if "body" in item else "data" if "data" in item else next(iter(item), None)
+    part = context.get_all_request_header(index).get(name)
+    content_type = (
+        part.get("content-type") if isinstance(part, dict) else headers.get("content-type")
+    )
+    return RawRequest(
+        body=item.get(name) if name else None, content_type=content_type, headers=headers
+    )
+
+
+def _wire(body: Any) -> Any:
+    # TorchServe would pretty-print dicts with indent=2: serialise compactly ourselves.
+    if isinstance(body, dict | list):
+        return json.dumps(body, separators=(",", ":"))
+    return body

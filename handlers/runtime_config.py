@@ -1,0 +1,98 @@
+"""The ``hetserve:`` section of model-config.yaml, as one validated dataclass.
+
+Unknown keys are errors, not silently ignored: a typo in a knob must not quietly serve defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from handlers.validation import RequestLimits
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A knob in model-config.yaml is wrong; the message names it."""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    ratio: float | None = None  # None: the manifest's default; >= 1.0: serve the whole model
+    core_groups: str = "numa"
+    cpu_head_groups: int = 0  # CPU-only: groups reserved for the head (0 = head may use any group)
+    micro_batch: int = 0  # 0: split each batch evenly over the head executors
+    tail_devices: str = "auto"
+    head_devices: str = "auto"
+    cuda_streams: int = 2
+    cuda_device: int = 0
+    spinning: bool = False
+    ewma_alpha: float = 0.3
+    calibration_runs: int = 3
+    state_dir: str | None = None
+    stage_timeout_s: float = 30.0
+    save_interval_s: float = 30.0
+    limits: RequestLimits = field(default_factory=RequestLimits)
+
+    def __post_init__(self) -> None:
+        if self.ratio is not None and not self.ratio > 0.0:
+            raise ConfigError(f"hetserve.ratio must be > 0 (or null), got {self.ratio!r}")
+        _check_policy(self.core_groups)
+        for name in ("tail_devices", "head_devices"):
+            if getattr(self, name) not in DEVICE_CHOICES:
+                raise ConfigError(
+                    f"hetserve.{name} must be one of {DEVICE_CHOICES}, got {getattr(self, name)!r}"
+                )
+        for name, low in (
+            ("cpu_head_groups", 0),
+            ("micro_batch", 0),
+            ("cuda_streams", 1),
+            ("cuda_device", 0),
+            ("calibration_runs", 0),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"hetserve.{name} must be an integer >= {low}, got {value!r}")
+        if not 0.0 < self.ewma_alpha <= 1.0:
+            raise ConfigError(f"hetserve.ewma_alpha must be in (0, 1], got {self.ewma_alpha!r}")
+        for name in ("stage_timeout_s", "save_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"hetserve.{name} must be > 0")
+
+    @classmethod
+    def from_model_yaml(cls, model_yaml: Mapping[str, Any] | None) -> RuntimeConfig:
+        section = dict((model_yaml or {}).get("hetserve") or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown hetserve option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        try:
+            limits = RequestLimits.from_mapping(section.pop("limits", None) or {})
+            return cls(**section, limits=limits)
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"bad hetserve option: {exc}") from None
+
+    def state_path(self, model_name: str, manifest_digest: str) -> Path:
+        base = Path(
+            self.state_dir
+            or os.environ.get("HETSERVE_STATE_DIR")
+            or Path.home() / ".cache" / "hetserve"
+        )
+        return base / f"{model_name}-{manifest_digest[:12]}-perf.json"
+
+
+def _check_policy(policy: str) -> None:
+    if policy in ("numa", "socket"):
+        return
+    kind, _, size = policy.partition(":")
+    if kind == "size" and size.isdigit() and int(size) > 0:
+        return
+    raise ConfigError(f"hetserve.core_groups must be numa, socket or size:K, got {policy!r}")

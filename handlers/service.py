@@ -1,0 +1,189 @@
+"""The serving logic behind the handler, free of TorchServe types so tests can drive it directly.
+
+``InferenceService.load`` reads and verifies the manifest, probes the cores, builds executors and
+calibrates them; ``handle`` turns a batch of raw requests into one response per request, each
+with its own status: one bad request never fails its neighbours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from handlers.codecs import (
+    DecodedRequest,
+    EncodedResponse,
+    decode_request,
+    encode_error,
+    encode_response,
+)
+from handlers.manifest import MANIFEST_NAME, Manifest, TensorSpec, load_verified_manifest
+from handlers.perf_model import PerfHistory
+from handlers.pipeline import Runtime, RuntimeStats
+from handlers.plan import build_runtime
+from handlers.runtime_config import RuntimeConfig
+from handlers.validation import RequestError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RawRequest:
+    body: Any
+    content_type: str | None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: Any
+    content_type: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    reason: str = ""
+
+
+class InferenceService:
+    def __init__(
+        self,
+        manifest: Manifest,
+        runtime: Runtime,
+        config: RuntimeConfig,
+        state_path: Path | None,
+        model_version: str = "1.0",
+    ) -> None:
+        self.manifest = manifest
+        self.runtime = runtime
+        self.config = config
+        self.state_path = state_path
+        self.model_version = model_version
+        self._last_save = time.monotonic()
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        model_yaml: Mapping[str, Any] | None = None,
+        model_version: str = "1.0",
+    ) -> InferenceService:
+        model_dir = Path(model_dir)
+        config = RuntimeConfig.from_model_yaml(model_yaml)
+        manifest = load_verified_manifest(model_dir)
+        digest = hashlib.sha256((model_dir / MANIFEST_NAME).read_bytes()).hexdigest()
+        state_path = config.state_path(manifest.model_name, digest)
+        history = PerfHistory.load(state_path, alpha=config.ewma_alpha)
+        runtime = build_runtime(manifest, model_dir, config, history)
+        service = cls(manifest, runtime, config, state_path, model_version)
+        service.save_history()
+        return service
+
+    # -- the request path --
+    def handle(self, requests: Sequence[RawRequest]) -> list[Reply]:
+        replies: list[Reply | None] = [None] * len(requests)
+        decoded: list[tuple[int, DecodedRequest]] = []
+        for i, request in enumerate(requests):
+            try:
+                decoded.append((i, self._decode(request)))
+            except RequestError as err:
+                replies[i] = _error_reply(err, None)
+        for group in _groups_by_shape(decoded):
+            self._run_group(group, replies)
+        self._maybe_save()
+        return [r if r is not None else _internal_error() for r in replies]
+
+    def _decode(self, request: RawRequest) -> DecodedRequest:
+        return decode_request(
+            request.body,
+            request.content_type,
+            request.headers,
+            self.manifest.inputs,
+            self.config.limits,
+            outputs=self.manifest.outputs,
+        )
+
+    def _run_group(
+        self, group: list[tuple[int, DecodedRequest]], replies: list[Reply | None]
+    ) -> None:
+        feeds = {
+            spec.name: np.concatenate([d.arrays[spec.name] for _, d in group])
+            if len(group) > 1
+            else group[0][1].arrays[spec.name]
+            for spec in self.manifest.inputs
+        }
+        try:
+            outputs = self.runtime.infer(feeds)
+        except Exception as exc:  # noqa: BLE001 - mapped to a 5xx for exactly these requests
+            log.warning("inference failed for %d request(s): %s", len(group), exc)
+            err = RequestError(503, f"inference failed: {exc}")
+            for index, request in group:
+                replies[index] = _error_reply(err, request.format)
+            return
+        offset = 0
+        for index, request in group:
+            rows = slice(offset, offset + request.batch)
+            offset += request.batch
+            mine = {name: value[rows] for name, value in outputs.items()}
+            encoded = encode_response(
+                mine,
+                request,
+                self.manifest.outputs,
+                model_name=self.manifest.model_name,
+                model_version=self.model_version,
+            )
+            replies[index] = _reply(200, encoded)
+
+    # -- performance history persistence --
+    def save_history(self) -> None:
+        if self.state_path is None:
+            return
+        try:
+            with self.runtime.history_lock():
+                self.runtime.history.save(self.state_path)
+        except OSError as exc:
+            log.warning("could not save the performance history to %s: %s", self.state_path, exc)
+        self._last_save = time.monotonic()
+
+    def _maybe_save(self) -> None:
+        if time.monotonic() - self._last_save >= self.config.save_interval_s:
+            self.save_history()
+
+    def drain_stats(self) -> RuntimeStats:
+        return self.runtime.drain_stats()
+
+    def close(self) -> None:
+        self.save_history()
+        self.runtime.close()
+
+
+def _groups_by_shape(
+    decoded: list[tuple[int, DecodedRequest]],
+) -> list[list[tuple[int, DecodedRequest]]]:
+    """Requests whose non-batch dims agree can share one run (dynamic dims may differ)."""
+    groups: dict[tuple, list[tuple[int, DecodedRequest]]] = {}
+    for index, request in decoded:
+        key = tuple((name, a.shape[1:]) for name, a in sorted(request.arrays.items()))
+        groups.setdefault(key, []).append((index, request))
+    return list(groups.values())
+
+
+def _reply(status: int, encoded: EncodedResponse, reason: str = "") -> Reply:
+    return Reply(status, encoded.body, encoded.content_type, dict(encoded.headers), reason)
+
+
+def _error_reply(err: RequestError, request_format: str | None) -> Reply:
+    return _reply(err.status, encode_error(err, request_format), reason=err.message[:120])
+
+
+def _internal_error() -> Reply:
+    return _error_reply(RequestError(500, "no response was produced for this request"), None)
+
+
+def spec_by_name(specs: Sequence[TensorSpec]) -> dict[str, TensorSpec]:
+    return {s.name: s for s in specs}

@@ -1,0 +1,474 @@
+"""PyTorch (or a user's ONNX file) -> one clean ONNX graph the profiler and the cut can trust.
+
+Whatever the source, the returned model has: opset >= 17; a dynamic dim 0 called ``batch`` on every
+input and output; no node computing from constants only (weight-only subgraphs, such as NFNet's
+weight standardisation, are folded into initializers); unique non-empty node names; and a shape
+in ``value_info`` for every intermediate tensor, because the cut prices a tensor by its bytes.
+It passes ``onnx.checker`` (full check) and strict shape inference. Weights stay inline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from partitioner.loading import LoadedModel
+
+MIN_OPSET = 17
+BATCH = "batch"
+PROTO_LIMIT = 2**31 - 1  # protobuf's hard limit on one serialized message
+# Ops whose result is not a function of their inputs: folding them would freeze one sample.
+_NOT_FOLDABLE = {
+    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+    "Bernoulli", "If", "Loop", "Scan",
+}
+
+
+class ExportError(ValueError):
+    """The model cannot be turned into an ONNX graph hetserve can cut; the message says why."""
+
+
+def export_onnx(loaded: LoadedModel, opset: int = 18) -> onnx.ModelProto:
+    """The loaded model as a checked, constant-folded ONNX graph with a dynamic batch axis."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} is too old; hetserve needs opset {MIN_OPSET} or newer")
+    if loaded.onnx_path is not None:
+        model = _read_onnx_file(loaded)
+    else:
+        model = _export_torch(loaded, opset)
+    return finalize(model, loaded.source)
+
+
+def finalize(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    """Fold constants, name nodes, infer shapes and check; the shared tail of both sources."""
+    model = fold_constants(model)
+    name_nodes(model.graph)
+    _drop_stale_value_info(model.graph)
+    try:
+        model = onnx.shape_inference.infer_shapes(
+            model, check_type=True, strict_mode=True, data_prop=True
+        )
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"{source}: the ONNX graph does not pass onnx's checks: {exc}") from None
+    if _tensors_without_shape(model):
+        model = _symbolic_shapes(model)
+    missing = _tensors_without_shape(model)
+    if missing:
+        raise ExportError(
+            f"{source}: shape inference left {len(missing)} intermediate tensor(s) without a full "
+            f"shape, e.g. {missing[:5]}; the cut needs the byte size of every tensor. Export "
+            "from code whose shapes are static apart from the batch."
+        )
+    return model
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace every node computed from initializers and constants only by an initializer.
+
+    Works in place and returns ``model``.
+
+    Done here rather than left to the exporters: the dynamo exporter's optimizer skips tensors
+    over a size limit (on full NFNet-F0 it leaves 55 weight standardisations), the TorchScript
+    exporter does not fold parameters at all, and a user's ONNX file may never have been folded.
+    One pass, evaluated by ONNX Runtime with its own optimisations off, treats all three alike,
+    keeps the other nodes and their names untouched, and has no size limit.
+    """
+    graph = model.graph
+    runtime_inputs = {i.name for i in graph.input}
+    constant = {i.name for i in graph.initializer} - runtime_inputs
+    graph_outputs = {o.name for o in graph.output}
+    # Names read inside If/Loop bodies cannot be renamed from here, so those stay tensors.
+    read_in_subgraphs = _names_read(list(graph.node)) - _names_read(list(graph.node), nested=False)
+    aliases: dict[str, str] = {}  # Identity of a constant: reuse the tensor instead of copying it
+    folded: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if not _is_foldable(node, constant, graph_outputs):
+            continue
+        if node.op_type == "Identity" and node.output[0] not in read_in_subgraphs:
+            aliases[node.output[0]] = aliases.get(node.input[0], node.input[0])
+        else:
+            folded.append(node)
+        constant.update(o for o in node.output if o)
+    if not folded and not aliases:
+        return model
+
+    folded_ids = {id(n) for n in folded}
+    kept = [
+        n for n in graph.node
+        if id(n) not in folded_ids and not (n.op_type == "Identity" and n.output[0] in aliases)
+    ]
+    for node in (*kept, *folded):
+        _rename_inputs(node, aliases)
+    needed = _names_read(kept) | graph_outputs
+    wanted = [o for n in folded for o in n.output if o and o in needed]
+    values = _evaluate(folded, graph.initializer, wanted, model) if wanted else {}
+
+    new_initializers = [numpy_helper.from_array(values[name], name) for name in wanted]
+    still_read = needed | runtime_inputs
+    initializers = [i for i in graph.initializer if i.name in still_read] + new_initializers
+    del graph.node[:]
+    graph.node.extend(kept)
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    return model
+
+
+def name_nodes(graph: onnx.GraphProto) -> None:
+    """Give every top-level node a unique non-empty name (profiles and cuts key on them)."""
+    seen: set[str] = set()
+    for index, node in enumerate(graph.node):
+        name = node.name or f"{node.op_type}_{index}"
+        suffix = 1
+        candidate = name
+        while candidate in seen:
+            candidate = f"{name}_{suffix}"
+            suffix += 1
+        node.name = candidate
+        seen.add(candidate)
+
+
+# ---- torch -> ONNX ---------------------------------------------------------------------------
+
+
+def _export_torch(loaded: LoadedModel, opset: int) -> onnx.ModelProto:
+    module = loaded.module
+    assert module is not None
+    module.eval()
+    inputs = loaded.example_inputs
+    size = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    if size > PROTO_LIMIT:
+        raise ExportError(
+            f"{loaded.source}: the weights take {size / 2**30:.1f} GiB; models over 2 GB do not "
+            "fit in one ONNX protobuf and are out of scope for hetserve"
+        )
+    output_names = loaded.output_names
+    if not output_names:  # count them (zoo models name theirs, so skip a slow forward there)
+        outputs = _run_once(loaded)
+        output_names = tuple(f"output_{i}" for i in range(len(outputs)))
+    input_names = loaded.input_names or tuple(f"input_{i}" for i in range(len(inputs)))
+    try:
+        model = _export_dynamo(module, inputs, input_names, output_names, opset)
+    except Exception as dynamo_exc:
+        dynamo_reason = _summarize(dynamo_exc)
+    else:
+        for value in (*model.graph.input, *model.graph.output):
+            _require_dynamic_batch(loaded.source, value, rename=False)
+        return model
+    try:
+        model = _export_torchscript(module, inputs, input_names, output_names, opset)
+        # The tracer declares the batch dynamic whatever the code does with it; check it did.
+        _check_other_batch(loaded, model)
+        return model
+    except Exception as script_exc:
+        script_reason = _summarize(script_exc)
+    raise ExportError(
+        f"{loaded.source} cannot be exported to ONNX. torch.export said: {dynamo_reason} "
+        f"The TorchScript exporter, tried next, said: {script_reason} The usual causes are "
+        "Python control flow on tensor values (if x.sum() > 0), outputs that are not tensors, "
+        "and a batch size fixed in the code (x.view(1, -1)); rewrite forward() with tensor ops "
+        "(torch.where, reshape(-1, ...)) and return only tensors."
+    )
+
+
+def _run_once(loaded: LoadedModel) -> tuple[torch.Tensor, ...]:
+    """Run the model once: its outputs must be tensors, which both exporters need."""
+    try:
+        with torch.no_grad():
+            out = loaded.module(*loaded.example_inputs)
+    except Exception as exc:
+        raise ExportError(
+            f"{loaded.source}: running the model on its example input "
+            f"{[tuple(t.shape) for t in loaded.example_inputs]} failed with "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    outputs = (out,) if isinstance(out, torch.Tensor) else out
+    if not isinstance(outputs, tuple | list) or not all(
+        isinstance(t, torch.Tensor) for t in outputs
+    ):
+        raise ExportError(
+            f"{loaded.source}: forward() returned {type(out).__name__}; hetserve exports models "
+            "whose forward() returns a tensor or a tuple of tensors. Wrap the model in a module "
+            "that returns only the tensors you want served."
+        )
+    return tuple(outputs)
+
+
+def _export_dynamo(module, inputs, input_names, output_names, opset) -> onnx.ModelProto:
+    batch = torch.export.Dim(BATCH)
+    with _quiet_exporter(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations
+        # Every input shares the one batch Dim on purpose; torch warns it renames nothing.
+        warnings.filterwarnings("ignore", message=r".*The axis name: batch will not be used")
+        program = torch.onnx.export(
+            module,
+            tuple(inputs),
+            dynamo=True,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            opset_version=opset,
+            dynamic_shapes=tuple({0: batch} for _ in inputs),
+            optimize=True,
+            verbose=False,
+        )
+    return program.model_proto
+
+
+def _export_torchscript(module, inputs, input_names, output_names, opset) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    axes = {name: {0: BATCH} for name in (*input_names, *output_names)}
+    with _quiet_exporter(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("always", torch.jit.TracerWarning)
+        torch.onnx.export(
+            module,
+            tuple(inputs),
+            buffer,
+            dynamo=False,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            opset_version=opset,
+            dynamic_axes=axes,
+            do_constant_folding=True,
+        )
+    # A tracer warning means the trace froze a value-dependent branch or shape: a wrong model.
+    tracer = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    if tracer:
+        raise ExportError(f"the trace depends on tensor values ({str(tracer[0].message)})")
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _check_other_batch(loaded: LoadedModel, model: onnx.ModelProto, batch: int = 2) -> None:
+    """Run ``model`` at another batch size in ONNX Runtime and compare with torch."""
+    import onnxruntime as ort
+
+    inputs = [torch.cat([t] * batch) for t in loaded.example_inputs]
+    with torch.no_grad():
+        out = loaded.module(*inputs)
+    expected = [out] if isinstance(out, torch.Tensor) else list(out)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # a failure is reported below, not logged in red
+    try:
+        session = ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
+        results = session.run(None, feeds)
+    except Exception as exc:
+        raise ExportError(
+            f"the traced graph fails at batch {batch} ({str(exc).splitlines()[0][:300]}): "
+            "the code fixes the batch size somewhere"
+        ) from None
+    for want, got in zip(expected, results, strict=True):
+        want = want.numpy()
+        scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+        if want.shape != got.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-3 * scale):
+            raise ExportError(
+                f"the traced graph is wrong at batch {batch} (torch gives {want.shape}, ONNX "
+                f"{got.shape}): the code fixes the batch size somewhere"
+            )
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Keep the exporters' progress prints, graph dumps and log lines off the user's terminal.
+
+    Whatever matters comes back as an exception; the rest is pages of traced graph per failure.
+    """
+    disabled = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(disabled)
+
+
+def _summarize(exc: BaseException) -> str:
+    """One or two sentences from an exporter exception (they can run to pages)."""
+    text = str(exc)
+    summary = re.search(r"## Exception summary\s*\n\s*(.+)", text)
+    line = summary.group(1) if summary else (text.strip().splitlines() or [type(exc).__name__])[0]
+    line = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
+    where = re.search(r'The following call raised this error:\s*\n\s*(File .+)\n\s*(.+)', text)
+    if where:
+        line += f" (at {where.group(1).strip()}: {where.group(2).strip()})"
+    if len(line) > 400:
+        line = line[:400] + "..."
+    return f"{type(exc).__name__}: {line}".rstrip(".") + "."
+
+
+# ---- ONNX file -------------------------------------------------------------------------------
+
+
+def _read_onnx_file(loaded: LoadedModel) -> onnx.ModelProto:
+    path = loaded.onnx_path
+    assert path is not None
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:
+        raise ExportError(f"{path}: not a readable ONNX model ({exc})") from None
+    if model.ByteSize() > PROTO_LIMIT:
+        raise ExportError(f"{path}: models over 2 GB are out of scope for hetserve")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < MIN_OPSET:
+        raise ExportError(
+            f"{path}: opset {opset} is older than {MIN_OPSET}; convert it with "
+            f"onnx.version_converter.convert_version(model, {MIN_OPSET}) or re-export"
+        )
+    graph = model.graph
+    # Initializers listed as inputs (old exporters) could be overridden at run time, which blocks
+    # folding and makes them look like model inputs; a served model never overrides its weights.
+    weights = {i.name for i in graph.initializer}
+    real_inputs = [i for i in graph.input if i.name not in weights]
+    del graph.input[:]
+    graph.input.extend(real_inputs)
+    for value in (*graph.input, *graph.output):
+        _require_dynamic_batch(path, value, rename=True)
+    return model
+
+
+def _require_dynamic_batch(source, value: onnx.ValueInfoProto, rename: bool) -> None:
+    """Dim 0 must be dynamic; ``rename`` gives it the name ``batch`` (an ONNX file's own name
+    for it may differ), otherwise it must already be ``batch`` (not, say, ``2*batch``)."""
+    dims = value.type.tensor_type.shape.dim
+    if not value.type.HasField("tensor_type") or not dims:
+        raise ExportError(f"{source}: {value.name!r} must be a tensor with a batch dimension")
+    if dims[0].HasField("dim_value"):
+        raise ExportError(
+            f"{source}: dim 0 of {value.name!r} is fixed at {dims[0].dim_value}; hetserve needs "
+            "dim 0 of every input and output to be the batch, of any size. Keep the batch in "
+            "the code (reshape(-1, ...) or x.shape[0], not a constant) and, for an ONNX file, "
+            "re-export with dynamic_shapes or dynamic_axes={name: {0: 'batch'}} on every input "
+            "and output."
+        )
+    if rename:
+        dims[0].dim_param = BATCH
+    elif dims[0].dim_param != BATCH:
+        raise ExportError(
+            f"{source}: dim 0 of {value.name!r} is {dims[0].dim_param or 'unknown'}, not the "
+            "batch; hetserve needs dim 0 of every input and output to be the batch"
+        )
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def _is_foldable(node: onnx.NodeProto, constant: set[str], graph_outputs: set[str]) -> bool:
+    if node.domain not in ("", "ai.onnx") or node.op_type in _NOT_FOLDABLE:
+        return False
+    if node.op_type != "Constant" and not any(node.input):
+        return False
+    if any(o in graph_outputs for o in node.output):
+        return False
+    return all(not i or i in constant for i in node.input)
+
+
+def _drop_stale_value_info(graph: onnx.GraphProto) -> None:
+    """Keep the exporter's shapes (dynamo's name the batch through Reshape(-1, ...), where onnx's
+    own inference cannot) but only for tensors some node still produces."""
+    produced = {o for n in graph.node for o in n.output}
+    kept = [v for v in graph.value_info if v.name in produced]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+
+
+def _rename_inputs(node: onnx.NodeProto, aliases: dict[str, str]) -> None:
+    for k, name in enumerate(node.input):
+        if name in aliases:
+            node.input[k] = aliases[name]
+
+
+def _names_read(nodes: list[onnx.NodeProto], nested: bool = True) -> set[str]:
+    """Every tensor name the nodes read, with ``nested`` also the names read inside subgraphs."""
+    names: set[str] = set()
+    for node in nodes:
+        names.update(i for i in node.input if i)
+        if not nested:
+            continue
+        for attr in node.attribute:
+            for sub in (attr.g, *attr.graphs) if attr.HasField("g") else attr.graphs:
+                names |= _names_read(list(sub.node))
+    return names
+
+
+def _evaluate(
+    nodes: list[onnx.NodeProto],
+    initializers,
+    outputs: list[str],
+    parent: onnx.ModelProto,
+) -> dict[str, np.ndarray]:
+    """Run ``nodes`` (constant inputs only) once in ONNX Runtime and return ``outputs``."""
+    import onnxruntime as ort
+
+    read = _names_read(nodes)
+    graph = onnx.helper.make_graph(
+        list(nodes),
+        "fold",
+        inputs=[],
+        outputs=[onnx.ValueInfoProto(name=o) for o in outputs],
+        initializer=[i for i in initializers if i.name in read],
+    )
+    # The parent's IR version: onnx's newest may be newer than ONNX Runtime reads.
+    mini = onnx.helper.make_model(
+        graph, opset_imports=list(parent.opset_import), ir_version=parent.ir_version
+    )
+    mini = onnx.shape_inference.infer_shapes(mini)
+    typed = {v.name: v for v in mini.graph.value_info}
+    for out in mini.graph.output:
+        if out.name in typed:
+            out.CopyFrom(typed[out.name])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(
+        mini.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return dict(zip(outputs, session.run(outputs, {}), strict=True))
+
+
+def _tensors_without_shape(model: onnx.ModelProto) -> list[str]:
+    """Intermediate tensors whose shape (or any non-batch dim) inference could not pin down."""
+    known = {v.name: v for v in (*model.graph.value_info, *model.graph.output)}
+    missing = []
+    for node in model.graph.node:
+        for name in node.output:
+            if not name:
+                continue
+            value = known.get(name)
+            if value is None:
+                missing.append(name)
+                continue
+            if not value.type.HasField("tensor_type"):
+                continue  # sequences and optionals have no shape to give
+            tensor = value.type.tensor_type
+            if not tensor.HasField("shape") or any(_is_unknown(d) for d in tensor.shape.dim):
+                missing.append(name)
+    return missing
+
+
+def _is_unknown(dim: onnx.TensorShapeProto.Dimension) -> bool:
+    if dim.HasField("dim_value"):
+        return False
+    # onnx names dims it could not relate to anything unk__N; they are as good as unknown.
+    return not dim.HasField("dim_param") or dim.dim_param.startswith("unk__")
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX Runtime's sympy-based inference: it follows the batch dim through Reshape(-1, ...)
+    and Shape arithmetic where onnx's inference gives up (the TorchScript exporter's graphs)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # its coverage of ops is narrower than onnx's; keep what onnx found
+        return model
+    return inferred if inferred is not None else model

@@ -1,0 +1,284 @@
+"""What each node of the graph costs: measured by ONNX Runtime's profiler, or estimated in FLOPs.
+
+Measuring runs the whole graph in one session with profiling on and reads the per-node kernel
+times from the trace ORT writes; timing nodes one at a time would miss cache effects and the
+overlap the real run has. ``flops_costs`` is the static fallback (``--cost flops``) for when the
+target device is not at hand.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+_KERNEL_SUFFIX = "_kernel_time"
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+class ProfileError(ValueError):
+    """Profiling could not run as asked (no GPU, unnamed nodes...); the message says why."""
+
+
+@dataclass(frozen=True)
+class NodeProfile:
+    costs: dict[str, float]  # node name -> median µs per run at ``batch``; 0 if never reported
+    device: str
+    provider: str
+    batch: int
+    runs: int
+    seconds: float  # wall time of the measured runs, all together
+    unmatched: list[str] = field(default_factory=list)  # profiled names that are no graph node
+
+    @property
+    def total_us(self) -> float:
+        return float(sum(self.costs.values()))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> NodeProfile:
+        return cls(
+            costs={str(k): float(v) for k, v in data["costs"].items()},
+            device=str(data["device"]),
+            provider=str(data["provider"]),
+            batch=int(data["batch"]),
+            runs=int(data["runs"]),
+            seconds=float(data["seconds"]),
+            unmatched=[str(u) for u in data.get("unmatched", [])],
+        )
+
+
+def profile_nodes(
+    model: onnx.ModelProto,
+    device: str = "cpu",
+    batch: int = 1,
+    runs: int = 10,
+    warmup: int = 2,
+    threads: int | None = None,
+    progress: bool = True,
+) -> NodeProfile:
+    """Per-node kernel time over ``runs`` whole-graph runs, after ``warmup`` unmeasured ones.
+
+    On CUDA the times ORT records are host-side: kernels launch asynchronously, so a node's time
+    is its launch cost unless the kernel forces a sync. Use them as relative costs only.
+    """
+    import onnxruntime as ort
+    from tqdm import tqdm
+
+    if device not in _PROVIDERS:
+        raise ValueError(f"device must be one of {sorted(_PROVIDERS)}, got {device!r}")
+    if batch < 1 or runs < 1 or warmup < 0:
+        raise ValueError("batch and runs must be at least 1, warmup at least 0")
+    node_names = [n.name for n in model.graph.node]
+    if not all(node_names) or len(set(node_names)) != len(node_names):
+        raise ProfileError(
+            "every node needs a unique non-empty name to be profiled; "
+            "pass the model through partitioner.export first"
+        )
+    provider = _PROVIDERS[device]
+    feeds = random_inputs(model, batch)
+
+    with tempfile.TemporaryDirectory(prefix="hetserve-profile-") as tmp:
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(tmp, "ort")
+        # No graph optimisation: fused kernels (Conv+Relu, MatMul+Add...) would be reported
+        # under the fused node's name and hide the ONNX nodes the cut is made of.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        providers = list(dict.fromkeys([provider, "CPUExecutionProvider"]))
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        # onnxruntime-gpu lists CUDA as available without a GPU and silently falls back to CPU.
+        if provider not in session.get_providers():
+            session.end_profiling()
+            raise ProfileError(
+                f"{provider} could not be started (session has {session.get_providers()}); "
+                "check that a CUDA GPU, its driver and onnxruntime-gpu's CUDA libraries are present"
+            )
+        bar = tqdm(total=warmup + runs, desc="profiling", unit="run", disable=not progress)
+        with bar:
+            for _ in range(warmup):
+                session.run(None, feeds)
+                bar.update()
+            start = time.perf_counter()
+            for _ in range(runs):
+                session.run(None, feeds)
+                bar.update()
+            seconds = time.perf_counter() - start
+        trace_path = session.end_profiling()
+        with open(trace_path, encoding="utf-8") as f:
+            events = json.load(f)
+
+    medians, unmatched = _kernel_times(events, set(node_names), warmup, runs)
+    return NodeProfile(
+        costs={name: medians.get(name, 0.0) for name in node_names},
+        device=device,
+        provider=provider,
+        batch=batch,
+        runs=runs,
+        seconds=seconds,
+        unmatched=sorted(unmatched),
+    )
+
+
+def random_inputs(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs for every graph input: floats standard normal, integers small and non-negative."""
+    rng = np.random.default_rng(seed)
+    weights = {i.name for i in model.graph.initializer}
+    feeds = {}
+    for value in model.graph.input:
+        if value.name in weights:
+            continue
+        tensor = value.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+        shape = [batch if k == 0 else _static_dim(value.name, d) for k, d in enumerate(tensor.shape.dim)]
+        if np.issubdtype(dtype, np.floating):
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[value.name] = rng.integers(0, 2, shape).astype(dtype)
+        else:
+            feeds[value.name] = rng.integers(0, 4, shape).astype(dtype)
+    return feeds
+
+
+def _static_dim(input_name: str, dim: onnx.TensorShapeProto.Dimension) -> int:
+    if dim.HasField("dim_value"):
+        return dim.dim_value
+    raise ProfileError(
+        f"input {input_name!r} has a dynamic dimension {dim.dim_param or '?'} besides the batch; "
+        "random inputs need every other dimension fixed"
+    )
+
+
+def _kernel_times(
+    events: Sequence[dict[str, Any]], node_names: set[str], warmup: int, runs: int
+) -> tuple[dict[str, float], set[str]]:
+    """Per node, the median over the measured runs of its kernel time in that run (µs).
+
+    The median, not the mean: on a shared machine one preempted run can put milliseconds on
+    a node that normally takes microseconds, and a mean of 5-10 runs would keep that spike.
+    """
+    # Every session.run leaves one "model_run" event; they split the trace into runs.
+    run_starts = sorted(
+        float(e["ts"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"
+    )
+    if len(run_starts) != warmup + runs:
+        raise ProfileError(
+            f"the ONNX Runtime trace holds {len(run_starts)} runs, expected {warmup + runs}; "
+            "it may have hit the profiler's event limit: profile with fewer runs"
+        )
+    per_run: dict[str, list[float]] = defaultdict(lambda: [0.0] * runs)
+    unmatched: set[str] = set()
+    for event in events:
+        if event.get("cat") != "Node" or not event.get("name", "").endswith(_KERNEL_SUFFIX):
+            continue
+        run = bisect.bisect_right(run_starts, float(event.get("ts", 0))) - 1 - warmup
+        if run < 0:
+            continue  # a warm-up run
+        name = event["name"][: -len(_KERNEL_SUFFIX)]
+        if name in node_names:
+            per_run[name][run] += float(event.get("dur", 0))
+        else:
+            unmatched.add(name)
+    return {name: float(np.median(times)) for name, times in per_run.items()}, unmatched
+
+
+# ---- static estimate -------------------------------------------------------------------------
+
+# Ops that only relabel memory (or make tiny shape tensors): free next to real work.
+_FREE_OPS = {
+    "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Shape", "Size", "Constant",
+    "ConstantOfShape", "Dropout",
+}
+# Transcendental-heavy elementwise ops, counted as a few FLOPs per element.
+_ELEMENTWISE_WEIGHT = {
+    "Erf": 4, "Gelu": 8, "Tanh": 4, "Sigmoid": 4, "Exp": 4, "Log": 4, "Sqrt": 2, "Pow": 4,
+    "Softplus": 4, "HardSigmoid": 2, "HardSwish": 3, "Mish": 8, "Elu": 4, "Selu": 4,
+}
+_REDUCE_OPS = {
+    "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+    "ReduceSumSquare", "ReduceLogSumExp", "ArgMax", "ArgMin", "GlobalAveragePool", "GlobalMaxPool",
+}
+
+
+def flops_costs(model: onnx.ModelProto) -> dict[str, float]:
+    """Per-sample FLOP estimate of every node, from shape-inferred shapes (never negative).
+
+    A rough model on purpose: convolutions and matrix products are counted exactly
+    (2 per multiply-add), everything else as a few FLOPs per element it touches, which is
+    about right for the memory-bound ops that surround them.
+    """
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    shapes = _shapes_per_sample(inferred)
+    costs = {}
+    for node in inferred.graph.node:
+        ins = [shapes.get(i) if i else None for i in node.input]
+        outs = [shapes.get(o) if o else None for o in node.output]
+        costs[node.name] = max(0.0, float(_node_flops(node, ins, outs)))
+    return costs
+
+
+def _shapes_per_sample(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Static shapes with the batch (and any other symbolic dim) set to 1."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    values = (*model.graph.input, *model.graph.value_info, *model.graph.output)
+    for value in values:
+        tensor = value.type.tensor_type
+        if value.type.HasField("tensor_type") and tensor.HasField("shape"):
+            shapes[value.name] = tuple(
+                d.dim_value if d.HasField("dim_value") else 1 for d in tensor.shape.dim
+            )
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes
+
+
+def _numel(shape: tuple[int, ...] | None) -> int:
+    return math.prod(shape) if shape is not None else 0
+
+
+def _node_flops(node: onnx.NodeProto, ins: list, outs: list) -> float:
+    op = node.op_type
+    out = outs[0] if outs else None
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if op in _FREE_OPS:
+        return 0.0
+    if op == "Conv" and len(ins) > 1 and ins[1] is not None:
+        # weight (Cout, Cin/groups, k...): each output element needs Cin/groups * prod(k) MACs.
+        macs_per_output = math.prod(ins[1][1:])
+        bias = 1 if len(ins) > 2 and ins[2] is not None else 0
+        return _numel(out) * (2 * macs_per_output + bias)
+    if op == "ConvTranspose" and len(ins) > 1 and ins[1] is not None:
+        # weight (Cin, Cout/groups, k...): each input element scatters into Cout/groups * prod(k).
+        return 2.0 * _numel(ins[0]) * math.prod(ins[1][1:]) + _numel(out)
+    if op in ("MatMul", "MatMulInteger", "QLinearMatMul") and ins and ins[0]:
+        k = ins[0][-1]
+        return 2.0 * _numel(out) * k
+    if op == "Gemm" and ins and ins[0]:
+        k = ins[0][0] if attrs.get("transA", 0) else ins[0][-1]
+        bias = 1 if len(ins) > 2 and ins[2] is not None else 0
+        return _numel(out) * (2.0 * k + bias)
+    if op in ("MaxPool", "AveragePool", "LpPool"):
+        return _numel(out) * math.prod(attrs.get("kernel_shape", [1]))
+    if op in _REDUCE_OPS:
+        return float(_numel(ins[0]) if ins else 0)
+    if op in ("Softmax", "LogSoftmax"):
+        return 5.0 * _numel(out)  # max, subtract, exp, sum, divide
+    if op in ("LayerNormalization", "GroupNormalization", "InstanceNormalization"):
+        return 8.0 * _numel(out)  # mean, variance, normalise, scale and shift
+    if op == "BatchNormalization":
+        return 2.0 * _numel(out)
+    return float(_ELEMENTWISE_WEIGHT.get(op, 1) * _numel(out))

@@ -1,0 +1,231 @@
+"""Turn a split into two runnable ONNX stages, store their weights once, and prove them right.
+
+``split_model`` is in-memory (``onnx.utils.Extractor``); ``write_models`` is the file side: every
+model of the archive (the whole model and each ratio's head and tail) points its large
+initializers at one shared ``weights.bin`` through ONNX external data, so an archive with four
+ratios is not five copies of the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnx.utils import Extractor
+
+from handlers.manifest import TensorSpec
+from partitioner.onnx_graph import OnnxTaskGraph
+
+WEIGHTS_FILE = "weights.bin"
+INLINE_LIMIT = 1024  # bytes; smaller initializers stay inside the graph file
+PAGE = 4096
+VERIFY_TOLERANCE = 1e-4
+
+
+class StageError(ValueError):
+    """The stages cannot be built or do not reproduce the whole model."""
+
+
+@dataclass(frozen=True)
+class StagePair:
+    head: onnx.ModelProto
+    tail: onnx.ModelProto
+    cut_tensors: tuple[str, ...]  # the tail's inputs: head outputs and graph inputs it reads
+    head_outputs: tuple[str, ...]  # model outputs the head produces itself
+
+
+def split_model(model: onnx.ModelProto, task: OnnxTaskGraph, tail: Iterable[int]) -> StagePair:
+    tail_set = frozenset(tail)
+    graph = task.graph
+    if not tail_set or len(tail_set) == graph.num_nodes:
+        raise StageError("both stages must hold at least one node")
+    in_tail = [v in tail_set for v in range(graph.num_nodes)]
+    graph_inputs = [t.name for t in graph.tensors if t.producer is None]
+    model_outputs = [vi.name for vi in model.graph.output]
+
+    cut_tensors, head_produced = [], []
+    for t in graph.tensors:
+        from_head = t.producer is None or not in_tail[t.producer]
+        if from_head and any(in_tail[c] for c in t.consumers):
+            cut_tensors.append(t.name)
+            if t.producer is not None:
+                head_produced.append(t.name)
+        elif t.producer is not None and in_tail[t.producer] and any(not in_tail[c] for c in t.consumers):
+            raise StageError(f"tensor {t.name!r} flows tail -> head: the split is not pipeline-valid")
+    producer_in_tail = {t.name: t.producer is not None and in_tail[t.producer] for t in graph.tensors}
+    head_outputs = [o for o in model_outputs if not producer_in_tail.get(o, False)]
+    tail_outputs = [o for o in model_outputs if producer_in_tail.get(o, False)]
+    if not tail_outputs:
+        raise StageError("the tail produces no model output; nothing would reach the client")
+
+    readers = {t.name: t.consumers for t in graph.tensors}
+    head_inputs = [name for name in graph_inputs if any(not in_tail[c] for c in readers[name])]
+    extractor = Extractor(model)
+    head = extractor.extract_model(head_inputs, _unique(head_produced + head_outputs))
+    tail_model = extractor.extract_model(cut_tensors, tail_outputs)
+    _check_membership(head, task, tail_set, expect_tail=False)
+    _check_membership(tail_model, task, tail_set, expect_tail=True)
+    return StagePair(head, tail_model, tuple(cut_tensors), tuple(head_outputs))
+
+
+def tensor_spec(model: onnx.ModelProto, name: str) -> TensorSpec:
+    """The manifest's view of a graph input/output: numpy dtype name and shape (None = dynamic)."""
+    for vi in (*model.graph.input, *model.graph.output, *model.graph.value_info):
+        if vi.name == name:
+            tt = vi.type.tensor_type
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)).name
+            shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+            return TensorSpec(name=name, dtype=dtype, shape=shape)
+    raise StageError(f"no type information for tensor {name!r}")
+
+
+def graph_io_specs(model: onnx.ModelProto) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = tuple(tensor_spec(model, vi.name) for vi in model.graph.input if vi.name not in initializers)
+    outputs = tuple(tensor_spec(model, vi.name) for vi in model.graph.output)
+    return inputs, outputs
+
+
+class SharedWeights:
+    """Appends initializers to one file and rewrites models to reference it (stored once by name)."""
+
+    def __init__(self, directory: Path, filename: str = WEIGHTS_FILE) -> None:
+        self.path = directory / filename
+        self.filename = filename
+        self._offsets: dict[str, tuple[int, int]] = {}
+        self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+
+    def externalize(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """A copy of ``model`` whose large initializers point into the shared file."""
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        for tensor in out.graph.initializer:
+            if _nbytes(tensor) < INLINE_LIMIT:
+                continue
+            offset, length = self._store(tensor)
+            _clear_data(tensor)
+            _point_at(tensor, self.filename, offset, length)
+        return out
+
+    def _store(self, tensor: onnx.TensorProto) -> tuple[int, int]:
+        if tensor.name in self._offsets:
+            return self._offsets[tensor.name]
+        data = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+        position = self._file.tell()
+        # Page-aligned large tensors let ORT map them instead of copying.
+        align = PAGE if len(data) >= 16 * PAGE else 64
+        padding = (-position) % align
+        self._file.write(b"\0" * padding)
+        offset = position + padding
+        self._file.write(data)
+        self._offsets[tensor.name] = (offset, len(data))
+        return offset, len(data)
+
+    def flush(self) -> None:
+        """Make everything stored so far readable by ORT sessions opened before close()."""
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> SharedWeights:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+
+
+def verify_stages(
+    whole_path: Path,
+    head_path: Path,
+    tail_path: Path,
+    inputs: tuple[TensorSpec, ...],
+    batches: tuple[int, ...] = (1, 4),
+    seed: int = 0,
+    whole_session=None,
+) -> float:
+    """Run the whole model and head -> tail on random batches; return the max abs difference."""
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    whole = whole_session or ort.InferenceSession(str(whole_path), providers=providers)
+    head = ort.InferenceSession(str(head_path), providers=providers)
+    tail = ort.InferenceSession(str(tail_path), providers=providers)
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for batch in batches:
+        feeds = {spec.name: random_input(spec, batch, rng) for spec in inputs}
+        expected = dict(zip([o.name for o in whole.get_outputs()], whole.run(None, feeds), strict=True))
+        produced = run_pipeline(head, tail, feeds)
+        for name, want in expected.items():
+            got = produced[name]
+            if got.shape != want.shape:
+                raise StageError(f"output {name!r}: shape {got.shape} from the stages, {want.shape} whole")
+            if want.size:
+                worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - want))))
+    return worst
+
+
+def run_pipeline(head, tail, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Head then tail, wiring tensors by name (the tail may also read graph inputs)."""
+    available = dict(feeds)
+    head_in = {i.name: available[i.name] for i in head.get_inputs()}
+    available.update(zip([o.name for o in head.get_outputs()], head.run(None, head_in), strict=True))
+    tail_in = {i.name: available[i.name] for i in tail.get_inputs()}
+    available.update(zip([o.name for o in tail.get_outputs()], tail.run(None, tail_in), strict=True))
+    return available
+
+
+def random_input(spec: TensorSpec, batch: int, rng: np.random.Generator) -> np.ndarray:
+    shape = (batch, *(d if d is not None else 1 for d in spec.sample_shape))
+    if spec.dtype.startswith("float"):
+        return rng.standard_normal(shape).astype(spec.dtype)
+    if spec.dtype == "bool":
+        return rng.integers(0, 2, shape).astype(bool)
+    return rng.integers(0, 8, shape).astype(spec.dtype)
+
+
+def _unique(names: list[str]) -> list[str]:
+    return list(dict.fromkeys(names))
+
+
+def _check_membership(stage: onnx.ModelProto, task: OnnxTaskGraph, tail: frozenset[int], expect_tail: bool) -> None:
+    index = {name: i for i, name in enumerate(task.node_names)}
+    constant = set(task.constant_nodes)
+    for node in stage.graph.node:
+        if node.name in constant:
+            continue
+        if node.name not in index:
+            raise StageError(f"extracted node {node.name!r} is unknown to the task graph")
+        if (index[node.name] in tail) != expect_tail:
+            side = "tail" if expect_tail else "head"
+            raise StageError(f"node {node.name!r} leaked into the {side}: the split is not closed")
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data)
+    count = int(np.prod(tensor.dims)) if tensor.dims else 1
+    return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+
+
+def _point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+
+
+def _clear_data(tensor: onnx.TensorProto) -> None:
+    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        tensor.ClearField(field)

@@ -1,0 +1,185 @@
+"""Start a real TorchServe on 127.0.0.1 for tests, with the project's secure config.
+
+Each instance gets its own working directory (TorchServe writes key_file.json and logs there),
+its own free ports and its own TMPDIR (TorchServe keeps its pid file in the temp dir, so two
+instances sharing one would refuse to start).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BASE_CONFIG = REPO / "config" / "config.properties"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+@dataclass
+class TorchServe:
+    workdir: Path
+    ports: dict[str, int]
+    process: subprocess.Popen
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+                api: str = "inference", token: bool = True, timeout: float = 120.0) -> Response:
+        headers = dict(headers or {})
+        if token and api in self.keys:
+            headers.setdefault("Authorization", f"Bearer {self.keys[api]}")
+        conn = http.client.HTTPConnection("127.0.0.1", self.ports[api], timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        finally:
+            conn.close()
+
+    def predict(self, model: str, body: bytes, content_type: str = "application/json",
+                headers: dict[str, str] | None = None, token: bool = True) -> Response:
+        all_headers = {"Content-Type": content_type, **(headers or {})}
+        return self.request("POST", f"/predictions/{model}", body, all_headers, token=token)
+
+    def log_text(self) -> str:
+        logs = self.workdir / "logs"
+        return "\n".join(p.read_text(errors="replace") for p in sorted(logs.glob("*.log"))) if logs.exists() else ""
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the Python model workers (children of the Java frontend)."""
+        import psutil
+
+        try:
+            parent = psutil.Process(self.process.pid)
+        except psutil.NoSuchProcess:
+            return []
+        return [
+            p.pid for p in parent.children(recursive=True)
+            if any("model_service_worker" in part for part in _cmdline(p))
+        ]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+
+
+def _cmdline(proc) -> list[str]:
+    try:
+        return proc.cmdline()
+    except Exception:  # noqa: BLE001 - a process that vanished has no command line
+        return []
+
+
+def write_config(workdir: Path, model_store: Path, ports: dict[str, int], overrides: dict[str, str]) -> Path:
+    lines = []
+    replaced = {
+        "inference_address": f"http://127.0.0.1:{ports['inference']}",
+        "management_address": f"http://127.0.0.1:{ports['management']}",
+        "metrics_address": f"http://127.0.0.1:{ports['metrics']}",
+        "grpc_inference_port": str(ports["grpc_inference"]),
+        "grpc_management_port": str(ports["grpc_management"]),
+        "model_store": str(model_store),
+        **overrides,
+    }
+    seen = set()
+    for line in BASE_CONFIG.read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if key in replaced and not line.lstrip().startswith("#"):
+            lines.append(f"{key}={replaced[key]}")
+            seen.add(key)
+        else:
+            lines.append(line)
+    lines += [f"{k}={v}" for k, v in replaced.items() if k not in seen]
+    path = workdir / "config.properties"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_torchserve(workdir: Path, model_store: Path, models: dict[str, str],
+                     overrides: dict[str, str] | None = None, timeout: float = 240.0,
+                     env: dict[str, str] | None = None) -> TorchServe:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "tmp").mkdir(exist_ok=True)
+    ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
+    config = write_config(workdir, model_store, ports, dict(overrides or {}))
+    venv_bin = Path(sys.executable).parent
+    cmd = [
+        str(venv_bin / "torchserve"), "--start", "--foreground", "--ncs",
+        "--model-store", str(model_store), "--ts-config", str(config),
+        "--models", *[f"{name}={mar}" for name, mar in models.items()],
+    ]
+    process_env = {
+        **os.environ,
+        "TMPDIR": str(workdir / "tmp"),
+        "LOG_LOCATION": str(workdir / "logs"),
+        "METRICS_LOCATION": str(workdir / "logs"),
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+        **(env or {}),
+    }
+    log = open(workdir / "torchserve.out", "wb")  # noqa: SIM115 - lives as long as the server
+    process = subprocess.Popen(cmd, cwd=workdir, env=process_env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    server = TorchServe(workdir, ports, process)
+    try:
+        _wait_ready(server, list(models), timeout)
+    except Exception:
+        server.stop()
+        raise
+    return server
+
+
+def _wait_ready(server: TorchServe, models: list[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    key_file = server.workdir / "key_file.json"
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"TorchServe exited early:\n{(server.workdir / 'torchserve.out').read_text()[-3000:]}")
+        if key_file.exists() and not server.keys:
+            try:
+                data = json.loads(key_file.read_text())
+                server.keys = {"inference": data["inference"]["key"], "management": data["management"]["key"]}
+            except (json.JSONDecodeError, KeyError):
+                pass
+        if server.keys:
+            try:
+                if all(_model_ready(server, m) for m in models):
+                    return
+            except OSError:
+                pass
+        time.sleep(0.5)
+    raise TimeoutError(f"TorchServe not ready after {timeout:.0f} s:\n{server.log_text()[-5000:]}")
+
+
+def _model_ready(server: TorchServe, model: str) -> bool:
+    resp = server.request("GET", f"/models/{model}", api="management", timeout=5)
+    if resp.status != 200:
+        return False
+    workers = resp.json()[0].get("workers", [])
+    return bool(workers) and all(w.get("status") == "READY" for w in workers)
