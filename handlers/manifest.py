@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
+
 MANIFEST_NAME = "hetserve-manifest.json"
 MANIFEST_FORMAT = "hetserve-manifest"
 MANIFEST_VERSION = 1
@@ -64,6 +66,16 @@ class TensorSpec:
             dtype=_req(data, "dtype", str),
             shape=tuple(None if d is None else int(d) for d in _req(data, "shape", list)),
         )
+
+
+def random_batch(spec: TensorSpec, batch: int, rng: np.random.Generator) -> np.ndarray:
+    """A batch matching ``spec`` (dynamic dims set to 1), for verification and calibration."""
+    shape = (batch, *(d if d is not None else 1 for d in spec.sample_shape))
+    if spec.dtype.startswith("float"):
+        return rng.standard_normal(shape).astype(spec.dtype)
+    if spec.dtype == "bool":
+        return rng.integers(0, 2, shape).astype(bool)
+    return rng.integers(0, 8, shape).astype(spec.dtype)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from handlers.executors import CpuExecutor, Executor
-from handlers.manifest import Manifest, TensorSpec
+from handlers.manifest import Manifest, TensorSpec, random_batch
 from handlers.perf_model import PerfHistory
 from handlers.pipeline import Runtime, StagePlan
 from handlers.runtime_config import RuntimeConfig
@@ -116,7 +116,7 @@ def calibrate(
             known = runtime.history.is_calibrated(plan.name, name)
             runs = 1 if known else max(config.calibration_runs, 1)
             for batch in batches if not known else batches[:1]:
-                feeds = {n: _random(specs[n], batch, rng) for n in plan.inputs}
+                feeds = {n: random_batch(specs[n], batch, rng) for n in plan.inputs}
                 executor.submit(plan.name, feeds, batch, observe=False).result(
                     timeout=config.stage_timeout_s * 4
                 )
@@ -132,10 +132,3 @@ def _stage_input_specs(manifest: Manifest, config: RuntimeConfig) -> dict[str, T
     if partition is not None:
         specs.update({s.name: s for s in partition.cut_tensors})
     return specs
-
-
-def _random(spec: TensorSpec, batch: int, rng: np.random.Generator) -> np.ndarray:
-    shape = (batch, *(d if d is not None else 1 for d in spec.sample_shape))
-    if spec.dtype.startswith("float"):
-        return rng.standard_normal(shape).astype(spec.dtype)
-    return np.zeros(shape, dtype=spec.dtype)

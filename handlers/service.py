@@ -33,6 +33,9 @@ from handlers.validation import RequestError
 
 log = logging.getLogger(__name__)
 
+# How many requests shared this one's run: lets clients see batching at work.
+BATCH_HEADER = "X-Hetserve-Batch"
+
 
 @dataclass(frozen=True)
 class RawRequest:
@@ -137,7 +140,7 @@ class InferenceService:
                 model_name=self.manifest.model_name,
                 model_version=self.model_version,
             )
-            replies[index] = _reply(200, encoded)
+            replies[index] = _reply(200, encoded, extra={BATCH_HEADER: str(len(group))})
 
     # -- performance history persistence --
     def save_history(self) -> None:
@@ -173,8 +176,8 @@ def _groups_by_shape(
     return list(groups.values())
 
 
-def _reply(status: int, encoded: EncodedResponse, reason: str = "") -> Reply:
-    return Reply(status, encoded.body, encoded.content_type, dict(encoded.headers), reason)
+def _reply(status: int, encoded: EncodedResponse, reason: str = "", extra: Mapping[str, str] | None = None) -> Reply:
+    return Reply(status, encoded.body, encoded.content_type, {**encoded.headers, **(extra or {})}, reason)
 
 
 def _error_reply(err: RequestError, request_format: str | None) -> Reply:

@@ -17,7 +17,7 @@ import onnx
 from onnx import numpy_helper
 from onnx.utils import Extractor
 
-from handlers.manifest import TensorSpec
+from handlers.manifest import TensorSpec, random_batch
 from partitioner.onnx_graph import OnnxTaskGraph
 
 WEIGHTS_FILE = "weights.bin"
@@ -163,7 +163,7 @@ def verify_stages(
     rng = np.random.default_rng(seed)
     worst = 0.0
     for batch in batches:
-        feeds = {spec.name: random_input(spec, batch, rng) for spec in inputs}
+        feeds = {spec.name: random_batch(spec, batch, rng) for spec in inputs}
         expected = dict(zip([o.name for o in whole.get_outputs()], whole.run(None, feeds), strict=True))
         produced = run_pipeline(head, tail, feeds)
         for name, want in expected.items():
@@ -183,15 +183,6 @@ def run_pipeline(head, tail, feeds: Mapping[str, np.ndarray]) -> dict[str, np.nd
     tail_in = {i.name: available[i.name] for i in tail.get_inputs()}
     available.update(zip([o.name for o in tail.get_outputs()], tail.run(None, tail_in), strict=True))
     return available
-
-
-def random_input(spec: TensorSpec, batch: int, rng: np.random.Generator) -> np.ndarray:
-    shape = (batch, *(d if d is not None else 1 for d in spec.sample_shape))
-    if spec.dtype.startswith("float"):
-        return rng.standard_normal(shape).astype(spec.dtype)
-    if spec.dtype == "bool":
-        return rng.integers(0, 2, shape).astype(bool)
-    return rng.integers(0, 8, shape).astype(spec.dtype)
 
 
 def _unique(names: list[str]) -> list[str]:

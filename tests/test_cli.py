@@ -1,0 +1,90 @@
+"""The ``hetserve`` command end to end: archive -> .mar contents, partition -> report."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+import yaml
+
+from handlers.manifest import MANIFEST_NAME, sha256_file
+from hetserve.cli import main
+
+REPORT_FIELDS = {"method", "ratio", "achieved_ratio", "cut_bytes", "valid", "max_abs_err", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def built_mar(tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    code = main([
+        "archive", "--model", "zoo:resnet18-tiny", "--model-name", "tiny", "--export-path", str(store),
+        "--ratios", "0.6,0.8", "--cost", "flops", "--quiet", "--set", "batchSize=2",
+        "--set", "hetserve.micro_batch=1",
+    ])
+    assert code == 0
+    return store / "tiny.mar"
+
+
+def test_mar_holds_exactly_the_files_the_manifest_lists_with_their_hashes(built_mar, tmp_path):
+    with zipfile.ZipFile(built_mar) as z:
+        names = set(z.namelist())
+        z.extractall(tmp_path)
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert set(manifest["files"]) <= names
+    for path, entry in manifest["files"].items():
+        assert sha256_file(tmp_path / path) == entry["sha256"], path
+        assert (tmp_path / path).stat().st_size == entry["size"]
+    listed = set(manifest["files"]) | {MANIFEST_NAME, "MAR-INF/MANIFEST.json", "model-config.yaml", "hetserve_handler.py"}
+    assert names == listed, "the archive holds files the manifest does not vouch for"
+    assert {p["ratio"] for p in manifest["partitions"]} == {0.6, 0.8}
+    assert manifest["inputs"] == [{"name": "image", "dtype": "float32", "shape": [None, 3, 64, 64]}]
+
+
+def test_mar_names_the_handler_and_carries_the_model_config(built_mar, tmp_path):
+    with zipfile.ZipFile(built_mar) as z:
+        ts_manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
+        config = yaml.safe_load(z.read("model-config.yaml"))
+        runtime_files = [n for n in z.namelist() if n.startswith("handlers/")]
+    assert ts_manifest["model"]["handler"] == "hetserve_handler.py"
+    assert config["batchSize"] == 2  # --set override
+    assert config["hetserve"]["micro_batch"] == 1
+    assert config["hetserve"]["core_groups"] == "numa"  # default kept
+    assert "handlers/service.py" in runtime_files and "handlers/hetserve_handler.py" in runtime_files
+
+
+def test_archive_refuses_to_overwrite_without_force(built_mar, capsys):
+    code = main(["archive", "--model", "zoo:resnet18-tiny", "--model-name", "tiny",
+                 "--export-path", str(built_mar.parent), "--cost", "flops", "--quiet"])
+    assert code == 2
+    assert "--force" in capsys.readouterr().err
+
+
+def test_partition_report_has_a_row_per_ratio_and_method(tmp_path):
+    report = tmp_path / "report.json"
+    code = main(["partition", "--model", "zoo:googlenet-tiny", "--ratios", "0.75,0.85",
+                 "--method", "metis,exact,prefix", "--cost", "flops", "--report", str(report), "--quiet"])
+    assert code == 0
+    rows = json.loads(report.read_text())["rows"]
+    assert {(r["method"], r["ratio"]) for r in rows} == {
+        (m, r) for m in ("metis", "exact", "prefix") for r in (0.75, 0.85)
+    }
+    for row in rows:
+        assert set(row) >= REPORT_FIELDS
+        assert row["valid"] and row["max_abs_err"] <= 1e-4
+    for ratio in (0.75, 0.85):
+        by = {r["method"]: r for r in rows if r["ratio"] == ratio}
+        if by["exact"]["optimal"] and by["metis"]["within_tolerance"]:
+            assert by["exact"]["cut_bytes"] <= by["metis"]["cut_bytes"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model", "zoo:no-such-model"], "unknown zoo model"),
+    (["--model", "zoo:resnet18-tiny", "--weights", "w.pt"], "safetensors"),
+    (["--model", "zoo:resnet18-tiny", "--ratios", "0.5,1.5"], "between 0 and 1"),
+])
+def test_user_errors_are_one_clear_line(args, message, tmp_path, capsys):
+    code = main(["archive", *args, "--model-name", "x", "--export-path", str(tmp_path), "--cost", "flops", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err
