@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,16 +34,20 @@ def copy_runtime(dest: Path) -> None:
 
 def model_config(base: Path | None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The archive's model-config.yaml: the project's defaults, then the caller's overrides."""
-    config: dict[str, Any] = {}
     path = base if base is not None else DEFAULT_MODEL_CONFIG
-    if path.is_file():
-        config = yaml.safe_load(path.read_text()) or {}
-    for key, value in (overrides or {}).items():
+    config = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return merge_config(config, overrides or {})
+
+
+def merge_config(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``overrides`` on top of ``config``; a nested mapping (the hetserve section) merges key by key."""
+    merged = dict(config)
+    for key, value in overrides.items():
         if isinstance(value, Mapping):
-            config[key] = {**config.get(key, {}), **value}
+            merged[key] = {**(merged.get(key) or {}), **value}
         else:
-            config[key] = value
-    return config
+            merged[key] = value
+    return merged
 
 
 def package(
@@ -90,3 +95,19 @@ def _private_tempdir(path: str):
         yield
     finally:
         tempfile.tempdir = saved
+
+
+def with_config(src_mar: Path, dst_mar: Path, overrides: Mapping[str, Any]) -> Path:
+    """A copy of ``src_mar`` whose model-config.yaml has ``overrides`` applied (nested dicts merge).
+
+    Only model-config.yaml changes, and the manifest's hashes do not cover it, so the stages and
+    their verification carry over: benchmarks and the tuner try configurations without re-cutting.
+    """
+    with zipfile.ZipFile(src_mar) as src:
+        merged = merge_config(yaml.safe_load(src.read(MODEL_CONFIG_FILE)) or {}, overrides)
+        dst_mar.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(dst_mar, "w", zipfile.ZIP_STORED) as dst:
+            for item in src.infolist():
+                data = yaml.safe_dump(merged, sort_keys=False).encode() if item.filename == MODEL_CONFIG_FILE else src.read(item)
+                dst.writestr(item, data)
+    return dst_mar

@@ -75,9 +75,12 @@ class TorchServe:
             parent = psutil.Process(self.process.pid)
         except psutil.NoSuchProcess:
             return []
+        # With cpu_launcher_enable the worker's parent is torch.backends.xeon.run_cpu, whose own
+        # command line also names model_service_worker.py: skip the launcher.
         return [
             p.pid for p in parent.children(recursive=True)
             if any("model_service_worker" in part for part in _cmdline(p))
+            and not any("run_cpu" in part for part in _cmdline(p))
         ]
 
     def stop(self) -> None:
@@ -127,6 +130,8 @@ def start_torchserve(workdir: Path, model_store: Path, models: dict[str, str],
                      env: dict[str, str] | None = None) -> TorchServe:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "tmp").mkdir(exist_ok=True)
+    # TorchServe writes fresh keys at each start; a stale file would hand out dead tokens.
+    (workdir / "key_file.json").unlink(missing_ok=True)
     ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
     config = write_config(workdir, model_store, ports, dict(overrides or {}))
     venv_bin = Path(sys.executable).parent
