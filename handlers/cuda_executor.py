@@ -29,12 +29,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from handlers.executors import Executor, ExecutorError, ExecutorLoadError, Job, RunObserver
+from handlers.executors import (
+    Executor,
+    ExecutorError,
+    ExecutorLoadError,
+    Job,
+    RunObserver,
+    TransferObserver,
+)
 
 log = logging.getLogger(__name__)
 
-# (link, bytes, seconds) -> None, e.g. ("cpu->cuda:0", 602112, 1.2e-4); links as in the scheduler.
-TransferObserver = Callable[[str, int, float], None]
 
 _ALIGN = 512  # buffer sizes are rounded up to this, so a few bytes more do not reallocate
 _OOM_MARKERS = (
@@ -231,22 +236,6 @@ class DeviceTensor:
         return self.backend.to_numpy(self.buffer, self.shape, self.dtype)
 
 
-def host_feeds(
-    feeds: Mapping[str, Any], observer: TransferObserver | None = None
-) -> dict[str, np.ndarray]:
-    """Feeds for a CPU executor: device tensors are copied to the host, the copy observed."""
-    out: dict[str, np.ndarray] = {}
-    for name, value in feeds.items():
-        if isinstance(value, DeviceTensor):
-            started = time.perf_counter()
-            out[name] = value.to_host()
-            if observer is not None:
-                observer(f"{value.device}->cpu", value.nbytes, time.perf_counter() - started)
-        else:
-            out[name] = value
-    return out
-
-
 class StageSession(Protocol):
     """One stage's model, run on device buffers."""
 
@@ -422,16 +411,6 @@ class _Ticket:
     error: BaseException | None = None  # a staging failure, raised when the job runs
 
 
-class _JobFuture(Future):
-    """Keeps the executor's own ExecutorError (e.g. "out of memory"): ``Executor._main``
-    replaces every failure by a generic one. Drop once ``_main`` passes ExecutorError through."""
-
-    error: ExecutorError | None = None
-
-    def set_exception(self, exception: BaseException | None) -> None:
-        super().set_exception(self.error if self.error is not None else exception)
-
-
 class StagingQueue:
     """Which job uses which slot and when its copy is issued: strictly FIFO.
 
@@ -574,7 +553,7 @@ class CudaExecutor(Executor):
                 host[name] = value.to_host()  # another GPU: through the host
             else:
                 host[name] = value
-        future = _JobFuture()
+        future = Future()
         ticket = _Ticket(stage, batch, observe, host, device, future)
         self.staging.admit(ticket)  # issues the copy now if a slot is free
         # A cancelled job never reaches _run: free its slot once its copy has left the buffer.
@@ -647,9 +626,7 @@ class CudaExecutor(Executor):
                 raise ticket.error
             return self._compute(ticket)
         except Exception as exc:
-            error = self._failure(ticket, exc)
-            ticket.future.error = error
-            raise error from exc
+            raise self._failure(ticket, exc) from exc
         finally:
             fence = self.backend.record_event(self.compute_stream)
             self.staging.release(ticket, fence)

@@ -29,6 +29,25 @@ log = logging.getLogger(__name__)
 
 # (stage, executor, batch, seconds) -> None; called from the executor thread after each run.
 RunObserver = Callable[[str, str, int, float], None]
+# (link, bytes, seconds) -> None, e.g. ("cuda:0->cpu", 602112, 1.2e-4).
+TransferObserver = Callable[[str, int, float], None]
+
+
+def host_feeds(
+    feeds: Mapping[str, Any], observer: TransferObserver | None = None
+) -> dict[str, np.ndarray]:
+    """Feeds for a CPU session: tensors left on a GPU (anything with ``to_host``) are copied
+    here, in the consuming executor's thread, and the copy is reported as a transfer."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in feeds.items():
+        if isinstance(value, np.ndarray):
+            out[name] = value
+            continue
+        started = time.perf_counter()
+        out[name] = value.to_host()
+        if observer is not None:
+            observer(f"{value.device}->cpu", value.nbytes, time.perf_counter() - started)
+    return out
 
 
 class ExecutorError(RuntimeError):
@@ -95,6 +114,10 @@ class Executor:
             started = time.perf_counter()
             try:
                 outputs = self._run(job.stage, job.feeds)
+            except ExecutorError as exc:  # already says what went wrong, e.g. out of memory
+                log.warning("executor %s: %s", self.name, exc)
+                job.future.set_exception(exc)
+                continue
             except Exception as exc:  # noqa: BLE001 - one failed job must not end the thread
                 log.warning("executor %s: stage %s failed: %s", self.name, job.stage, exc)
                 job.future.set_exception(
@@ -149,9 +172,11 @@ class CpuExecutor(Executor):
         spinning: bool = False,
         observer: RunObserver | None = None,
         pin: bool = True,
+        transfer_observer: TransferObserver | None = None,
     ) -> None:
         super().__init__(group.name, observer)
         self.group = group
+        self._transfer_observer = transfer_observer
         self._models = dict(models)
         self._spinning = spinning
         self._pin = pin
@@ -182,7 +207,8 @@ class CpuExecutor(Executor):
     def _run(self, stage: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self._sessions[stage]
         names = self._output_names[stage]
-        values = session.run(names, {k: feeds[k] for k in self._input_names[stage]})
+        inputs = {k: feeds[k] for k in self._input_names[stage]}
+        values = session.run(names, host_feeds(inputs, self._transfer_observer))
         return dict(zip(names, values, strict=True))
 
     def _unload(self) -> None:

@@ -15,12 +15,19 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from handlers.executors import Executor, ExecutorError
 from handlers.perf_model import PerfHistory
-from handlers.scheduler import Candidate, ExecutorClock, choose_executor
+from handlers.scheduler import (
+    ExecutorClock,
+    ExecutorSpec,
+    Placement,
+    build_candidates,
+    choose_executor,
+)
 
 
 @dataclass(frozen=True)
@@ -59,10 +66,27 @@ class RuntimeStats:
 class _Flow:
     """One micro-batch on its way through the stages."""
 
-    batch: int
-    tensors: dict[str, np.ndarray]
+    start: int
+    stop: int
+    tensors: dict[str, Any]  # numpy arrays, or tensors left on a GPU by the previous stage
     done: Future = field(default_factory=Future)
     stage_index: int = 0
+
+    @property
+    def batch(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class MicroBatchOutcome:
+    start: int  # rows [start, stop) of the batch
+    stop: int
+    outputs: Mapping[str, np.ndarray] | None
+    error: BaseException | None
+
+
+def _host(value: Any) -> np.ndarray:
+    return value if isinstance(value, np.ndarray) else value.to_host()
 
 
 class Runtime:
@@ -97,11 +121,16 @@ class Runtime:
             self.history.observe_run(stage, executor, batch, seconds)
             self.stats.run_ms.append((stage, executor, seconds * 1e3))
 
+    def observe_transfer(self, link: str, nbytes: int, seconds: float) -> None:
+        with self._lock:
+            self.history.observe_transfer(link, nbytes, seconds)
+
     # -- the request path --
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[MicroBatchOutcome]:
+        """Every micro-batch's rows and its outputs or error: failures stay local to their rows."""
         total = next(iter(feeds.values())).shape[0]
         flows = [
-            _Flow(batch=stop - start, tensors={k: v[start:stop] for k, v in feeds.items()})
+            _Flow(start, stop, {k: v[start:stop] for k, v in feeds.items()})
             for start, stop in self.micro_batches(total)
         ]
         with self._lock:
@@ -109,19 +138,28 @@ class Runtime:
         for flow in flows:
             self._advance(flow)
         deadline = self._clock() + self.stage_timeout_s * len(self.stages)
-        results = []
+        outcomes = []
         for flow in flows:
             try:
-                results.append(flow.done.result(timeout=max(deadline - self._clock(), 0.0)))
+                result = flow.done.result(timeout=max(deadline - self._clock(), 0.0))
+                outcomes.append(MicroBatchOutcome(flow.start, flow.stop, result, None))
             except FutureTimeout:
-                raise StageTimeout(
-                    f"a micro-batch missed its {self.stage_timeout_s:g} s stage deadline"
-                ) from None
+                error = StageTimeout(f"missed the {self.stage_timeout_s:g} s stage deadline")
+                outcomes.append(MicroBatchOutcome(flow.start, flow.stop, None, error))
+            except Exception as exc:  # noqa: BLE001 - reported per micro-batch
+                outcomes.append(MicroBatchOutcome(flow.start, flow.stop, None, exc))
+        return outcomes
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """All outputs in row order; raises the first micro-batch error."""
+        outcomes = self.run(feeds)
+        for outcome in outcomes:
+            if outcome.error is not None:
+                raise outcome.error
+        if len(outcomes) == 1:
+            return dict(outcomes[0].outputs)
         return {
-            name: results[0][name]
-            if len(results) == 1
-            else np.concatenate([r[name] for r in results])
-            for name in self.model_outputs
+            name: np.concatenate([o.outputs[name] for o in outcomes]) for name in self.model_outputs
         }
 
     def micro_batches(self, total: int) -> list[tuple[int, int]]:
@@ -132,49 +170,82 @@ class Runtime:
             size = -(-total // lanes)
         return [(start, min(start + size, total)) for start in range(0, total, size)]
 
-    def _advance(self, flow: _Flow) -> None:
+    def _advance(self, flow: _Flow, exclude: frozenset[str] = frozenset()) -> None:
         if flow.stage_index == len(self.stages):
-            flow.done.set_result({name: flow.tensors[name] for name in self.model_outputs})
+            flow.done.set_result({name: _host(flow.tensors[name]) for name in self.model_outputs})
             return
         stage = self.stages[flow.stage_index]
+        feeds = {name: flow.tensors[name] for name in stage.inputs}
         with self._lock:
-            placement = self._place(stage, flow.batch)
+            placement = self._place(stage, flow.batch, feeds, exclude)
             self.stats.placements[(stage.name, placement.executor)] += 1
             self.stats.queue_ms.append(
                 (stage.name, max(placement.start - self._clock(), 0.0) * 1e3)
             )
         executor = self.executors[placement.executor]
-        feeds = {name: flow.tensors[name] for name in stage.inputs}
         try:
             future = executor.submit(stage.name, feeds, flow.batch)
         except ExecutorError as exc:
+            with self._lock:
+                self._free.complete(placement.executor)
             flow.done.set_exception(exc)
             return
-        future.add_done_callback(lambda f: self._stage_done(flow, placement.executor, f))
+        future.add_done_callback(
+            lambda f: self._stage_done(flow, placement.executor, f, exclude)
+        )
 
-    def _stage_done(self, flow: _Flow, executor: str, future: Future) -> None:
+    def _stage_done(
+        self, flow: _Flow, executor: str, future: Future, exclude: frozenset[str]
+    ) -> None:
         with self._lock:
             self._free.complete(executor)
         exc = future.exception()
         if exc is not None:
-            flow.done.set_exception(exc)
+            retry = self._retry_set(self.stages[flow.stage_index], executor, exc, exclude)
+            if retry is None:
+                flow.done.set_exception(exc)
+            else:
+                self._advance(flow, retry)
             return
         flow.tensors.update(future.result())
         flow.stage_index += 1
         self._advance(flow)
 
-    def _place(self, stage: StagePlan, batch: int):
-        now = self._clock()
-        candidates = [
-            Candidate(
-                executor=name,
-                free_at=self._free.free_at(name),
-                run_s=self.history.predict_run(stage.name, name, batch),
-                transfer_s=0.0,
-            )
+    def _retry_set(
+        self, stage: StagePlan, failed: str, exc: BaseException, exclude: frozenset[str]
+    ) -> frozenset[str] | None:
+        """Executors to keep away from on a second try, or None when there is no other one.
+
+        One retry per stage: after a GPU runs out of memory the retry goes to a CPU group.
+        """
+        if exclude or not isinstance(exc, ExecutorError):
+            return None
+        others = [c for c in stage.candidates if c != failed]
+        if "out of memory" in str(exc).lower():
+            others = [c for c in others if self.executors[c].device == "cpu"]
+        if not others:
+            return None
+        return frozenset(c for c in stage.candidates if c not in others)
+
+    def _place(
+        self,
+        stage: StagePlan,
+        batch: int,
+        feeds: Mapping[str, Any],
+        exclude: frozenset[str] = frozenset(),
+    ) -> Placement:
+        allowed = [
+            ExecutorSpec(name, self.executors[name].device)
             for name in stage.candidates
+            if name not in exclude
         ]
-        placement = choose_executor(now, candidates)
+        data_device = next((v.device for v in feeds.values() if not isinstance(v, np.ndarray)), "cpu")
+        nbytes = sum(int(v.nbytes) for v in feeds.values())
+        free_at = {spec.name: self._free.free_at(spec.name) for spec in allowed}
+        candidates = build_candidates(
+            self.history, stage.name, batch, nbytes, data_device, allowed, free_at
+        )
+        placement = choose_executor(self._clock(), candidates)
         self._free.reserve(placement.executor, placement.start, placement.end)
         return placement
 

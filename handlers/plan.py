@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from handlers.executors import CpuExecutor, Executor
+from handlers.cuda_executor import cuda_unavailable_reason
+from handlers.executors import CpuExecutor, Executor, ExecutorLoadError
 from handlers.manifest import Manifest, TensorSpec, random_batch
 from handlers.perf_model import PerfHistory
 from handlers.pipeline import Runtime, StagePlan
-from handlers.runtime_config import RuntimeConfig
+from handlers.runtime_config import ConfigError, RuntimeConfig
 from handlers.topology import CoreGroup, plan_groups, probe
 
 log = logging.getLogger(__name__)
@@ -58,39 +60,115 @@ def split_cpu_groups(
     return list(groups[:k]), list(groups[k:])
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Which executors may run the head and the tail (or the whole model)."""
+
+    head: tuple[str, ...]
+    tail: tuple[str, ...]
+
+
+def choose_layout(
+    partitioned: bool,
+    cuda: Sequence[str],
+    head_cpu: Sequence[str],
+    tail_cpu: Sequence[str],
+    config: RuntimeConfig,
+) -> Layout:
+    """Pure: the device classes per stage from what exists and what the config allows."""
+    if config.tail_devices == "cuda" and not cuda:
+        raise ConfigError("hetserve.tail_devices is 'cuda' but no CUDA executor could start")
+    if config.head_devices == "cuda" and not cuda:
+        raise ConfigError("hetserve.head_devices is 'cuda' but no CUDA executor could start")
+    head = tuple(cuda) if cuda and config.head_devices != "cpu" else tuple(head_cpu)
+    if not partitioned:
+        return Layout(head, head)
+    if head == tuple(cuda):
+        # With the head on the GPU every core group is free for tails.
+        tail_cpu = tuple(dict.fromkeys([*head_cpu, *tail_cpu]))
+    tail = {
+        "cpu": tuple(tail_cpu),
+        "cuda": tuple(cuda),
+        "auto": (*cuda, *tail_cpu),
+    }[config.tail_devices]
+    return Layout(head, tail)
+
+
 def build_runtime(
     manifest: Manifest, model_dir: Path, config: RuntimeConfig, history: PerfHistory
 ) -> Runtime:
     partitioned = manifest.partition_for(config.ratio) is not None
+    wants_cuda = not (config.head_devices == "cpu" and config.tail_devices == "cpu")
+    if wants_cuda and (reason := cuda_unavailable_reason()) is None:
+        try:
+            return _build(manifest, model_dir, config, history, partitioned, use_cuda=True)
+        except ExecutorLoadError as exc:
+            if "cuda" in (config.head_devices, config.tail_devices):
+                raise
+            log.warning("hetserve: GPU not usable (%s); serving on CPU core groups only", exc)
+    elif wants_cuda and "cuda" in (config.head_devices, config.tail_devices):
+        raise ConfigError(f"hetserve asks for CUDA but it is unavailable: {reason}")
+    return _build(manifest, model_dir, config, history, partitioned, use_cuda=False)
+
+
+def _build(
+    manifest: Manifest,
+    model_dir: Path,
+    config: RuntimeConfig,
+    history: PerfHistory,
+    partitioned: bool,
+    use_cuda: bool,
+) -> Runtime:
     topology = probe()
-    groups = plan_groups(topology, config.core_groups, min_groups=2 if partitioned else 1)
+    if use_cuda and len(topology.cores) >= 4:
+        # One core stays with the threads that drive the GPU and talk to TorchServe.
+        topology = replace(topology, cores=topology.cores[1:])
+    min_groups = 2 if partitioned and not use_cuda else 1
+    groups = plan_groups(topology, config.core_groups, min_groups=min_groups)
     head_groups, tail_groups = split_cpu_groups(
-        groups, config.cpu_head_groups if partitioned else 0
+        groups, config.cpu_head_groups if partitioned and not use_cuda else 0
     )
-    log.info("hetserve: %s; groups %s", topology.describe(), [g.name for g in groups])
+    cuda_names = [f"cuda{config.cuda_device}s{i}" for i in range(config.cuda_streams)] if use_cuda else []
+    layout = choose_layout(
+        partitioned, cuda_names, [g.name for g in head_groups], [g.name for g in tail_groups], config
+    )
+    plans, files = stage_plans(manifest, config, layout.head, layout.tail)
+    log.info(
+        "hetserve: %s; head on %s, tail on %s",
+        topology.describe(), list(layout.head), list(layout.tail) if partitioned else "-",
+    )
 
-    head_names = [g.name for g in head_groups]
-    tail_names = [g.name for g in tail_groups]
-    plans, files = stage_plans(manifest, config, head_names, tail_names)
-
-    executors: list[Executor] = []
     runtime_ref: list[Runtime] = []
 
     def observe(stage: str, executor: str, batch: int, seconds: float) -> None:
         if runtime_ref:
             runtime_ref[0].observe_run(stage, executor, batch, seconds)
 
+    def observe_transfer(link: str, nbytes: int, seconds: float) -> None:
+        if runtime_ref:
+            runtime_ref[0].observe_transfer(link, nbytes, seconds)
+
+    def stages_for(name: str) -> dict[str, Path]:
+        return {p.name: model_dir / files[p.name] for p in plans if name in p.candidates}
+
+    executors: list[Executor] = []
+    if cuda_names:
+        from handlers.cuda_executor import CudaExecutor
+
+        # Cut tensors stay on the GPU when a GPU tail may consume them without a copy.
+        keep = _device_outputs(manifest, config) if set(cuda_names) & set(layout.tail) else ()
+        for i, name in enumerate(cuda_names):
+            executors.append(CudaExecutor(
+                stages_for(name), config.cuda_device, i, observer=observe,
+                transfer_observer=observe_transfer, device_outputs=keep,
+            ))
     for group in groups:
-        name = group.name
-        stages = {p.name: model_dir / files[p.name] for p in plans if name in p.candidates}
-        executors.append(CpuExecutor(group, stages, spinning=config.spinning, observer=observe))
-    try:
-        for executor in executors:
-            executor.start()
-    except Exception:
-        for executor in executors:
-            executor.close()
-        raise
+        if stages := stages_for(group.name):
+            executors.append(CpuExecutor(
+                group, stages, spinning=config.spinning, observer=observe,
+                transfer_observer=observe_transfer,
+            ))
+    _start_all(executors)
     runtime = Runtime(
         plans,
         executors,
@@ -102,6 +180,22 @@ def build_runtime(
     runtime_ref.append(runtime)
     calibrate(runtime, manifest, config)
     return runtime
+
+
+def _start_all(executors: Sequence[Executor]) -> None:
+    try:
+        for executor in executors:
+            executor.start()
+    except Exception:
+        for executor in executors:
+            executor.close()
+        raise
+
+
+def _device_outputs(manifest: Manifest, config: RuntimeConfig) -> tuple[str, ...]:
+    partition = manifest.partition_for(config.ratio)
+    outputs = {s.name for s in manifest.outputs}
+    return tuple(t.name for t in partition.cut_tensors if t.name not in outputs) if partition else ()
 
 
 def calibrate(

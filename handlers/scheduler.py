@@ -44,6 +44,9 @@ class ExecutorSpec:
     device: str  # "cuda:0", "cpu": a transfer is needed when it differs from the data's
 
 
+UNCALIBRATED_GUESS_S = 1e-3
+
+
 def choose_executor(
     now: float,
     candidates: Sequence[Candidate],
@@ -71,7 +74,13 @@ def choose_executor(
         allowed = "" if only is None else f" among {sorted(only)}"
         raise ValueError(f"no executor to choose from{allowed}")
     if best.run_s is None:
-        return Placement(best.executor, best_start, best_start, "calibrate: no history", True)
+        # Reserve a provisional duration (the slowest known estimate, else 1 ms) so that
+        # micro-batches placed together spread over the uncalibrated executors.
+        known = [c.run_s for c in candidates if c.run_s is not None]
+        provisional = max(known, default=UNCALIBRATED_GUESS_S)
+        return Placement(
+            best.executor, best_start, best_start + provisional, "calibrate: no history", True
+        )
     waited = best_start - now
     return Placement(
         best.executor,

@@ -24,9 +24,10 @@ from handlers.codecs import (
     encode_error,
     encode_response,
 )
-from handlers.manifest import MANIFEST_NAME, Manifest, TensorSpec, load_verified_manifest
+from handlers.executors import ExecutorError
+from handlers.manifest import MANIFEST_NAME, Manifest, load_verified_manifest
 from handlers.perf_model import PerfHistory
-from handlers.pipeline import Runtime, RuntimeStats
+from handlers.pipeline import MicroBatchOutcome, Runtime, RuntimeStats, StageTimeout
 from handlers.plan import build_runtime
 from handlers.runtime_config import RuntimeConfig
 from handlers.validation import RequestError
@@ -121,18 +122,18 @@ class InferenceService:
             for spec in self.manifest.inputs
         }
         try:
-            outputs = self.runtime.infer(feeds)
-        except Exception as exc:  # noqa: BLE001 - mapped to a 5xx for exactly these requests
-            log.warning("inference failed for %d request(s): %s", len(group), exc)
-            err = RequestError(503, f"inference failed: {exc}")
-            for index, request in group:
-                replies[index] = _error_reply(err, request.format)
-            return
+            outcomes = self.runtime.run(feeds)
+        except Exception as exc:  # noqa: BLE001 - a runtime bug must still answer every request
+            log.exception("runtime failure for %d request(s)", len(group))
+            outcomes = [MicroBatchOutcome(0, sum(r.batch for _, r in group), None, exc)]
         offset = 0
         for index, request in group:
-            rows = slice(offset, offset + request.batch)
+            rows = (offset, offset + request.batch)
             offset += request.batch
-            mine = {name: value[rows] for name, value in outputs.items()}
+            mine = _slice_outcomes(outcomes, *rows)
+            if isinstance(mine, BaseException):
+                replies[index] = _error_reply(failure_error(mine), request.format)
+                continue
             encoded = encode_response(
                 mine,
                 request,
@@ -165,6 +166,34 @@ class InferenceService:
         self.runtime.close()
 
 
+def _slice_outcomes(
+    outcomes: Sequence[MicroBatchOutcome], start: int, stop: int
+) -> dict[str, np.ndarray] | BaseException:
+    """One request's rows out of the micro-batches, or the error of the first one that failed."""
+    pieces: dict[str, list[np.ndarray]] = {}
+    for outcome in outcomes:
+        lo, hi = max(start, outcome.start), min(stop, outcome.stop)
+        if lo >= hi:
+            continue
+        if outcome.error is not None:
+            return outcome.error
+        for name, value in outcome.outputs.items():
+            pieces.setdefault(name, []).append(value[lo - outcome.start : hi - outcome.start])
+    return {n: p[0] if len(p) == 1 else np.concatenate(p) for n, p in pieces.items()}
+
+
+def failure_error(exc: BaseException) -> RequestError:
+    """The client-facing error for a failed run: short, no internals beyond the stage."""
+    text = str(exc)
+    if "out of memory" in text.lower():
+        return RequestError(507, f"out of GPU memory and no CPU fallback succeeded: {text}")
+    if isinstance(exc, StageTimeout):
+        return RequestError(504, f"inference timed out: {text}")
+    if isinstance(exc, ExecutorError):
+        return RequestError(503, f"inference failed: {text}")
+    return RequestError(500, "internal error in the hetserve runtime")
+
+
 def _groups_by_shape(
     decoded: list[tuple[int, DecodedRequest]],
 ) -> list[list[tuple[int, DecodedRequest]]]:
@@ -187,6 +216,3 @@ def _error_reply(err: RequestError, request_format: str | None) -> Reply:
 def _internal_error() -> Reply:
     return _error_reply(RequestError(500, "no response was produced for this request"), None)
 
-
-def spec_by_name(specs: Sequence[TensorSpec]) -> dict[str, TensorSpec]:
-    return {s.name: s for s in specs}

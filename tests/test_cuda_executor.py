@@ -26,10 +26,9 @@ from handlers.cuda_executor import (
     _Ticket,
     cuda_available,
     cuda_unavailable_reason,
-    host_feeds,
     is_out_of_memory,
 )
-from handlers.executors import ExecutorError, ExecutorLoadError
+from handlers.executors import ExecutorError, ExecutorLoadError, host_feeds
 
 RNG = np.random.default_rng(7)
 W = RNG.standard_normal((4, 3)).astype(np.float32)

@@ -68,7 +68,8 @@ def test_uncalibrated_executor_is_chosen_first() -> None:
         ],
     )
     assert placement.executor == "cpu4-7"
-    assert placement.calibrating and placement.start == placement.end == 5.0
+    assert placement.calibrating and placement.start == 5.0
+    assert placement.end > placement.start  # a provisional reservation, so the next one spreads
 
 
 def test_among_uncalibrated_the_earliest_start_wins() -> None:
@@ -246,3 +247,14 @@ def test_simulation_is_deterministic_and_validates() -> None:
     with pytest.raises(ValueError, match="CPU group"):
         simulate(SimConfig(rate=10, cpu_groups=0), "always_cpu")
     assert set(POLICIES) == {"dmda", "always_gpu", "always_cpu"}
+
+
+def test_micro_batches_placed_together_spread_over_uncalibrated_executors() -> None:
+    clock = ExecutorClock(clock=lambda: 0.0)
+    chosen = []
+    for _ in range(4):
+        cands = [Candidate(name, clock.free_at(name), None, 0.0) for name in ("cpu0", "cpu1")]
+        placement = choose_executor(0.0, cands)
+        clock.reserve(placement.executor, placement.start, placement.end)
+        chosen.append(placement.executor)
+    assert chosen == ["cpu0", "cpu1", "cpu0", "cpu1"]
