@@ -270,9 +270,9 @@ def test_open_loop_latency_counts_from_intended_time_through_a_stall():
     assert r.latency_ms.mean == pytest.approx(1000 / 2 * 50 / 150, rel=0.3)
 
 
-def test_generator_cpu_cost_at_200_rps_of_600kb(tmp_path):
-    """The CLI in its own process (so its CPU figure is its own), 200 req/s of a 1x3x224x224
-    float32 body for 10 s at a trivial server."""
+def test_cli_sends_the_key_file_token_and_tensor_headers(tmp_path):
+    """The CLI in its own process, 100 req/s of a 1x3x224x224 float32 body for 3 s.
+    (Its CPU cost is measured by benchmarks/loadgen_cost.py, not asserted here.)"""
     body = tmp_path / "x.bin"
     body.write_bytes(os.urandom(3 * 224 * 224 * 4))
     keys = tmp_path / "key_file.json"  # TorchServe's layout
@@ -281,15 +281,11 @@ def test_generator_cpu_cost_at_200_rps_of_600kb(tmp_path):
         out = subprocess.run(
             [sys.executable, "-m", "hetserve.loadgen", "--url", srv.base + "/predictions/m",
              "--body-file", str(body), "--header", "X-Tensor-Shape: 1,3,224,224", "--key-file", str(keys),
-             "--rate", "200", "--duration", "10", "--warmup", "1"],
+             "--rate", "100", "--duration", "3", "--warmup", "0.5"],
             cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
         seen = srv.last_headers
     assert seen["Authorization"] == "Bearer k1" and seen["X-Tensor-Shape"] == "1,3,224,224"
     assert seen["Content-Type"] == "application/octet-stream"
     r = LoadResult.from_json(out.stdout)
-    print(f"\nloadgen CPU at 200 req/s x 600 KB: {r.cpu_pct:.1f}% of one core "
-          f"({r.cpu_s:.2f} s over {r.duration_s:.1f} s), p99 {r.latency_ms.p99:.1f} ms, "
-          f"lag p99 {r.send_lag_p99_ms:.2f} ms")
-    assert r.errors == {} and r.offered == 2000
-    assert r.throughput_rps == pytest.approx(200, rel=0.03)
-    assert r.cpu_pct < 25, json.dumps(json.loads(out.stdout), indent=1)
+    assert r.errors == {} and r.offered == 300
+    assert r.ok == r.completed > 0

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from tsserve import start_torchserve
+from hetserve.tsprocess import start_torchserve
 
 from hetserve.cli import main
 

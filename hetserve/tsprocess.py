@@ -1,4 +1,4 @@
-"""Start a real TorchServe on 127.0.0.1 for tests, with the project's secure config.
+"""Start and stop a real TorchServe on 127.0.0.1 with the project's secure config (tests, benchmarks, tuner).
 
 Each instance gets its own working directory (TorchServe writes key_file.json and logs there),
 its own free ports and its own TMPDIR (TorchServe keeps its pid file in the temp dir, so two
@@ -100,7 +100,8 @@ def _cmdline(proc) -> list[str]:
         return []
 
 
-def write_config(workdir: Path, model_store: Path, ports: dict[str, int], overrides: dict[str, str]) -> Path:
+def write_config(workdir: Path, model_store: Path, ports: dict[str, int], overrides: dict[str, str],
+                 base_config: Path = BASE_CONFIG) -> Path:
     lines = []
     replaced = {
         "inference_address": f"http://127.0.0.1:{ports['inference']}",
@@ -112,7 +113,7 @@ def write_config(workdir: Path, model_store: Path, ports: dict[str, int], overri
         **overrides,
     }
     seen = set()
-    for line in BASE_CONFIG.read_text().splitlines():
+    for line in base_config.read_text().splitlines():
         key = line.split("=", 1)[0].strip()
         if key in replaced and not line.lstrip().startswith("#"):
             lines.append(f"{key}={replaced[key]}")
@@ -127,13 +128,13 @@ def write_config(workdir: Path, model_store: Path, ports: dict[str, int], overri
 
 def start_torchserve(workdir: Path, model_store: Path, models: dict[str, str],
                      overrides: dict[str, str] | None = None, timeout: float = 240.0,
-                     env: dict[str, str] | None = None) -> TorchServe:
+                     env: dict[str, str] | None = None, base_config: Path = BASE_CONFIG) -> TorchServe:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "tmp").mkdir(exist_ok=True)
     # TorchServe writes fresh keys at each start; a stale file would hand out dead tokens.
     (workdir / "key_file.json").unlink(missing_ok=True)
     ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
-    config = write_config(workdir, model_store, ports, dict(overrides or {}))
+    config = write_config(workdir, model_store, ports, dict(overrides or {}), base_config)
     venv_bin = Path(sys.executable).parent
     cmd = [
         str(venv_bin / "torchserve"), "--start", "--foreground", "--ncs",
