@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from hetserve.knee import Criteria, plot_curves, sweep_rates  # noqa: E402
-from hetserve.loadgen import LoadResult, Target, run_open_loop  # noqa: E402
+from hetserve.loadgen import LoadResult, Target, run_closed_loop, run_open_loop  # noqa: E402
 from hetserve.tsprocess import start_torchserve  # noqa: E402
 from partitioner.archive import with_config  # noqa: E402
 
@@ -116,7 +116,9 @@ def sweep_server(store: Path, mar: str, workdir: Path, body: bytes, args, criter
             f"http://127.0.0.1:{ts.ports['inference']}/predictions/m", body,
             {"Authorization": f"Bearer {ts.keys['inference']}", "X-Tensor-Shape": ",".join(map(str, SHAPE))},
         )
-        run_open_loop(target, 5.0, 3.0, warmup=1.0)  # warm the worker before measuring
+        # A fresh JVM spends its first tens of seconds JIT-compiling (measured: C2 alone took a
+        # quarter of a core): load every server, baseline included, before measuring it.
+        run_closed_loop(target, 16, args.jvm_warmup, warmup=0.0)
 
         def at(rate: float) -> LoadResult:
             result = run_open_loop(target, rate, args.duration, arrival="poisson", warmup=args.warmup,
@@ -195,7 +197,8 @@ def main() -> int:
     p.add_argument("--rows", default="a,b,b2,b3,c,d", help="subset of a,b,b2,b3,c,d")
     p.add_argument("--p99-ms", type=float, default=500.0)
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per rate")
-    p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds at the start of each rate")
+    p.add_argument("--jvm-warmup", type=float, default=30.0, help="seconds of load on each fresh server first")
     p.add_argument("--start-rate", type=float, default=8.0)
     p.add_argument("--factor", type=float, default=1.3)
     p.add_argument("--max-rate", type=float, default=400.0)
@@ -205,7 +208,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args()
     if args.quick:
-        args.duration, args.warmup, args.refine, args.factor = 4.0, 1.0, 0, 1.6
+        args.duration, args.warmup, args.refine, args.factor, args.jvm_warmup = 4.0, 1.0, 0, 1.6, 5.0
     rows = set(args.rows.split(","))
     criteria = Criteria(p99_ms=args.p99_ms)
     cores = physical_cores()
@@ -216,7 +219,7 @@ def main() -> int:
     body = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32).tobytes()
     report = {"command": shlex.join([sys.executable, *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "machine": machine(), "criteria": asdict(criteria), "body": f"raw float32 {SHAPE}",
-              "settings": {k: getattr(args, k) for k in ("duration", "warmup", "start_rate", "factor", "refine")},
+              "settings": {k: getattr(args, k) for k in ("duration", "warmup", "jvm_warmup", "start_rate", "factor", "refine")},
               "models": {}}
     for model in args.models.split(","):
         print(f"== {model}", flush=True)

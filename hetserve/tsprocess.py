@@ -20,6 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_CONFIG = REPO / "config" / "config.properties"
+LOG_CONFIG = REPO / "config" / "log4j2.xml"
 
 
 def free_port() -> int:
@@ -128,7 +129,8 @@ def write_config(workdir: Path, model_store: Path, ports: dict[str, int], overri
 
 def start_torchserve(workdir: Path, model_store: Path, models: dict[str, str],
                      overrides: dict[str, str] | None = None, timeout: float = 240.0,
-                     env: dict[str, str] | None = None, base_config: Path = BASE_CONFIG) -> TorchServe:
+                     env: dict[str, str] | None = None, base_config: Path = BASE_CONFIG,
+                     log_config: Path = LOG_CONFIG) -> TorchServe:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "tmp").mkdir(exist_ok=True)
     # TorchServe writes fresh keys at each start; a stale file would hand out dead tokens.
@@ -138,7 +140,7 @@ def start_torchserve(workdir: Path, model_store: Path, models: dict[str, str],
     venv_bin = Path(sys.executable).parent
     cmd = [
         str(venv_bin / "torchserve"), "--start", "--foreground", "--ncs",
-        "--model-store", str(model_store), "--ts-config", str(config),
+        "--model-store", str(model_store), "--ts-config", str(config), "--log-config", str(log_config),
         "--models", *[f"{name}={mar}" for name, mar in models.items()],
     ]
     process_env = {

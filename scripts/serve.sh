@@ -37,7 +37,8 @@ echo "[serve] starting TorchServe (logs in $run_dir/logs)"
 (cd "$run_dir" && torchserve --stop >/dev/null 2>&1 || true)
 rm -f "$run_dir/key_file.json"
 (cd "$run_dir" && torchserve --start --ncs --model-store "$repo_root/model_store" \
-    --ts-config "$repo_root/config/config.properties" --models "$name=$name.mar" \
+    --ts-config "$repo_root/config/config.properties" --log-config "$repo_root/config/log4j2.xml" \
+    --models "$name=$name.mar" \
     >"$run_dir/torchserve.out" 2>&1)
 
 python "$repo_root/examples/predict.py" --wait 300 --model "$name" --key-file "$run_dir/key_file.json"
