@@ -54,6 +54,15 @@ def test_each_criterion_can_fail_and_bounds_are_inclusive():
     assert not sustains(fake(100, 400), Criteria(p99_ms=300))
 
 
+def test_throughput_is_judged_against_the_requests_really_offered():
+    """Poisson arrivals at 3/s over 10 s offered only 26 requests: serving all 26 is sustained."""
+    from dataclasses import replace
+
+    short = replace(fake(3.0, 80.0, throughput=2.6), offered=26)
+    assert sustains(short)
+    assert shortfalls(replace(short, throughput_rps=2.3))[0].startswith("throughput")
+
+
 def test_knee_is_the_highest_sustained_rate():
     run = server_with_capacity(50)
     results = [run(r) for r in (80, 10, 40, 20, 160)]
