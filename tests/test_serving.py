@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from hetserve.tsprocess import start_torchserve
 
 from hetserve.cli import main
+from hetserve.tsprocess import start_torchserve
 
 pytestmark = pytest.mark.server
 
