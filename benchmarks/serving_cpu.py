@@ -32,7 +32,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from hetserve.knee import Criteria, plot_curves, sweep_rates  # noqa: E402
-from hetserve.loadgen import LoadResult, Target, run_closed_loop, run_open_loop  # noqa: E402
+from hetserve.loadgen import (  # noqa: E402
+    LoadResult,
+    Target,
+    idle_latency,
+    run_closed_loop,
+    run_open_loop,
+    wait_until_idle,
+)
 from hetserve.tsprocess import start_torchserve  # noqa: E402
 from partitioner.archive import with_config  # noqa: E402
 
@@ -119,8 +126,11 @@ def sweep_server(store: Path, mar: str, workdir: Path, body: bytes, args, criter
         # A fresh JVM spends its first tens of seconds JIT-compiling (measured: C2 alone took a
         # quarter of a core): load every server, baseline included, before measuring it.
         run_closed_loop(target, 16, args.jvm_warmup, warmup=0.0)
+        baseline = idle_latency(target)
 
         def at(rate: float) -> LoadResult:
+            # Each point starts from an idle server: an overloaded point leaves a queue behind.
+            wait_until_idle(target, baseline)
             result = run_open_loop(target, rate, args.duration, arrival="poisson", warmup=args.warmup,
                                    seed=int(rate * 100))
             print(f"    {rate:7.1f} req/s offered -> {result.throughput_rps:6.1f} served, "

@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.client
 import json
 import math
 import random
 import signal
+import statistics
 import time
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
@@ -503,6 +505,47 @@ def run_open_loop(target: Target, rate: float, duration: float, arrival: str = "
 
 def run_closed_loop(target: Target, concurrency: int, duration: float, **options) -> LoadResult:
     return asyncio.run(drive_closed_loop(target, concurrency, duration, **options))
+
+
+def probe(target: Target, timeout: float = 30.0) -> tuple[int | str, float]:
+    """One blocking request with the target's first body: (status or "timeout"/"connect", seconds)."""
+    parts = urlsplit(target.url)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    headers = {"Content-Type": target.content_type, **dict(target.headers)}
+    started = time.perf_counter()
+    conn = http.client.HTTPConnection(target.host, target.port, timeout=timeout)
+    try:
+        conn.request("POST", path, body=target.bodies[0], headers=headers)
+        response = conn.getresponse()
+        response.read()
+        return response.status, time.perf_counter() - started
+    except TimeoutError:
+        return "timeout", time.perf_counter() - started
+    except OSError:
+        return "connect", time.perf_counter() - started
+    finally:
+        conn.close()
+
+
+def idle_latency(target: Target, probes: int = 5) -> float:
+    """Median latency of lone sequential requests: the server's unloaded service time."""
+    return statistics.median(probe(target)[1] for _ in range(probes))
+
+
+def wait_until_idle(target: Target, baseline_s: float, deadline_s: float = 120.0) -> float:
+    """Probe one request at a time until one is served about as fast as when idle.
+
+    A sweep point past capacity leaves the server's queue full; measuring the next point before
+    it drains would charge that backlog to the next rate. Returns the seconds spent waiting.
+    """
+    started = time.monotonic()
+    threshold = max(3 * baseline_s, baseline_s + 0.1)
+    while time.monotonic() - started < deadline_s:
+        status, seconds = probe(target, timeout=deadline_s)
+        if status == 200 and seconds <= threshold:
+            break
+        time.sleep(0.5)
+    return time.monotonic() - started
 
 
 # ---------------------------------------------------------------------------- command line

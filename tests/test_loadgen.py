@@ -289,3 +289,17 @@ def test_cli_sends_the_key_file_token_and_tensor_headers(tmp_path):
     r = LoadResult.from_json(out.stdout)
     assert r.errors == {} and r.offered == 300
     assert r.ok == r.completed > 0
+
+
+def test_wait_until_idle_returns_once_a_lone_request_is_fast_again():
+    """A server that stalls for 1 s: the probe waits the stall out instead of measuring it."""
+    from hetserve.loadgen import idle_latency, probe, wait_until_idle
+
+    with serving(delay=0.01) as srv:
+        target = Target.create(srv.base + "/predictions/m", b"x")
+        baseline = idle_latency(target, probes=3)
+        assert probe(target)[0] == 200 and baseline < 0.5
+        srv.stall_s, srv.stall_at = 1.0, time.monotonic()  # the next request stalls for 1 s
+        waited = wait_until_idle(target, baseline, deadline_s=10)
+        assert 0.9 <= waited < 5.0
+        assert wait_until_idle(target, baseline, deadline_s=10) < 0.5  # idle: returns at once
