@@ -29,7 +29,8 @@ def call(args, method: str, path: str, body: bytes | None, headers: dict[str, st
 
 
 def keys(path: str) -> dict[str, str]:
-    data = json.load(open(path))
+    with open(path) as f:
+        data = json.load(f)
     return {"inference": data["inference"]["key"], "management": data["management"]["key"]}
 
 
