@@ -23,19 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shlex
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from hetserve.machine import machine_info  # noqa: E402
 
 FULL_MODELS = ("vit-b16", "googlenet", "nfnet", "resnet18", "resnet50")
 QUICK_MODELS = ("vit-tiny", "googlenet-tiny", "nfnet-tiny", "resnet18-tiny")
@@ -48,40 +48,6 @@ HEURISTIC_TIME_LIMIT = 10.0  # the CLI's default --time-limit, what a user's arc
 PROFILE_RUNS = 5
 GAP_GOAL = 0.05  # metis bytes at most 5% above the proven optimum
 ARCHIVE_GOAL_S = 120.0
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram_gib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram_gib = round(int(line.split()[1]) / 2**20, 1)
-                break
-    except OSError:
-        pass
-    versions = {}
-    for dist in ("torch", "onnx", "onnxruntime-gpu", "onnxruntime", "pymetis", "scipy", "numpy"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return {
-        "cpu_model": cpu,
-        "logical_cpus": os.cpu_count(),
-        "affinity_cpus": len(os.sched_getaffinity(0)),
-        "ram_gib": ram_gib,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": versions,
-    }
 
 
 def bench_model(name: str, ratios: tuple[float, ...], exact_limit: float) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -29,7 +28,7 @@ from handlers.scheduler import (  # noqa: E402
     build_candidates,
     choose_executor,
 )
-from handlers.topology import probe  # noqa: E402
+from hetserve.machine import machine_info  # noqa: E402
 
 BUDGET_US = 100.0
 SIZES = (2, 5, 17)  # GPU + 1 group; GPU + 4; GPU + 16 one-core groups (a 16-core box)
@@ -88,26 +87,6 @@ def timer_overhead_us(n: int = 100_000) -> float:
         t0 = timer()
         gaps.append(timer() - t0)
     return statistics.median(gaps) / 1e3
-
-
-def machine_info() -> dict[str, object]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu_model": model,
-        "logical_cpus": os.cpu_count(),
-        "affinity_cpus": len(os.sched_getaffinity(0)),
-        "physical_cores_usable": len(probe().cores),
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

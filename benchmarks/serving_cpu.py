@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from hetserve.loadgen import (  # noqa: E402
     run_open_loop,
     wait_until_idle,
 )
+from hetserve.machine import machine_info  # noqa: E402
 from hetserve.tsprocess import start_torchserve  # noqa: E402
 from partitioner.archive import with_config  # noqa: E402
 
@@ -190,17 +190,6 @@ def in_process_ceiling(store: Path, model: str, seconds: float) -> dict:
     return {"samples_per_s": results, "best": max(results.values()), "batch": batch}
 
 
-def machine() -> dict:
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
-    import onnxruntime
-    import torch
-
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
-            "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "kernel": platform.release()}
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="resnet18,googlenet")
@@ -228,7 +217,7 @@ def main() -> int:
     store.mkdir(exist_ok=True)
     body = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32).tobytes()
     report = {"command": shlex.join([sys.executable, *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "machine": machine(), "criteria": asdict(criteria), "body": f"raw float32 {SHAPE}",
+              "machine": machine_info(), "criteria": asdict(criteria), "body": f"raw float32 {SHAPE}",
               "settings": {k: getattr(args, k) for k in ("duration", "warmup", "jvm_warmup", "start_rate", "factor", "refine")},
               "models": {}}
     for model in args.models.split(","):
