@@ -8,19 +8,20 @@ process, so the CPU figure is the generator's alone, at several rates and body s
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import platform
-import shlex
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from hetserve.machine import machine_info, run_record  # noqa: E402
 
 
 class Instant(BaseHTTPRequestHandler):
@@ -38,6 +39,9 @@ class Instant(BaseHTTPRequestHandler):
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per row")
+    args = parser.parse_args()
     server = ThreadingHTTPServer(("127.0.0.1", 0), Instant)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -50,7 +54,7 @@ def main() -> int:
             for rate in (50, 100, 200, 400):
                 out = subprocess.run(
                     [sys.executable, "-m", "hetserve.loadgen", "--url", url, "--body-file", str(body),
-                     "--rate", str(rate), "--duration", "10", "--warmup", "1"],
+                     "--rate", str(rate), "--duration", str(args.duration), "--warmup", "1"],
                     cwd=REPO, capture_output=True, text=True, check=True)
                 r = json.loads(out.stdout)
                 rows.append({"body": label, "rate": rate, "served_rps": round(r["throughput_rps"], 1),
@@ -58,8 +62,7 @@ def main() -> int:
                              "send_lag_p99_ms": r["send_lag_p99_ms"]})
                 print(rows[-1], flush=True)
     server.shutdown()
-    result = {"command": shlex.join([sys.executable, *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "machine": {"logical_cpus": os.cpu_count(), "python": platform.python_version()}, "rows": rows}
+    result = {**run_record(), "machine": machine_info(), "rows": rows}
     out_path = REPO / "benchmarks" / "results" / "loadgen_cost.json"
     out_path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out_path}")
