@@ -4,10 +4,17 @@ Each stage of each micro-batch is placed when it becomes ready (the head at subm
 tail the moment its head finishes) on the candidate executor with the earliest predicted
 completion (``handlers.scheduler``), so the head of micro-batch i+1 runs while the tail of
 micro-batch i runs elsewhere. Outputs are reassembled in request order.
+
+Faults stay local: a stage that fails is retried once on another executor; a stage that runs past
+``stage_timeout_s`` is cancelled by the supervisor thread and retried the same way, and its
+executor is quarantined (``handlers.faults.Quarantine``) until a background re-probe succeeds;
+a request that outlives ``request_timeout_s`` (kept below TorchServe's responseTimeout, which
+would otherwise kill the worker) is answered with a timeout and its work abandoned.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -20,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from handlers.executors import Executor, ExecutorError
+from handlers.faults import Quarantine
 from handlers.perf_model import PerfHistory
 from handlers.scheduler import (
     ExecutorClock,
@@ -28,6 +36,11 @@ from handlers.scheduler import (
     build_candidates,
     choose_executor,
 )
+
+log = logging.getLogger(__name__)
+
+# (stage) -> calibration-size feeds for that stage: what a re-probe runs.
+ProbeFeeds = Callable[[str], Mapping[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -50,12 +63,17 @@ class RuntimeStats:
     run_ms: list[tuple[str, str, float]] = field(default_factory=list)  # (stage, executor, ms)
     queue_ms: list[tuple[str, float]] = field(default_factory=list)  # (stage, ms)
     micro_batches: int = 0
+    timeouts: Counter = field(default_factory=Counter)  # (stage, executor) -> missed deadlines
+    quarantines: Counter = field(default_factory=Counter)  # executor -> times taken out
+    probes: Counter = field(default_factory=Counter)  # (executor, "ok" | "failed") -> count
 
     def drain(self) -> RuntimeStats:
         snapshot = RuntimeStats(
-            Counter(self.placements), list(self.run_ms), list(self.queue_ms), self.micro_batches
+            Counter(self.placements), list(self.run_ms), list(self.queue_ms), self.micro_batches,
+            Counter(self.timeouts), Counter(self.quarantines), Counter(self.probes),
         )
-        self.placements.clear()
+        for counter in (self.placements, self.timeouts, self.quarantines, self.probes):
+            counter.clear()
         self.run_ms.clear()
         self.queue_ms.clear()
         self.micro_batches = 0
@@ -71,10 +89,23 @@ class _Flow:
     tensors: dict[str, Any]  # numpy arrays, or tensors left on a GPU by the previous stage
     done: Future = field(default_factory=Future)
     stage_index: int = 0
+    abandoned: bool = False  # its request ran out of time: nothing more is done for it
+    attempt: tuple[_Attempt, Future] | None = None  # the stage run in flight
 
     @property
     def batch(self) -> int:
         return self.stop - self.start
+
+
+@dataclass(eq=False)
+class _Attempt:
+    """One stage of one micro-batch submitted to one executor."""
+
+    flow: _Flow
+    stage: StagePlan
+    executor: str
+    exclude: frozenset[str]  # executors this stage already failed on
+    settled: bool = False  # its outcome was handled (done, timed out, rerouted or abandoned)
 
 
 @dataclass(frozen=True)
@@ -83,6 +114,10 @@ class MicroBatchOutcome:
     stop: int
     outputs: Mapping[str, np.ndarray] | None
     error: BaseException | None
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return "out of memory" in str(exc).lower()
 
 
 def _host(value: Any) -> np.ndarray:
@@ -99,6 +134,11 @@ class Runtime:
         micro_batch: int = 0,
         stage_timeout_s: float = 30.0,
         clock: Callable[[], float] = time.perf_counter,
+        *,
+        request_timeout_s: float | None = None,
+        quarantine: Quarantine | None = None,
+        probe_feeds: ProbeFeeds | None = None,
+        supervise_interval_s: float = 0.05,
     ) -> None:
         self.stages = tuple(stages)
         self.executors = {e.name: e for e in executors}
@@ -110,10 +150,22 @@ class Runtime:
         self.model_outputs = tuple(model_outputs)
         self.micro_batch = micro_batch
         self.stage_timeout_s = stage_timeout_s
+        # A micro-batch may run each stage and one retry, each up to the stage deadline.
+        self.request_timeout_s = request_timeout_s or stage_timeout_s * (len(self.stages) + 1)
+        self.quarantine = quarantine or Quarantine(list(self.executors))
+        self._probe_feeds = probe_feeds
         self._clock = clock
         self._lock = threading.Lock()
         self._free = ExecutorClock(clock=clock)
         self.stats = RuntimeStats()
+        self._attempts: dict[Future, _Attempt] = {}
+        self._probes: dict[Future, str] = {}
+        self._stop = threading.Event()
+        self._interval = supervise_interval_s
+        self._supervisor = threading.Thread(
+            target=self._supervise, name="hetserve-supervisor", daemon=True
+        )
+        self._supervisor.start()
 
     # -- observations from executor threads --
     def observe_run(self, stage: str, executor: str, batch: int, seconds: float) -> None:
@@ -137,14 +189,17 @@ class Runtime:
             self.stats.micro_batches += len(flows)
         for flow in flows:
             self._advance(flow)
-        deadline = self._clock() + self.stage_timeout_s * len(self.stages)
+        deadline = self._clock() + self.request_timeout_s
         outcomes = []
         for flow in flows:
             try:
                 result = flow.done.result(timeout=max(deadline - self._clock(), 0.0))
                 outcomes.append(MicroBatchOutcome(flow.start, flow.stop, result, None))
             except FutureTimeout:
-                error = StageTimeout(f"missed the {self.stage_timeout_s:g} s stage deadline")
+                self._abandon(flow)
+                error = StageTimeout(
+                    f"not finished within the request budget of {self.request_timeout_s:g} s"
+                )
                 outcomes.append(MicroBatchOutcome(flow.start, flow.stop, None, error))
             except Exception as exc:  # noqa: BLE001 - reported per micro-batch
                 outcomes.append(MicroBatchOutcome(flow.start, flow.stop, None, exc))
@@ -171,45 +226,76 @@ class Runtime:
         return [(start, min(start + size, total)) for start in range(0, total, size)]
 
     def _advance(self, flow: _Flow, exclude: frozenset[str] = frozenset()) -> None:
+        if flow.abandoned:
+            return
         if flow.stage_index == len(self.stages):
-            flow.done.set_result({name: _host(flow.tensors[name]) for name in self.model_outputs})
+            self._finish(flow, {name: _host(flow.tensors[name]) for name in self.model_outputs})
             return
         stage = self.stages[flow.stage_index]
         feeds = {name: flow.tensors[name] for name in stage.inputs}
         with self._lock:
-            placement = self._place(stage, flow.batch, feeds, exclude)
-            self.stats.placements[(stage.name, placement.executor)] += 1
-            self.stats.queue_ms.append(
-                (stage.name, max(placement.start - self._clock(), 0.0) * 1e3)
-            )
+            out = exclude | self.quarantine.excluded()
+            if all(c in out for c in stage.candidates):
+                placement = None
+            else:
+                placement = self._place(stage, flow.batch, feeds, out)
+                self.stats.placements[(stage.name, placement.executor)] += 1
+                self.stats.queue_ms.append(
+                    (stage.name, max(placement.start - self._clock(), 0.0) * 1e3)
+                )
+        if placement is None:
+            self._finish(flow, self._no_executor_error(stage, exclude))
+            return
         executor = self.executors[placement.executor]
         try:
             future = executor.submit(stage.name, feeds, flow.batch)
         except ExecutorError as exc:
             with self._lock:
                 self._free.complete(placement.executor)
-            flow.done.set_exception(exc)
+            self._finish(flow, exc)
             return
-        future.add_done_callback(
-            lambda f: self._stage_done(flow, placement.executor, f, exclude)
-        )
-
-    def _stage_done(
-        self, flow: _Flow, executor: str, future: Future, exclude: frozenset[str]
-    ) -> None:
+        attempt = _Attempt(flow, stage, placement.executor, exclude)
         with self._lock:
-            self._free.complete(executor)
-        exc = future.exception()
-        if exc is not None:
-            retry = self._retry_set(self.stages[flow.stage_index], executor, exc, exclude)
-            if retry is None:
-                flow.done.set_exception(exc)
+            # Registered before the callback: a future already done runs it at once and unregisters.
+            self._attempts[future] = attempt
+            flow.attempt = (attempt, future)
+        future.add_done_callback(lambda f: self._stage_done(attempt, f))
+
+    def _stage_done(self, attempt: _Attempt, future: Future) -> None:
+        name, flow = attempt.executor, attempt.flow
+        with self._lock:
+            self._free.complete(name)
+            self._attempts.pop(future, None)
+            if attempt.settled:  # timed out or abandoned: that path answered already
+                return
+            attempt.settled = True
+            if future.cancelled():  # still queued when its executor was quarantined: move it
+                rerouted = True
             else:
-                self._advance(flow, retry)
-            return
-        flow.tensors.update(future.result())
-        flow.stage_index += 1
-        self._advance(flow)
+                rerouted = False
+                exc = future.exception()
+                if exc is None:
+                    self.quarantine.record_success(name)
+                elif _is_out_of_memory(exc):
+                    pass  # a sign of load, not of a broken executor: the retry handles it
+                elif self.quarantine.record_failure(name, attempt.stage.name, str(exc)):
+                    self._on_quarantined(name)
+        if rerouted:
+            self._advance(flow, attempt.exclude)
+        elif exc is not None:
+            self._retry_or_fail(attempt, exc)
+        else:
+            flow.tensors.update(future.result())
+            flow.stage_index += 1
+            self._advance(flow)
+
+    def _retry_or_fail(self, attempt: _Attempt, exc: BaseException) -> None:
+        with self._lock:
+            retry = self._retry_set(attempt.stage, attempt.executor, exc, attempt.exclude)
+        if retry is None:
+            self._finish(attempt.flow, exc)
+        else:
+            self._advance(attempt.flow, retry)
 
     def _retry_set(
         self, stage: StagePlan, failed: str, exc: BaseException, exclude: frozenset[str]
@@ -218,14 +304,131 @@ class Runtime:
 
         One retry per stage: after a GPU runs out of memory the retry goes to a CPU group.
         """
-        if exclude or not isinstance(exc, ExecutorError):
+        if exclude or not isinstance(exc, ExecutorError | StageTimeout):
             return None
-        others = [c for c in stage.candidates if c != failed]
-        if "out of memory" in str(exc).lower():
+        out = self.quarantine.excluded()
+        others = [c for c in stage.candidates if c != failed and c not in out]
+        if _is_out_of_memory(exc):
             others = [c for c in others if self.executors[c].device == "cpu"]
         if not others:
             return None
         return frozenset(c for c in stage.candidates if c not in others)
+
+    def _no_executor_error(self, stage: StagePlan, exclude: frozenset[str]) -> ExecutorError:
+        with self._lock:
+            held = [f"{c}: {self.quarantine.reason(c)}" for c in stage.candidates
+                    if self.quarantine.is_quarantined(c)]
+        failed = sorted(exclude)
+        parts = [f"quarantined {'; '.join(held)}"] if held else []
+        parts += [f"kept off {', '.join(failed)} on retry"] if failed else []
+        return ExecutorError(
+            f"no executor in service for stage {stage.name!r} ({'; '.join(parts) or 'none'})"
+        )
+
+    def _finish(self, flow: _Flow, result: Mapping[str, np.ndarray] | BaseException) -> None:
+        if flow.abandoned or flow.done.done():
+            return
+        if isinstance(result, BaseException):
+            flow.done.set_exception(result)
+        else:
+            flow.done.set_result(result)
+
+    def _abandon(self, flow: _Flow) -> None:
+        """The request gave up on this micro-batch: stop its work, answer nothing more."""
+        with self._lock:
+            flow.abandoned = True
+            current = flow.attempt
+            if current is None or current[0].settled:
+                return
+            attempt, future = current
+            attempt.settled = True
+            self._attempts.pop(future, None)
+        self.executors[attempt.executor].interrupt(future)
+
+    # -- the supervisor thread: stage deadlines and re-probes --
+    def _supervise(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._enforce_deadlines()
+                self._start_probes()
+            except Exception:  # noqa: BLE001 - the supervisor must outlive any one bad pass
+                log.exception("hetserve supervisor pass failed")
+
+    def _enforce_deadlines(self) -> None:
+        now = time.perf_counter()  # the executors stamp job starts with it
+        overdue: list[tuple[str, Future, _Attempt | None]] = []
+        for name, executor in self.executors.items():
+            running = executor.running()
+            if running is None or now - running[1] <= self.stage_timeout_s:
+                continue
+            future = running[0]
+            with self._lock:
+                attempt = self._attempts.pop(future, None)
+                if attempt is None or attempt.settled:
+                    if future in self._probes:
+                        overdue.append((name, future, None))
+                    continue  # otherwise a calibration run, or one already handled
+                attempt.settled = True
+                self.stats.timeouts[(attempt.stage.name, name)] += 1
+                reason = f"missed the {self.stage_timeout_s:g} s stage deadline"
+                if self.quarantine.quarantine(name, attempt.stage.name, reason):
+                    self._on_quarantined(name)
+            overdue.append((name, future, attempt))
+        # Move the queued jobs first: once interrupted, the executor would take the next one.
+        self._reroute_queued()
+        for name, future, attempt in overdue:
+            self.executors[name].interrupt(future)
+            if attempt is not None:
+                error = StageTimeout(
+                    f"stage {attempt.stage.name!r} on {name} missed the "
+                    f"{self.stage_timeout_s:g} s stage deadline"
+                )
+                self._retry_or_fail(attempt, error)
+
+    def _on_quarantined(self, name: str) -> None:
+        """Under the lock."""
+        self.stats.quarantines[name] += 1
+        log.warning("hetserve: executor %s quarantined (%s)", name, self.quarantine.reason(name))
+
+    def _reroute_queued(self) -> None:
+        """Jobs still queued on a quarantined executor move elsewhere instead of waiting there."""
+        with self._lock:
+            out = self.quarantine.excluded()
+            queued = [f for f, a in self._attempts.items() if a.executor in out and not a.settled]
+        for future in queued:
+            future.cancel()  # fails for a running job; a queued one reroutes in _stage_done
+
+    def _start_probes(self) -> None:
+        with self._lock:
+            due = self.quarantine.due_probes()
+        for name, stage in due:
+            if self._probe_feeds is None:  # nothing to probe with: the next real job is the probe
+                self._probe_done(name, None)
+                continue
+            try:
+                feeds = self._probe_feeds(stage)
+                batch = next(iter(feeds.values())).shape[0]
+                future = self.executors[name].submit(stage, feeds, batch, observe=False)
+            except Exception as exc:  # noqa: BLE001 - a probe that cannot start has failed
+                log.warning("hetserve: could not probe executor %s: %s", name, exc)
+                with self._lock:
+                    self.quarantine.probe_result(name, False)
+                continue
+            with self._lock:
+                self._probes[future] = name
+            future.add_done_callback(lambda f, name=name: self._probe_done(name, f))
+
+    def _probe_done(self, name: str, future: Future | None) -> None:
+        ok = future is None or (not future.cancelled() and future.exception() is None)
+        with self._lock:
+            if future is not None:
+                self._probes.pop(future, None)
+            self.quarantine.probe_result(name, ok)
+            self.stats.probes[(name, "ok" if ok else "failed")] += 1
+        if ok:
+            log.warning("hetserve: executor %s back in service after a successful probe", name)
+        else:
+            log.warning("hetserve: probe of executor %s failed; it stays quarantined", name)
 
     def _place(
         self,
@@ -257,6 +460,13 @@ class Runtime:
         with self._lock:
             return self.stats.drain()
 
+    def in_flight(self) -> int:
+        """Stage runs and probes not yet settled: 0 when the runtime is idle (tests check leaks)."""
+        with self._lock:
+            return len(self._attempts) + len(self._probes)
+
     def close(self) -> None:
+        self._stop.set()
+        self._supervisor.join(timeout=5.0)
         for executor in self.executors.values():
             executor.close()

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import numpy as np
 
 from handlers.cuda_executor import cuda_unavailable_reason
 from handlers.executors import CpuExecutor, Executor, ExecutorLoadError
+from handlers.faults import FaultInjector, Quarantine
 from handlers.manifest import Manifest, TensorSpec, random_batch
 from handlers.perf_model import PerfHistory
 from handlers.pipeline import Runtime, StagePlan
@@ -169,6 +170,9 @@ def _build(
                 transfer_observer=observe_transfer,
             ))
     _start_all(executors)
+    injector = FaultInjector(config.faults) if config.faults else None
+    for executor in executors:
+        executor.faults = injector
     runtime = Runtime(
         plans,
         executors,
@@ -176,9 +180,25 @@ def _build(
         [s.name for s in manifest.outputs],
         micro_batch=config.micro_batch,
         stage_timeout_s=config.stage_timeout_s,
+        request_timeout_s=config.request_timeout_s,
+        quarantine=Quarantine(
+            [e.name for e in executors],
+            after_failures=config.quarantine_after,
+            backoff_s=config.probe_backoff_s,
+            max_backoff_s=config.probe_backoff_max_s,
+        ),
+        probe_feeds=probe_feeds(plans, manifest, config),
     )
     runtime_ref.append(runtime)
-    calibrate(runtime, manifest, config)
+    try:
+        calibrate(runtime, manifest, config)
+    except Exception:
+        runtime.close()
+        raise
+    if injector is not None:
+        # Armed after calibration: a faulty test config must still load.
+        log.warning("hetserve: fault injection armed (tests only): %s", config.faults)
+        injector.arm()
     return runtime
 
 
@@ -201,9 +221,18 @@ def _device_outputs(manifest: Manifest, config: RuntimeConfig) -> tuple[str, ...
 def calibrate(
     runtime: Runtime, manifest: Manifest, config: RuntimeConfig, batches: Sequence[int] = (1, 4)
 ) -> None:
-    """Warm every (stage, executor) pair and seed the history where it has nothing yet."""
+    """Warm every (stage, executor) pair and seed the history where it has nothing yet.
+
+    Pairs the persisted history already knows (a restarted worker) get one short run.
+    """
     specs = _stage_input_specs(manifest, config)
     rng = np.random.default_rng(0)
+    pairs = [(plan.name, name) for plan in runtime.stages for name in plan.candidates]
+    known = [pair for pair in pairs if runtime.history.is_calibrated(*pair)]
+    log.info(
+        "hetserve: performance history has %d of %d (stage, executor) pairs calibrated%s",
+        len(known), len(pairs), "; calibration shortened for them" if known else "",
+    )
     for plan in runtime.stages:
         for name in plan.candidates:
             executor = runtime.executors[name]
@@ -218,6 +247,45 @@ def calibrate(
                     executor.submit(plan.name, feeds, batch).result(
                         timeout=config.stage_timeout_s * 4
                     )
+    warm_every_size(runtime, config, specs, rng, skip=batches)
+
+
+# Warming costs one run per size; past this, an unusual size pays its first run when it comes.
+WARMUP_MAX_BATCH = 64
+
+
+def warm_every_size(
+    runtime: Runtime, config: RuntimeConfig, specs: dict[str, TensorSpec], rng, skip: Sequence[int]
+) -> None:
+    """Run each GPU stage once at every batch size a TorchServe batch can be cut into.
+
+    ORT's CUDA provider plans memory for each new input shape and, with cuDNN, picks conv
+    algorithms for it: on an H100 the first GoogLeNet batch of each new size stalled the worker
+    for hundreds of milliseconds, so unwarmed sizes showed up as seconds of tail latency.
+    """
+    largest = min(config.batch_size, WARMUP_MAX_BATCH)
+    for plan in runtime.stages:
+        for name in plan.candidates:
+            executor = runtime.executors[name]
+            if executor.device == "cpu":
+                continue
+            for batch in range(1, largest + 1):
+                if batch in skip:
+                    continue
+                feeds = {n: random_batch(specs[n], batch, rng) for n in plan.inputs}
+                executor.submit(plan.name, feeds, batch, observe=False).result(
+                    timeout=config.stage_timeout_s * 4
+                )
+
+
+def probe_feeds(
+    plans: Sequence[StagePlan], manifest: Manifest, config: RuntimeConfig
+) -> Callable[[str], dict[str, np.ndarray]]:
+    """Batch-1 random feeds per stage, made once: what re-probes a quarantined executor."""
+    specs = _stage_input_specs(manifest, config)
+    rng = np.random.default_rng(1)
+    feeds = {p.name: {n: random_batch(specs[n], 1, rng) for n in p.inputs} for p in plans}
+    return feeds.__getitem__
 
 
 def _stage_input_specs(manifest: Manifest, config: RuntimeConfig) -> dict[str, TensorSpec]:

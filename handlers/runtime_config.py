@@ -11,9 +11,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from handlers.faults import FaultSpec, parse_faults
 from handlers.validation import RequestLimits
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+# TorchServe's own default when model-config.yaml has no responseTimeout.
+TORCHSERVE_RESPONSE_TIMEOUT_S = 120.0
+# Share of responseTimeout a batch may use: TorchServe kills a worker that answers later.
+REQUEST_BUDGET_SHARE = 0.9
 
 
 class ConfigError(ValueError):
@@ -35,8 +40,16 @@ class RuntimeConfig:
     calibration_runs: int = 3
     state_dir: str | None = None
     stage_timeout_s: float = 30.0
+    # The whole batch's budget; None: 0.9 x responseTimeout (set by from_model_yaml).
+    request_timeout_s: float | None = None
+    quarantine_after: int = 3  # failures in a row that take an executor out of placement
+    probe_backoff_s: float = 1.0  # first re-probe of a quarantined executor; doubles on failure
+    probe_backoff_max_s: float = 60.0
     save_interval_s: float = 30.0
+    # TorchServe's batchSize (set by from_model_yaml): CUDA executors warm every size up to it.
+    batch_size: int = 1
     limits: RequestLimits = field(default_factory=RequestLimits)
+    faults: tuple[FaultSpec, ...] = ()  # tests only: needs HETSERVE_ENABLE_FAULTS=1
 
     def __post_init__(self) -> None:
         if self.ratio is not None and not self.ratio > 0.0:
@@ -53,15 +66,23 @@ class RuntimeConfig:
             ("cuda_streams", 1),
             ("cuda_device", 0),
             ("calibration_runs", 0),
+            ("quarantine_after", 1),
+            ("batch_size", 1),
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"hetserve.{name} must be an integer >= {low}, got {value!r}")
         if not 0.0 < self.ewma_alpha <= 1.0:
             raise ConfigError(f"hetserve.ewma_alpha must be in (0, 1], got {self.ewma_alpha!r}")
-        for name in ("stage_timeout_s", "save_interval_s"):
+        for name in ("stage_timeout_s", "save_interval_s", "probe_backoff_s", "probe_backoff_max_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"hetserve.{name} must be > 0")
+        if self.request_timeout_s is not None and not self.request_timeout_s > self.stage_timeout_s:
+            raise ConfigError(
+                f"hetserve.stage_timeout_s ({self.stage_timeout_s:g}) must be shorter than the "
+                f"request budget ({self.request_timeout_s:g} s, 0.9 x responseTimeout unless "
+                "hetserve.request_timeout_s sets it)"
+            )
 
     @classmethod
     def from_model_yaml(cls, model_yaml: Mapping[str, Any] | None) -> RuntimeConfig:
@@ -74,7 +95,18 @@ class RuntimeConfig:
             )
         try:
             limits = RequestLimits.from_mapping(section.pop("limits", None) or {})
-            return cls(**section, limits=limits)
+            faults = parse_faults(section.pop("faults", None))
+            response_s = float((model_yaml or {}).get("responseTimeout") or TORCHSERVE_RESPONSE_TIMEOUT_S)
+            section.setdefault("batch_size", int((model_yaml or {}).get("batchSize") or 1))
+            if section.get("request_timeout_s") is None:
+                section["request_timeout_s"] = REQUEST_BUDGET_SHARE * response_s
+            elif not float(section["request_timeout_s"]) < response_s:
+                raise ConfigError(
+                    f"hetserve.request_timeout_s ({section['request_timeout_s']}) must be shorter "
+                    f"than responseTimeout ({response_s:g} s): TorchServe kills a worker that "
+                    "answers later"
+                )
+            return cls(**section, limits=limits, faults=faults)
         except (TypeError, ValueError) as exc:
             if isinstance(exc, ConfigError):
                 raise

@@ -12,7 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from handlers.executors import Executor, ExecutorError
+from handlers.executors import CancelToken, Executor, ExecutorError
+from handlers.faults import FaultInjector, FaultSpec, Quarantine
 from handlers.perf_model import PerfHistory
 from handlers.pipeline import Runtime, StagePlan, StageTimeout
 from handlers.plan import choose_layout
@@ -35,6 +36,7 @@ class FnExecutor(Executor):
 
     def _run(self, stage, feeds):
         self.threads.add(threading.get_ident())
+        self.inject_faults(stage)
         time.sleep(self._delay)
         if self._fail and stage in self._fail:
             raise self._fail[stage]
@@ -48,7 +50,7 @@ BOTH = {**HEAD, **TAIL}
 PLAN_INPUTS = {"head": (("x",), ("h",)), "tail": (("h",), ("y",))}
 
 
-def make_runtime(executors, head, tail, micro_batch=2, timeout=5.0):
+def make_runtime(executors, head, tail, micro_batch=2, timeout=5.0, **options):
     runtime_ref = []
     for ex in executors:
         ex._observer = lambda *a: runtime_ref[0].observe_run(*a)
@@ -57,7 +59,8 @@ def make_runtime(executors, head, tail, micro_batch=2, timeout=5.0):
         StagePlan("head", ("x",), ("h",), tuple(head)),
         StagePlan("tail", ("h",), ("y",), tuple(tail)),
     ]
-    runtime = Runtime(plans, executors, PerfHistory(), ["y"], micro_batch=micro_batch, stage_timeout_s=timeout)
+    runtime = Runtime(plans, executors, PerfHistory(), ["y"], micro_batch=micro_batch,
+                      stage_timeout_s=timeout, **options)
     runtime_ref.append(runtime)
     return runtime
 
@@ -102,19 +105,18 @@ def test_head_and_tail_overlap_on_different_groups():
     tail = FnExecutor("cpu1", {"tail": timed("tail", TAIL["tail"])})
     runtime = make_runtime([head, tail], ["cpu0"], ["cpu1"], micro_batch=1)
     try:
-        started = time.perf_counter()
         out = runtime.infer(x_batch(4))
-        elapsed = time.perf_counter() - started
         np.testing.assert_array_equal(out["y"], x_batch(4)["x"] * 2 + 1)
-        # serial would be 8 x 30 ms; pipelined is about 5 x 30 ms
-        assert elapsed < 0.22, elapsed
-        starts = {(s, i): t for i, (s, k, t) in enumerate(events) if k == "start"}
+        # Each executor runs its stage serially: the k-th start pairs with the k-th end.
+        spans = {
+            stage: list(zip([t for s, k, t in events if s == stage and k == "start"],
+                            [t for s, k, t in events if s == stage and k == "end"], strict=True))
+            for stage in ("head", "tail")
+        }
+        assert len(spans["head"]) == len(spans["tail"]) == 4
         assert any(
-            hs < te and hs > ts
-            for (sh, _), hs in starts.items() if sh == "head"
-            for (st, _), ts in starts.items() if st == "tail"
-            for te in [ts + 0.03]
-        ), "some head started while a tail was running"
+            hs < te and ts < he for hs, he in spans["head"] for ts, te in spans["tail"]
+        ), "some head ran while a tail was running"
     finally:
         runtime.close()
 
@@ -215,3 +217,261 @@ def test_layout_puts_the_head_on_the_gpu_and_the_tail_where_allowed(partitioned,
 def test_layout_refuses_a_gpu_requirement_without_a_gpu():
     with pytest.raises(ConfigError, match="tail_devices"):
         choose_layout(True, [], ["c0"], ["c1"], RuntimeConfig(tail_devices="cuda"))
+
+
+# -- resilience: deadlines, cancellation, quarantine, re-probes, injected faults -------------
+
+def armed(*specs):
+    injector = FaultInjector([FaultSpec(**s) for s in specs])
+    injector.arm()
+    return injector
+
+
+def probe_feeds(stage):
+    return {"head": {"x": x_batch(1)["x"]}, "tail": {"h": x_batch(1)["x"] * 2.0}}[stage]
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_hung_tail_is_cancelled_at_its_deadline_retried_elsewhere_and_reprobed():
+    hung = FnExecutor("cpu1", BOTH)
+    good = FnExecutor("cpu0", BOTH)
+    hung.faults = armed({"kind": "hang", "stage": "tail", "executor": "cpu1", "count": 1})
+    quarantine = Quarantine(["cpu0", "cpu1"], backoff_s=0.3)
+    runtime = make_runtime([good, hung], ["cpu0"], ["cpu0", "cpu1"], micro_batch=1, timeout=0.3,
+                           quarantine=quarantine, probe_feeds=probe_feeds)
+    try:
+        runtime.history.observe_run("tail", "cpu1", 1, 1e-6)  # make cpu1 the first choice
+        runtime.history.observe_run("tail", "cpu0", 1, 1.0)
+        out = runtime.infer(x_batch(1))
+        np.testing.assert_array_equal(out["y"], x_batch(1)["x"] * 2 + 1)
+        stats = runtime.drain_stats()
+        assert stats.timeouts[("tail", "cpu1")] == 1 and stats.quarantines["cpu1"] == 1
+        assert [s for s, _ in good.ran] == ["head", "tail"], "the retry ran on cpu0"
+        # The hang waited on its job's cancel token: the same thread is free again at once.
+        assert wait_for(lambda: hung.running() is None, 2.0)
+        assert wait_for(lambda: not quarantine.is_quarantined("cpu1")), "a probe brings it back"
+        assert runtime.drain_stats().probes[("cpu1", "ok")] == 1
+        assert len(hung.threads) == 1 and hung._thread.is_alive()
+        assert runtime.in_flight() == 0
+    finally:
+        runtime.close()
+
+
+def test_the_only_tail_executor_hanging_answers_a_timeout_then_fast_503s_while_quarantined():
+    head, tail = FnExecutor("cpu0", HEAD), FnExecutor("cpu1", TAIL)
+    tail.faults = armed({"kind": "hang", "stage": "tail", "count": 1})
+    quarantine = Quarantine(["cpu0", "cpu1"], backoff_s=60.0)
+    runtime = make_runtime([head, tail], ["cpu0"], ["cpu1"], micro_batch=2, timeout=0.2,
+                           quarantine=quarantine)
+    try:
+        (outcome,) = runtime.run(x_batch(2))
+        assert isinstance(outcome.error, StageTimeout) and "cpu1" in str(outcome.error)
+        assert failure_error(outcome.error).status == 504
+        # Still quarantined (the hang's one shot is spent, so a run there would be a 200).
+        (outcome,) = runtime.run(x_batch(2))
+        error = failure_error(outcome.error)
+        assert error.status == 503
+        assert "no executor in service for stage 'tail'" in error.message
+        assert "cpu1" in error.message and "deadline" in error.message
+    finally:
+        runtime.close()
+
+
+def test_failures_in_a_row_quarantine_an_executor_until_a_probe_succeeds():
+    flaky, good = FnExecutor("cpu1", BOTH), FnExecutor("cpu0", BOTH)
+    flaky.faults = armed({"kind": "error", "stage": "tail", "executor": "cpu1", "count": 3})
+    quarantine = Quarantine(["cpu0", "cpu1"], after_failures=3, backoff_s=0.2)
+    runtime = make_runtime([good, flaky], ["cpu0"], ["cpu0", "cpu1"], micro_batch=1,
+                           quarantine=quarantine, probe_feeds=probe_feeds)
+    try:
+        runtime.history.observe_run("tail", "cpu1", 1, 1e-6)
+        runtime.history.observe_run("tail", "cpu0", 1, 1.0)
+        for _ in range(3):  # each failure is retried on cpu0: every answer is right
+            out = runtime.infer(x_batch(1))
+            np.testing.assert_array_equal(out["y"], x_batch(1)["x"] * 2 + 1)
+        assert quarantine.is_quarantined("cpu1") and "3 failures in a row" in quarantine.reason("cpu1")
+        runtime.infer(x_batch(1))
+        assert [s for s, _ in flaky.ran] == [], "a quarantined executor gets no placements"
+        assert wait_for(lambda: not quarantine.is_quarantined("cpu1"))
+        assert ("tail", 1) in flaky.ran, "the probe ran a calibration-size tail"
+    finally:
+        runtime.close()
+
+
+def test_failed_probes_back_off_exponentially_up_to_the_cap():
+    now = [0.0]
+    quarantine = Quarantine(["cpu1"], backoff_s=1.0, max_backoff_s=3.0, clock=lambda: now[0])
+    assert quarantine.quarantine("cpu1", "tail", "missed the deadline")
+    waits = []
+    for _ in range(4):
+        start = now[0]
+        while not quarantine.due_probes():
+            now[0] += 0.25
+        waits.append(now[0] - start)
+        quarantine.probe_result("cpu1", ok=False)
+    assert waits == [1.0, 2.0, 3.0, 3.0]
+    assert quarantine.is_quarantined("cpu1")
+    now[0] += 3.0
+    assert quarantine.due_probes() == [("cpu1", "tail")]
+    quarantine.probe_result("cpu1", ok=True)
+    assert quarantine.excluded() == frozenset()
+
+
+def test_jobs_queued_behind_a_hung_run_are_rerouted_when_it_is_quarantined():
+    hung, good = FnExecutor("cpu1", TAIL), FnExecutor("cpu0", BOTH)
+    hung.faults = armed({"kind": "hang", "stage": "tail", "count": 1})
+    runtime = make_runtime([good, hung], ["cpu0"], ["cpu0", "cpu1"], micro_batch=1, timeout=0.3,
+                           quarantine=Quarantine(["cpu0", "cpu1"], backoff_s=60.0))
+    try:
+        # Fast history on cpu1 and no reservations: both tails are queued there at once.
+        runtime.history.observe_run("tail", "cpu1", 1, 1e-6)
+        runtime.history.observe_run("tail", "cpu0", 1, 10.0)
+        out = runtime.infer(x_batch(3))
+        np.testing.assert_array_equal(out["y"], x_batch(3)["x"] * 2 + 1)
+        assert runtime.drain_stats().placements[("tail", "cpu1")] >= 2, "tails did queue on cpu1"
+        assert [s for s, _ in good.ran].count("tail") == 3, "every tail ended on cpu0"
+        assert hung.ran == [], "nothing queued on cpu1 ran there after it was quarantined"
+        assert runtime.in_flight() == 0
+    finally:
+        runtime.close()
+
+
+def test_out_of_memory_everywhere_is_a_507_and_the_executors_keep_serving():
+    a, b = FnExecutor("cpu0", BOTH), FnExecutor("cpu1", BOTH)
+    injector = armed({"kind": "oom", "stage": "tail", "count": 2})
+    a.faults = b.faults = injector
+    runtime = make_runtime([a, b], ["cpu0", "cpu1"], ["cpu0", "cpu1"], micro_batch=2,
+                           quarantine=Quarantine(["cpu0", "cpu1"], after_failures=5))
+    try:
+        (outcome,) = runtime.run(x_batch(2))
+        error = failure_error(outcome.error)
+        assert error.status == 507 and "out of memory" in error.message
+        assert injector.fired == [2], "the retry went to the other group, which failed too"
+        out = runtime.infer(x_batch(2))
+        np.testing.assert_array_equal(out["y"], x_batch(2)["x"] * 2 + 1)
+    finally:
+        runtime.close()
+
+
+def test_the_request_budget_answers_even_when_a_run_cannot_be_cancelled():
+    stuck = FnExecutor("cpu0", BOTH, delay=3.0)  # time.sleep ignores the cancel token
+    runtime = make_runtime([stuck], ["cpu0"], ["cpu0"], micro_batch=2, timeout=0.5,
+                           request_timeout_s=0.6)
+    try:
+        started = time.perf_counter()
+        (outcome,) = runtime.run(x_batch(2))
+        assert time.perf_counter() - started < 2.0, "answered without waiting for the run"
+        assert isinstance(outcome.error, StageTimeout)
+        assert failure_error(outcome.error).status == 504
+    finally:
+        runtime.close()
+
+
+def test_threads_stay_flat_over_a_thousand_batches_after_faults():
+    a, b = FnExecutor("cpu0", BOTH), FnExecutor("cpu1", BOTH)
+    a.faults = b.faults = armed({"kind": "error", "stage": "any", "probability": 0.05, "seed": 3})
+    runtime = make_runtime([a, b], ["cpu0", "cpu1"], ["cpu0", "cpu1"], micro_batch=1,
+                           quarantine=Quarantine(["cpu0", "cpu1"], backoff_s=0.01),
+                           probe_feeds=probe_feeds)
+    try:
+        for _ in range(20):
+            runtime.run(x_batch(2))
+        threads = threading.active_count()
+        answered = sum(len(runtime.run(x_batch(2))) for _ in range(1000))
+        assert answered == 2000
+        assert threading.active_count() == threads
+        assert wait_for(lambda: runtime.in_flight() == 0, 2.0)
+    finally:
+        runtime.close()
+
+
+def _slow_onnx(path, n=1000, depth=40):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, prev = [], "x"
+    for i in range(depth):
+        nodes.append(helper.make_node("MatMul", [prev, "w"], [f"y{i}"]))
+        prev = f"y{i}"
+    graph = helper.make_graph(
+        nodes, "slow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", n])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["b", n])],
+        initializer=[numpy_helper.from_array(np.eye(n, dtype=np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.save(model, path)
+    return prev
+
+
+def test_a_real_onnx_runtime_run_is_terminated_at_the_stage_deadline(tmp_path):
+    from handlers.executors import CpuExecutor
+    from handlers.topology import CoreGroup
+
+    out = _slow_onnx(tmp_path / "slow.onnx")
+    executor = CpuExecutor(CoreGroup("cpu0", (0,), 0, 0), {"whole": tmp_path / "slow.onnx"}, pin=False)
+    executor.start()
+    x = np.ones((1000, 1000), np.float32)
+    started = time.perf_counter()
+    executor.submit("whole", {"x": x}, 1000).result()
+    full = time.perf_counter() - started
+    runtime = Runtime([StagePlan("whole", ("x",), (out,), ("cpu0",))], [executor], PerfHistory(),
+                      [out], micro_batch=1000, stage_timeout_s=full / 8)
+    try:
+        started = time.perf_counter()
+        (outcome,) = runtime.run({"x": x})
+        assert isinstance(outcome.error, StageTimeout)
+        # ORT honoured RunOptions.terminate between nodes: the thread is free long before the
+        # run would have ended, and serves the next job.
+        assert wait_for(lambda: executor.running() is None, full / 2)
+        assert time.perf_counter() - started < full * 0.75, (time.perf_counter() - started, full)
+        small = executor.submit("whole", {"x": np.ones((1, 1000), np.float32)}, 1).result(timeout=30)
+        assert small[out].shape == (1, 1000)
+    finally:
+        runtime.close()
+
+
+def test_fault_injection_is_refused_unless_the_environment_allows_it(monkeypatch):
+    yaml_config = {"hetserve": {"faults": {"kind": "hang", "stage": "tail"}}}
+    monkeypatch.delenv("HETSERVE_ENABLE_FAULTS", raising=False)
+    with pytest.raises(ConfigError, match="HETSERVE_ENABLE_FAULTS=1"):
+        RuntimeConfig.from_model_yaml(yaml_config)
+    monkeypatch.setenv("HETSERVE_ENABLE_FAULTS", "1")
+    config = RuntimeConfig.from_model_yaml(yaml_config)
+    assert config.faults == (FaultSpec(kind="hang", stage="tail"),)
+    for bad, word in (({"kind": "explode"}, "kind"), ({"kind": "error", "when": 1}, "when"),
+                      ({"kind": "error", "probability": 0.5, "every_nth": 2}, "not both")):
+        with pytest.raises(ConfigError, match=word):
+            RuntimeConfig.from_model_yaml({"hetserve": {"faults": bad}})
+
+
+def test_every_nth_and_count_decide_which_runs_fail():
+    injector = armed({"kind": "error", "every_nth": 2, "count": 2})
+    token = CancelToken()
+    failed = []
+    for i in range(8):
+        try:
+            injector.check("tail", "cpu0", token)
+        except ExecutorError as exc:
+            assert "injected" in str(exc)
+            failed.append(i)
+    assert failed == [1, 3]
+    unarmed = FaultInjector([FaultSpec(kind="error")])
+    unarmed.check("tail", "cpu0", token)  # not armed yet: calibration must not fail
+
+
+def test_stage_deadline_must_fit_in_the_response_timeout():
+    with pytest.raises(ConfigError, match="stage_timeout_s"):
+        RuntimeConfig.from_model_yaml({"responseTimeout": 20, "hetserve": {"stage_timeout_s": 30}})
+    with pytest.raises(ConfigError, match="responseTimeout"):
+        RuntimeConfig.from_model_yaml({"responseTimeout": 60, "hetserve": {"request_timeout_s": 60}})
+    config = RuntimeConfig.from_model_yaml({"responseTimeout": 60})
+    assert config.request_timeout_s == pytest.approx(54.0)
