@@ -5,7 +5,8 @@ Body formats (``DecodedRequest.format``), told apart by the body first and the c
   "raw"       ``application/octet-stream``: little-endian tensor bytes, described by the headers
               X-Tensor-Shape ("1,3,224,224"), X-Tensor-Dtype (default: the spec's) and
               X-Tensor-Name (default: the only input)
-  "kservev2"  Open Inference Protocol JSON: {"inputs": [{"name", "shape", "datatype", "data"}]}
+  "kservev2"  Open Inference Protocol JSON: {"inputs": [{"name", "shape", "datatype", "data"}]},
+              decoded and encoded by ``handlers.v2_codec``
   "json"      {"input name": nested lists}, or a bare nested list for a single-input model
 Responses mirror the request's format. Raw and .npy bodies carry one tensor each way; the
 response tensor is the only output or the one named by X-Output-Name.
@@ -28,13 +29,26 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .v2_codec import (
+    FORMAT_V2,
+    MAX_RANK,
+    NUMPY_TO_V2,
+    V2_BINARY_HEADER,
+    V2_TO_NUMPY,
+    check_output_name,
+    decode_v2,
+    is_v2_document,
+    json_list,
+    nested_to_array,
+    v2_error,
+    v2_response,
+)
 from .validation import (
     BAD_REQUEST,
     PAYLOAD_TOO_LARGE,
     UNSUPPORTED_MEDIA_TYPE,
     RequestError,
     RequestLimits,
-    all_finite,
     check_cast,
     check_element_budget,
     check_names,
@@ -50,6 +64,9 @@ if TYPE_CHECKING:
     from .manifest import TensorSpec
 
 __all__ = [
+    "FORMAT_V2",
+    "NUMPY_TO_V2",
+    "V2_TO_NUMPY",
     "DecodedRequest",
     "EncodedResponse",
     "RequestError",
@@ -57,12 +74,12 @@ __all__ = [
     "decode_request",
     "encode_error",
     "encode_response",
+    "nested_to_array",
 ]
 
 FORMAT_JSON = "json"
 FORMAT_RAW = "raw"
 FORMAT_NPY = "npy"
-FORMAT_V2 = "kservev2"
 
 JSON_CONTENT_TYPE = "application/json"
 RAW_CONTENT_TYPE = "application/octet-stream"
@@ -74,29 +91,10 @@ SHAPE_HEADER = "X-Tensor-Shape"
 DTYPE_HEADER = "X-Tensor-Dtype"
 NAME_HEADER = "X-Tensor-Name"
 OUTPUT_HEADER = "X-Output-Name"
-# Triton's binary-tensor extension of v2: JSON header + raw blobs in one body.
-V2_BINARY_HEADER = "Inference-Header-Content-Length"
 
-V2_TO_NUMPY = {
-    "BOOL": "bool",
-    "UINT8": "uint8",
-    "UINT16": "uint16",
-    "UINT32": "uint32",
-    "UINT64": "uint64",
-    "INT8": "int8",
-    "INT16": "int16",
-    "INT32": "int32",
-    "INT64": "int64",
-    "FP16": "float16",
-    "FP32": "float32",
-    "FP64": "float64",
-}
-NUMPY_TO_V2 = {numpy_name: v2 for v2, numpy_name in V2_TO_NUMPY.items()}
 # X-Tensor-Dtype accepts numpy names and v2 names, case-insensitively.
 DTYPE_ALIASES = {**{n: n for n in NUMPY_TO_V2}, **{v2.lower(): n for v2, n in V2_TO_NUMPY.items()}}
 
-MAX_RANK = 32
-MAX_V2_ID_CHARS = 256
 MAX_HEADER_CHARS = 512
 # A .npy header never exceeds numpy's own 10000-char cap; read at most this much to parse it.
 NPY_HEADER_PREFIX = 12 + 10_000
@@ -149,8 +147,27 @@ def decode_request(
     ``body`` is what TorchServe hands the handler: bytes, or an object/str it already decoded.
     ``content_type`` wins over a Content-Type in ``headers``; header names match in any case.
     ``outputs``, when given, lets requested output names be checked before inference.
+    A request that came in on TorchServe's KServe routes has its errors in KServe's form.
     """
-    inputs = tuple(inputs)
+    try:
+        return _decode_body(body, content_type, headers, tuple(inputs), limits, outputs)
+    except RequestError as err:
+        if on_kserve_route(headers):
+            err.request_format = FORMAT_V2
+        raise
+
+
+def on_kserve_route(headers: Mapping[str, Any] | None) -> bool:
+    """Whether TorchServe received the request on /v2/models/{name}/infer (or KServe v1's route).
+
+    TorchServe 0.12's frontend adds an ``explain`` header to every inference request it passes
+    on, and a ``url_path`` header only to those that came in on /predictions. KServe's clients
+    and its TorchServe wrapper read errors as ``{"error": message}`` whatever the body was.
+    """
+    return header(headers, "explain") is not None and header(headers, "url_path") is None
+
+
+def _decode_body(body, content_type, headers, inputs, limits, outputs) -> DecodedRequest:
     if not inputs:
         raise ValueError("the model declares no inputs")
     media = _media_type(content_type) or _media_type(header(headers, "content-type"))
@@ -171,6 +188,7 @@ def decode_request(
         raise RequestError(
             UNSUPPORTED_MEDIA_TYPE,
             "the KServe v2 binary tensor extension is not supported; send tensor data as JSON",
+            FORMAT_V2,
         )
     explicit_raw = media == RAW_CONTENT_TYPE and (
         header(headers, SHAPE_HEADER) is not None or header(headers, DTYPE_HEADER) is not None
@@ -316,14 +334,12 @@ def json_nesting_depth(data: bytes | bytearray) -> int:
 def _decode_json_value(
     value: Any, inputs: tuple[TensorSpec, ...], limits: RequestLimits, outputs
 ) -> DecodedRequest:
-    if isinstance(value, dict) and _is_v2(value):
-        return _decode_v2(value, inputs, limits, outputs)
+    if is_v2_document(value):
+        v2 = decode_v2(value, inputs, limits, outputs)
+        return DecodedRequest(
+            v2.arrays, v2.batch, FORMAT_V2, v2.had_batch_dim, v2.request_id, v2.output_names
+        )
     return _decode_plain_json(value, inputs, limits)
-
-
-def _is_v2(document: dict) -> bool:
-    entries = document.get("inputs")
-    return isinstance(entries, list) and (not entries or isinstance(entries[0], dict))
 
 
 @_stamp(FORMAT_JSON)
@@ -352,202 +368,11 @@ def _decode_plain_json(
     return DecodedRequest(arrays, batch, FORMAT_JSON, had_batch_dim)
 
 
-# Python types JSON numbers may arrive as, per numpy dtype kind (bool is not an int here).
-_JSON_TYPES_BY_KIND = {"f": (int, float), "i": (int,), "u": (int,), "b": (bool,)}
-_JSON_TYPE_NAMES = {
-    str: "a string",
-    bool: "a boolean",
-    float: "a non-integer number",
-    int: "an integer",
-    type(None): "null",
-    dict: "an object",
-    list: "a nested list (the lists are ragged)",
-}
-
-
-def nested_to_array(
-    value: Any, name: str, dtype: np.dtype, max_rank: int, budget: int
-) -> np.ndarray:
-    """Nested JSON lists -> array of ``dtype``: rectangular, right element types, within budget.
-
-    The shape is read along the first elements, its size checked against ``budget``, and every
-    list checked (iteratively) before numpy allocates anything.
-    """
-    shape = []
-    node = value
-    while isinstance(node, list):
-        if len(shape) == max_rank:
-            raise RequestError(
-                BAD_REQUEST, f"input {name!r}: lists nested more than {max_rank} levels deep"
-            )
-        shape.append(len(node))
-        if not node:
-            break
-        node = node[0]
-    check_element_budget(name, math.prod(shape), budget)
-    _check_nested(value, shape, name, dtype)
-    return _build(value, name, dtype)
-
-
-def _check_nested(value: Any, shape: list[int], name: str, dtype: np.dtype) -> None:
-    allowed = _JSON_TYPES_BY_KIND[dtype.kind]
-    level = [value]
-    for depth, size in enumerate(shape):
-        next_level: list[Any] = []
-        for node in level:
-            if type(node) is not list or len(node) != size:
-                raise RequestError(BAD_REQUEST, f"input {name!r}: the nested lists are ragged")
-            if depth + 1 < len(shape):
-                next_level.extend(node)
-        if depth + 1 == len(shape):
-            leaves = [item for node in level for item in node] if len(level) > 1 else level[0]
-            found = set(map(type, leaves))
-            if not found.issubset(allowed):
-                _bad_leaf(name, dtype, found - set(allowed))
-        level = next_level
-    if not shape and type(value) not in allowed:
-        _bad_leaf(name, dtype, {type(value)})
-
-
-def _bad_leaf(name: str, dtype: np.dtype, found: set[type]) -> None:
-    wanted = {"f": "numbers", "i": "integers", "u": "integers", "b": "booleans"}[dtype.kind]
-    # A list where a number belongs means one row is nested deeper than the first one.
-    kind = list if list in found else sorted(found, key=lambda t: t.__name__)[0]
-    described = _JSON_TYPE_NAMES.get(kind, "an unsupported value")
-    raise RequestError(
-        BAD_REQUEST, f"input {name!r}: expected {wanted} for {dtype.name}, found {described}"
-    )
-
-
-def _build(value: Any, name: str, dtype: np.dtype) -> np.ndarray:
-    try:
-        with np.errstate(over="ignore", invalid="ignore"):
-            if dtype.kind in "iu":
-                # Through int64 first: numpy 1.x wraps out-of-range ints silently, 2.x raises.
-                wide = np.array(value, dtype=np.uint64 if dtype == np.uint64 else np.int64)
-                info = np.iinfo(dtype)
-                if wide.size and (wide.min() < info.min or wide.max() > info.max):
-                    raise OverflowError
-                return wide.astype(dtype)
-            return np.array(value, dtype=dtype)
-    except OverflowError:
-        raise RequestError(
-            BAD_REQUEST, f"input {name!r}: a value is out of range for {dtype.name}"
-        ) from None
-
-
-@_stamp(FORMAT_V2)
-def _decode_v2(
-    document: dict, inputs: tuple[TensorSpec, ...], limits: RequestLimits, outputs
-) -> DecodedRequest:
-    request_id = document.get("id")
-    if request_id is not None and (
-        not isinstance(request_id, str) or len(request_id) > MAX_V2_ID_CHARS
-    ):
-        raise RequestError(BAD_REQUEST, f"'id' must be a string of at most {MAX_V2_ID_CHARS} chars")
-    if not isinstance(document.get("parameters", {}), dict):
-        raise RequestError(BAD_REQUEST, "'parameters' must be an object")
-    entries = document["inputs"]
-    if not entries:
-        raise RequestError(BAD_REQUEST, "'inputs' is empty")
-    names = []
-    for index, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise RequestError(
-                BAD_REQUEST, f"inputs[{index}] must be an object with a string 'name'"
-            )
-        if entry["name"] in names:
-            raise RequestError(BAD_REQUEST, f"input {quoted(entry['name'])} is given twice")
-        names.append(entry["name"])
-    check_names(names, inputs)
-    specs = {spec.name: spec for spec in inputs}
-    budget = limits.max_elements
-    candidates = {}
-    for entry in entries:
-        array = _v2_tensor(entry, specs[entry["name"]], budget, limits)
-        budget -= array.size
-        candidates[entry["name"]] = array
-    arrays, batch, had_batch_dim = validate_inputs(candidates, inputs, limits)
-    requested = _v2_requested_outputs(document.get("outputs"), outputs)
-    return DecodedRequest(arrays, batch, FORMAT_V2, had_batch_dim, request_id, requested)
-
-
-def _v2_tensor(entry: dict, spec: TensorSpec, budget: int, limits: RequestLimits) -> np.ndarray:
-    name = spec.name
-    datatype = entry.get("datatype")
-    expected = NUMPY_TO_V2[spec.dtype]
-    if datatype == "BYTES":
-        raise RequestError(
-            BAD_REQUEST, f"input {name!r}: BYTES tensors are not supported; send {expected}"
-        )
-    if not isinstance(datatype, str) or datatype not in V2_TO_NUMPY:
-        raise RequestError(
-            BAD_REQUEST,
-            f"input {name!r}: unknown datatype {quoted(datatype)}; this input expects {expected}",
-        )
-    source = np.dtype(V2_TO_NUMPY[datatype])
-    check_cast(name, source, np.dtype(spec.dtype))
-    parameters = entry.get("parameters")
-    if isinstance(parameters, dict) and "binary_data_size" in parameters:
-        raise RequestError(
-            UNSUPPORTED_MEDIA_TYPE,
-            f"input {name!r}: the binary tensor extension is not supported; send 'data' as JSON",
-        )
-    shape = entry.get("shape")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_RANK
-        or not all(type(d) is int and d >= 0 for d in shape)
-    ):
-        raise RequestError(
-            BAD_REQUEST, f"input {name!r}: 'shape' must be a list of non-negative integers"
-        )
-    count = math.prod(shape)
-    check_element_budget(name, count, budget)
-    if "data" not in entry:
-        raise RequestError(BAD_REQUEST, f"input {name!r}: 'data' is missing")
-    data = entry["data"]
-    flat_or_nested = data if isinstance(data, list) else [data]
-    array = nested_to_array(flat_or_nested, name, source, max(len(shape), 1), budget)
-    if array.size != count:
-        raise RequestError(
-            BAD_REQUEST,
-            f"input {name!r}: shape {clip(format_shape(shape))} needs {count} values, "
-            f"'data' has {array.size}",
-        )
-    check_shape(spec, shape, limits)
-    return array.reshape(shape)
-
-
-def _v2_requested_outputs(
-    value: Any, outputs: Sequence[TensorSpec] | None
-) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(
-        isinstance(o, dict) and isinstance(o.get("name"), str) for o in value
-    ):
-        raise RequestError(BAD_REQUEST, "'outputs' must be a list of objects with a string 'name'")
-    names = tuple(dict.fromkeys(o["name"] for o in value))
-    for name in names:
-        _check_output_name(name, outputs)
-    return names or None
-
-
-def _check_output_name(name: str, outputs: Sequence[TensorSpec] | None) -> None:
-    known = [spec.name for spec in outputs or ()]
-    if outputs is not None and name not in known:
-        raise RequestError(
-            BAD_REQUEST,
-            f"unknown output {quoted(name)}; the model's outputs are {name_list(known)}",
-        )
-
-
 def _single_output(headers, outputs: Sequence[TensorSpec] | None) -> tuple[str, ...] | None:
     """The one output a raw/.npy response will carry (None: decide when encoding)."""
     name = header(headers, OUTPUT_HEADER)
     if name is not None:
-        _check_output_name(name, outputs)
+        check_output_name(name, outputs)
         return (name,)
     if outputs is not None and len(outputs) > 1:
         raise RequestError(
@@ -738,24 +563,15 @@ def encode_response(
     names = _response_names(outputs, request, output_specs)
     arrays = {name: _unbatched(name, outputs[name], request) for name in names}
     if request.format == FORMAT_JSON:
-        body = {"outputs": {name: _json_list(a) for name, a in arrays.items()}}
+        body = {"outputs": {name: json_list(a) for name, a in arrays.items()}}
         return EncodedResponse(_dumps(body), JSON_CONTENT_TYPE)
     if request.format == FORMAT_V2:
-        response: dict[str, Any] = {}
-        if (request.request_id or request_id) is not None:
-            response["id"] = request.request_id or request_id
-        response["model_name"] = model_name
-        if model_version is not None:
-            response["model_version"] = model_version
-        response["outputs"] = [
-            {
-                "name": name,
-                "datatype": NUMPY_TO_V2[a.dtype.name],
-                "shape": list(a.shape),
-                "data": _json_list(a.reshape(-1)),
-            }
-            for name, a in arrays.items()
-        ]
+        response = v2_response(
+            arrays,
+            model_name=model_name,
+            model_version=model_version,
+            request_id=request.request_id if request.request_id is not None else request_id,
+        )
         return EncodedResponse(_dumps(response), JSON_CONTENT_TYPE)
     ((name, array),) = arrays.items()
     array = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
@@ -777,7 +593,7 @@ def encode_error(err: RequestError, request_format: str | None = None) -> Encode
     """A client error as JSON; KServe v2 requests get the protocol's ``{"error": message}``."""
     request_format = request_format or err.request_format
     if request_format == FORMAT_V2:
-        body: dict[str, Any] = {"error": err.message}
+        body: dict[str, Any] = v2_error(err.message)
     else:
         body = {
             "code": err.status,
@@ -824,15 +640,6 @@ def _unbatched(name: str, array: np.ndarray, request: DecodedRequest) -> np.ndar
     if array.dtype.name not in NUMPY_TO_V2:
         raise ValueError(f"output {name!r} has unsupported dtype {array.dtype}")
     return array if request.had_batch_dim else array[0]
-
-
-def _json_list(array: np.ndarray) -> Any:
-    """Nested lists; NaN/inf become null because standard JSON has no token for them."""
-    if all_finite(array):
-        return array.tolist()
-    as_objects = array.astype(object)
-    as_objects[~np.isfinite(array)] = None
-    return as_objects.tolist()
 
 
 def _dumps(document: Any) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 from handlers.metrics import emit_runtime_metrics
 from handlers.service import InferenceService, RawRequest
+from handlers.v2_codec import ENVELOPE_STATUS, envelope_error
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,13 @@ class HetServeHandler:
         self.initialized = True
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
+        request_ids = getattr(context, "request_ids", None)
+        refused = envelope_error(data, len(request_ids) if request_ids else None)
+        if refused is not None:
+            # A service_envelope rewrote the batch: answering it would lose or corrupt requests.
+            # Raised, so TorchServe answers every request of the batch with this message.
+            log.error("hetserve: model %s: %s", context.model_name, refused)
+            raise _prediction_error(refused, ENVELOPE_STATUS)
         requests = [_raw_request(item, context, i) for i, item in enumerate(data or [])]
         replies = self.service.handle(requests)
         for i, reply in enumerate(replies):
@@ -49,6 +57,15 @@ class HetServeHandler:
                 context.set_response_header(i, key, value)
         emit_runtime_metrics(context.metrics, context.model_name, self.service.drain_stats())
         return [_wire(reply.body) for reply in replies]
+
+
+def _prediction_error(message: str, status: int) -> Exception:
+    """TorchServe's PredictionException (its message and code reach every client of the batch)."""
+    try:
+        from ts.utils.util import PredictionException
+    except ImportError:  # outside a TorchServe worker
+        return RuntimeError(message)
+    return PredictionException(message, status)
 
 
 def _raw_request(item: dict[str, Any], context: Any, index: int) -> RawRequest:
