@@ -13,10 +13,18 @@ import os
 from typing import Any
 
 from handlers.metrics import emit_runtime_metrics
-from handlers.service import InferenceService, RawRequest
+from handlers.service import InferenceService, RawRequest, Reply
 from handlers.v2_codec import ENVELOPE_STATUS, envelope_error
 
 log = logging.getLogger(__name__)
+
+# What a request gets when the service itself fails: a clear JSON 500, no internals.
+_INTERNAL_ERROR = Reply(
+    500,
+    {"code": 500, "type": "InternalServerError", "message": "internal error in hetserve"},
+    "application/json",
+    reason="internal error in hetserve",
+)
 
 
 class HetServeHandler:
@@ -34,9 +42,11 @@ class HetServeHandler:
         except Exception as exc:
             # TorchServe only reports RuntimeError/MemoryError as a load failure; anything else
             # (ONNX Runtime's errors included) would kill the worker without a clear reason.
-            log.error("hetserve: model %s failed to load: %s", context.model_name, exc)
+            # One line, so an operator grepping the model log sees file and reason together.
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            log.error("hetserve: model %s failed to load: %s", context.model_name, reason)
             raise RuntimeError(
-                f"hetserve could not load model {context.model_name}: {exc}"
+                f"hetserve could not load model {context.model_name}: {reason}"
             ) from None
         self.initialized = True
 
@@ -48,14 +58,21 @@ class HetServeHandler:
             # Raised, so TorchServe answers every request of the batch with this message.
             log.error("hetserve: model %s: %s", context.model_name, refused)
             raise _prediction_error(refused, ENVELOPE_STATUS)
-        requests = [_raw_request(item, context, i) for i, item in enumerate(data or [])]
-        replies = self.service.handle(requests)
+        try:
+            requests = [_raw_request(item, context, i) for i, item in enumerate(data or [])]
+            replies = self.service.handle(requests)
+        except Exception:  # noqa: BLE001 - a bug must answer each request, not kill the batch
+            log.exception("hetserve: unexpected failure handling a batch of %d", len(data or []))
+            replies = [_INTERNAL_ERROR] * len(data or [])
         for i, reply in enumerate(replies):
             context.set_response_status(reply.status, reply.reason, i)
             context.set_response_content_type(i, reply.content_type)
             for key, value in reply.headers.items():
                 context.set_response_header(i, key, value)
-        emit_runtime_metrics(context.metrics, context.model_name, self.service.drain_stats())
+        try:
+            emit_runtime_metrics(context.metrics, context.model_name, self.service.drain_stats())
+        except Exception:  # noqa: BLE001 - metrics must never cost a client its answer
+            log.exception("hetserve: could not emit runtime metrics")
         return [_wire(reply.body) for reply in replies]
 
 

@@ -2,7 +2,9 @@
 
 The manifest is JSON (never pickle). It lists every file of the archive with its SHA-256; the
 handler refuses to load anything until each listed file exists inside the model directory, is a
-regular file (not a link), and hashes to the recorded value.
+regular file (not a link), and hashes to the recorded value, and until every ONNX file's
+external data points only at such files (``handlers.archive_safety``). Every refusal is a
+``ManifestError`` whose message names the archive file and the reason, on one line.
 """
 
 from __future__ import annotations
@@ -16,9 +18,16 @@ from typing import Any
 
 import numpy as np
 
+from handlers.archive_safety import UnsafeModelError, check_external_data, external_refs
+
 MANIFEST_NAME = "hetserve-manifest.json"
 MANIFEST_FORMAT = "hetserve-manifest"
 MANIFEST_VERSION = 1
+# Files TorchServe and torch-model-archiver put next to the manifest's own: they are read by
+# TorchServe (or are the handler entry it imports), never by the runtime as data.
+PACKAGING_FILES = frozenset(
+    {MANIFEST_NAME, "MAR-INF/MANIFEST.json", "model-config.yaml", "hetserve_handler.py"}
+)
 
 # numpy dtype names the runtime accepts; ONNX element types map onto these (partitioner side).
 SUPPORTED_DTYPES = (
@@ -185,7 +194,7 @@ class Manifest:
             whole_model=_req(data, "whole_model", str),
             partitions=tuple(Partition.from_json(p) for p in data.get("partitions", [])),
             files=files,
-            default_ratio=data.get("default_ratio"),
+            default_ratio=_optional_ratio(data.get("default_ratio")),
             profile=data.get("profile", {}),
             producer=data.get("producer", {}),
             version=version,
@@ -213,8 +222,15 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
 def check_relative_path(path: str) -> PurePosixPath:
     """Refuse archive paths that could point outside the model directory."""
     pure = PurePosixPath(path)
-    if not path or pure.is_absolute() or "\\" in path or ".." in pure.parts or path.startswith("~"):
-        raise ManifestError(f"unsafe path in manifest: {path!r}")
+    if (
+        not path
+        or pure.is_absolute()
+        or "\\" in path
+        or ".." in pure.parts
+        or path.startswith("~")
+        or not path.isprintable()
+    ):
+        raise ManifestError(f"unsafe path in manifest: {path[:80]!r}")
     return pure
 
 
@@ -249,20 +265,70 @@ def verify_files(manifest: Manifest, model_dir: str | os.PathLike[str]) -> None:
             raise ManifestError(f"{path!r} does not match its SHA-256 in the manifest")
 
 
+def verify_no_strays(manifest: Manifest, model_dir: str | os.PathLike[str]) -> None:
+    """Refuse links anywhere in the model directory and files nobody vouches for.
+
+    An archive entry with an absolute name lands inside TorchServe's extraction directory
+    (``/etc/x`` becomes ``etc/x``) and a link entry becomes a plain file or, with other
+    extractors, a real link: either way the archive is not the one the manifest describes.
+    """
+    root = Path(model_dir)
+    for folder, dirs, names in os.walk(root):
+        here = Path(folder)
+        for name in [*dirs, *names]:
+            rel = (here / name).relative_to(root).as_posix()
+            if (here / name).is_symlink():
+                raise ManifestError(f"{rel[:80]!r} is a symbolic link; archives may not contain links")
+            if name in names and not _vouched_for(rel, manifest):
+                raise ManifestError(
+                    f"unexpected file {rel[:80]!r} in the model directory (not in the manifest)"
+                )
+
+
+def _vouched_for(rel: str, manifest: Manifest) -> bool:
+    parts = PurePosixPath(rel).parts
+    # Python caches the handler's bytecode next to it once TorchServe imports it.
+    compiled = "__pycache__" in parts and rel.endswith(".pyc")
+    return rel in manifest.files or rel in PACKAGING_FILES or compiled
+
+
+def verify_onnx_files(manifest: Manifest, model_dir: str | os.PathLike[str]) -> None:
+    """Refuse any ONNX file whose tensors would make ORT read outside the verified files.
+
+    Call after ``verify_files``: the sizes it checked bound every external-data range.
+    """
+    sizes = {path: entry.size for path, entry in manifest.files.items()}
+    onnx_files = set(manifest.referenced_files()) | {p for p in sizes if p.endswith(".onnx")}
+    for path in sorted(onnx_files):
+        try:
+            check_external_data(path, external_refs(resolve_inside(model_dir, path)), sizes)
+        except UnsafeModelError as exc:
+            raise ManifestError(f"{path!r} is refused: {exc}") from None
+
+
 def read_manifest(model_dir: str | os.PathLike[str]) -> Manifest:
     path = Path(model_dir) / MANIFEST_NAME
     if not path.is_file() or path.is_symlink():
         raise ManifestError(f"{MANIFEST_NAME} is missing from the archive")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"{MANIFEST_NAME} is not valid JSON: {exc}") from None
-    return Manifest.from_json(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ManifestError(f"{MANIFEST_NAME} is not valid JSON: {_one_line(exc)}") from None
+    try:
+        return Manifest.from_json(data)
+    except ManifestError as exc:
+        raise ManifestError(f"{MANIFEST_NAME}: {exc}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        # A field of the wrong shape deep inside (a shape entry that is not a number, say).
+        raise ManifestError(f"{MANIFEST_NAME} is malformed: {_one_line(exc)}") from None
 
 
 def load_verified_manifest(model_dir: str | os.PathLike[str]) -> Manifest:
+    """The manifest, once every file it lists and every ONNX file's external data are safe."""
     manifest = read_manifest(model_dir)
     verify_files(manifest, model_dir)
+    verify_no_strays(manifest, model_dir)
+    verify_onnx_files(manifest, model_dir)
     return manifest
 
 
@@ -270,6 +336,18 @@ def write_manifest(manifest: Manifest, model_dir: str | os.PathLike[str]) -> Pat
     path = Path(model_dir) / MANIFEST_NAME
     path.write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def _optional_ratio(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ManifestError("manifest field 'default_ratio' has the wrong type")
+    return float(value)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
 
 
 def _req(data: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:

@@ -97,6 +97,9 @@ class InferenceService:
                 decoded.append((i, self._decode(request)))
             except RequestError as err:
                 replies[i] = _error_reply(err, None)
+            except Exception:  # noqa: BLE001 - a decoder bug fails this request, not the batch
+                log.exception("request %d could not be decoded", i)
+                replies[i] = _error_reply(RequestError(500, "internal error decoding the request"), None)
         for group in _groups_by_shape(decoded):
             self._run_group(group, replies)
         self._maybe_save()
@@ -134,13 +137,23 @@ class InferenceService:
             if isinstance(mine, BaseException):
                 replies[index] = _error_reply(failure_error(mine), request.format)
                 continue
-            encoded = encode_response(
-                mine,
-                request,
-                self.manifest.outputs,
-                model_name=self.manifest.model_name,
-                model_version=self.model_version,
-            )
+            try:
+                encoded = encode_response(
+                    mine,
+                    request,
+                    self.manifest.outputs,
+                    model_name=self.manifest.model_name,
+                    model_version=self.model_version,
+                )
+            except RequestError as err:  # e.g. the answer would exceed a response limit
+                replies[index] = _error_reply(err, request.format)
+                continue
+            except Exception:  # noqa: BLE001 - an encoder bug fails this request, not the batch
+                log.exception("response %d could not be encoded", index)
+                replies[index] = _error_reply(
+                    RequestError(500, "internal error encoding the response"), request.format
+                )
+                continue
             replies[index] = _reply(200, encoded, extra={BATCH_HEADER: str(len(group))})
 
     # -- performance history persistence --
