@@ -35,6 +35,13 @@ def _shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"shape must look like 3,224,224, got {text!r}") from None
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="zoo:NAME[?k=v&...], path/to/file.py:factory, or model.onnx")
     p.add_argument("--weights", help="weights for the model, .safetensors only (never pickle)")
@@ -80,6 +87,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="numa", help="numa | socket | size:K")
     p.add_argument("--sys-root", default="/sys")
     p.set_defaults(run=cmd_topology)
+
+    from hetserve import bench
+
+    p = sub.add_parser("bench", help="drive a running TorchServe: open/closed loop, rate sweep, JSON + PNG")
+    bench.add_arguments(p)
+    p.set_defaults(run=bench.main)
+
+    p = sub.add_parser("advise", help="batchSize/maxBatchDelay that minimise latency at a rate (performance history)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--mar", type=Path, help="the served .mar: its history is read from --state-dir")
+    source.add_argument("--history", type=Path, help="a performance history JSON (the runtime's state file)")
+    source.add_argument("--check", type=Path, help="serving_cpu.json: predicted vs measured for each hetserve row")
+    p.add_argument("--state-dir", type=Path, help="default: $HETSERVE_STATE_DIR or ~/.cache/hetserve")
+    p.add_argument("--store", type=Path, help="with --check: the model store the measured .mar files came from "
+                   "(picks each model's exact history; default: its newest)")
+    p.add_argument("--rate", type=float, action="append", help="requests/s to advise for; repeatable")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="the serving config the history was measured under, e.g. --set hetserve.core_groups=size:1")
+    p.add_argument("--p99-ms", type=float, default=500.0)
+    p.add_argument("--objective", choices=("mean", "p99"), default="mean")
+    p.add_argument("--arrival", choices=("poisson", "constant"), default="poisson")
+    p.add_argument("--overhead-ms", type=float, default=0.0, help="per-batch cost outside the model")
+    p.add_argument("--batch-sizes", type=_ints, default=None, help="candidates, e.g. 1,2,4,8,16,32")
+    p.add_argument("--delays-ms", type=_ints, default=None, help="candidates, e.g. 0,2,5,10,20,50")
+    p.add_argument("--out", type=Path, help="write the advice (or the check) as JSON here")
+    p.set_defaults(run=cmd_advise)
+
+    p = sub.add_parser("tune", help="Bayesian search (optuna) over serving knobs on live TorchServes")
+    p.add_argument("--mar", type=Path, required=True, help="the archive to tune (variants never re-cut it)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the report and the winning config")
+    p.add_argument("--compare", action="store_true",
+                   help="instead of searching: re-measure the default and the winner of --out side by side")
+    p.add_argument("--trials", type=int, default=12)
+    p.add_argument("--objective", choices=("max-rate", "p99"), default="max-rate")
+    p.add_argument("--rate", type=float, help="with --objective p99: the fixed offered rate")
+    p.add_argument("--p99-ms", type=float, default=500.0)
+    p.add_argument("--start-rate", type=float, default=5.0)
+    p.add_argument("--factor", type=float, default=1.25)
+    p.add_argument("--max-rate", type=float, default=1000.0)
+    p.add_argument("--refine", type=int, default=1, help="bisection steps after each trial's sweep")
+    p.add_argument("--prune-fraction", type=float, default=0.8,
+                   help="a trial starts at this share of the best rate so far and stops if it fails it")
+    p.add_argument("--duration", type=float, default=4.0, help="measured seconds per rate")
+    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds at the start of each rate")
+    p.add_argument("--jvm-warmup", type=float, default=20.0, help="seconds of load after each TorchServe start")
+    p.add_argument("--trial-warmup", type=float, default=3.0, help="seconds of load after each registration")
+    p.add_argument("--fix", action="append", default=[], metavar="KNOB=VALUE", help="pin a knob, e.g. --fix workers=1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "hetserve-tune")
+    p.set_defaults(run=cmd_tune)
     return parser
 
 
@@ -214,3 +271,63 @@ def _print_rows(rows) -> None:
             f"{'yes' if r.valid else 'NO':>5} {r.max_abs_err:>9.2e} {r.seconds:>6.2f}"
             + (f"  ({r.note})" if r.note else "")
         )
+
+
+def cmd_advise(args: argparse.Namespace) -> int:
+    from hetserve import advisor
+
+    if args.check:
+        report = advisor.check_file(args.check, state_dir=args.state_dir, store=args.store)
+        for model, entry in report["models"].items():
+            print(f"{model}: fitted per-batch overhead {entry['fitted_overhead_ms']:.1f} ms ({entry['history']})")
+            for name, row in entry["rows"].items():
+                err = row["median_abs_mean_error_below_knee"]
+                knee_err = row["knee_error"]
+                bound = ">=" if row["measured_knee_is_lower_bound"] else ""
+                print(f"  {name:<28} knee predicted {row['predicted_knee_rps']:6.1f} measured "
+                      f"{bound}{row['measured_knee_rps'] or 0:.1f} req/s ({'n/a' if knee_err is None else f'{knee_err:+.0%}'}); "
+                      f"median |mean latency error| below the knee {'n/a' if err is None else f'{err:.0%}'}")
+    else:
+        if not args.rate:
+            raise ValueError("give --rate (requests/s to advise for), or --check")
+        overrides = _overrides(args.set)
+        report = advisor.advise_from_files(
+            mar=args.mar, history_path=args.history, state_dir=args.state_dir, config=overrides,
+            rates=args.rate, p99_ms=args.p99_ms, objective=args.objective, arrival=args.arrival,
+            overhead_ms=args.overhead_ms, batch_sizes=args.batch_sizes, delays_ms=args.delays_ms)
+        print(f"history {report['history']}; layout {report['layout']}")
+        for advice in report["advice"]:
+            best = advice["best"]
+            if best is None:
+                print(f"  {advice['rate']:g} req/s: no batch size sustains it on this layout")
+                continue
+            print(f"  {advice['rate']:g} req/s: batchSize={best['batch_size']} maxBatchDelay={best['max_delay_ms']:g} "
+                  f"-> mean {best['mean_ms']:.1f} ms, p99 {best['p99_ms']:.1f} ms (paper's T*(N-1)+S: {best['paper_ms']:.1f} ms)")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from hetserve.knee import Criteria
+    from hetserve.tuner import TuneOptions, compare, tune_archive
+
+    options = TuneOptions(
+        trials=args.trials, objective=args.objective, rate=args.rate, criteria=Criteria(p99_ms=args.p99_ms),
+        start_rate=args.start_rate, factor=args.factor, max_rate=args.max_rate, refine=args.refine,
+        prune_fraction=args.prune_fraction, seed=args.seed)
+    harness = {"duration": args.duration, "warmup": args.warmup, "jvm_warmup": args.jvm_warmup,
+               "trial_warmup": args.trial_warmup}
+    if args.compare:
+        compare(args.mar, args.out / "tune_report.json", args.out, args.work / "compare", options, harness)
+        return 0
+    fixed = {k: v for pair in args.fix for k, v in _overrides([pair]).items()}
+    report = tune_archive(args.mar, args.out, options, args.work, harness, fixed=fixed)
+    best, default = report["best"], report["default"]
+    if best:
+        print(f"best trial {best['number']}: {best['value']:.1f}; shipped default: "
+              f"{default['value'] if default else float('nan'):.1f}; gain {report['gain_over_default'] or float('nan'):.2f}x")
+    print(f"wrote {args.out}/tune_report.json, tune_report.md, model-config.yaml, config.properties")
+    return 0

@@ -1,0 +1,193 @@
+"""``hetserve bench``: drive a running TorchServe over REST and record latency against rate.
+
+One invocation measures one configuration (``--label``): a single open-loop rate, a rate sweep
+up to the congestion point (``--sweep``), or a closed loop at fixed concurrency. Results merge
+into one JSON file (one curve per label) and the PNG is redrawn from every curve in it, so
+running bench once per server configuration builds the paper's Fig. 7/9 side by side.
+
+    hetserve bench --url http://127.0.0.1:8080/predictions/resnet18 --shape 1,3,224,224 \\
+        --key-file key_file.json --sweep --p99-ms 500 --label default \\
+        --out benchmarks/results/bench.json --png benchmarks/results/bench.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from hetserve.knee import Criteria, Sweep, find_knee, plot_curves, sweep_rates
+from hetserve.loadgen import (
+    ARRIVALS,
+    LoadResult,
+    Target,
+    idle_latency,
+    run_closed_loop,
+    run_open_loop,
+    wait_until_idle,
+)
+
+RESULTS_FORMAT = "hetserve-bench"
+
+
+def random_body(shape: Sequence[int], seed: int = 1) -> bytes:
+    import numpy as np
+
+    return np.random.default_rng(seed).standard_normal(tuple(shape)).astype(np.float32).tobytes()
+
+
+def build_target(args: argparse.Namespace) -> Target:
+    headers = dict(args.header)
+    if args.key_file:
+        key = json.loads(Path(args.key_file).read_text())["inference"]["key"]
+        headers["Authorization"] = f"Bearer {key}"
+    if args.shape:
+        headers.setdefault("X-Tensor-Shape", ",".join(map(str, args.shape)))
+        bodies = [random_body(args.shape)]
+    else:
+        bodies = [Path(f).read_bytes() for f in args.body_file]
+    return Target.create(args.url, bodies, headers, args.content_type)
+
+
+def point_runner(target: Target, *, duration: float, warmup: float, arrival: str, timeout: float,
+                 drain: bool = True, log=print):
+    """A `rate -> LoadResult` function that starts each point from an idle server."""
+    baseline = idle_latency(target) if drain else 0.0
+
+    def at(rate: float) -> LoadResult:
+        if drain:  # an overloaded point leaves a backlog: never charge it to the next rate
+            wait_until_idle(target, baseline)
+        result = run_open_loop(target, rate, duration, arrival, warmup=warmup, timeout=timeout,
+                               seed=int(rate * 100))
+        log(describe(result))
+        return result
+
+    return at
+
+
+def describe(r: LoadResult) -> str:
+    load = f"{r.target_rate:7.1f} req/s offered" if r.mode == "open" else f"{r.concurrency:4d} clients"
+    return (f"  {load} -> {r.throughput_rps:6.1f} served, p50 {r.latency_all_ms.p50 or 0:7.1f} ms, "
+            f"p99 {r.latency_all_ms.p99 or 0:7.1f} ms, errors {r.errors or 0}, "
+            f"generator CPU {r.cpu_pct:.0f}%")
+
+
+def run(args: argparse.Namespace, log=print) -> dict:
+    """Measure, merge into args.out, redraw args.png; returns this label's curve entry."""
+    if args.out:
+        load_results(Path(args.out))  # a wrong --out fails now, not after minutes of measuring
+    target = build_target(args)
+    criteria = Criteria(p99_ms=args.p99_ms)
+    if args.jvm_warmup > 0:  # a fresh TorchServe JVM JIT-compiles for its first tens of seconds
+        run_closed_loop(target, 8, args.jvm_warmup, warmup=0.0, timeout=args.timeout)
+    entry: dict = {"url": args.url, "label": args.label, "arrival": args.arrival,
+                   "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if args.concurrency:
+        result = run_closed_loop(target, args.concurrency, args.duration, warmup=args.warmup,
+                                 timeout=args.timeout)
+        log(describe(result))
+        entry.update(mode="closed", points=[asdict(result)])
+    else:
+        at = point_runner(target, duration=args.duration, warmup=args.warmup, arrival=args.arrival,
+                          timeout=args.timeout, drain=not args.no_drain, log=log)
+        if args.sweep:
+            sweep = sweep_rates(at, args.start_rate, max_rate=args.max_rate, factor=args.factor,
+                                stop_after_failures=2, refine_steps=args.refine, criteria=criteria)
+        else:
+            points = [at(rate) for rate in args.rate]
+            sweep = Sweep(tuple(points), find_knee(points, criteria), criteria)
+        entry.update(mode="open", **json.loads(sweep.to_json()))
+        log(f"  {args.label}: highest sustained rate {entry['knee_rate'] or 0:g} req/s "
+            f"(p99 <= {args.p99_ms:g} ms)")
+    if args.out:
+        merged = merge_results(Path(args.out), entry, criteria)
+        if args.png:
+            draw(merged, Path(args.png))
+    return entry
+
+
+def load_results(path: Path) -> dict:
+    """The results file's content, {} if there is none yet; refuses any other JSON."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON ({exc}); give a new --out file") from None
+    if not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT:
+        raise ValueError(f"{path} is not a hetserve bench results file; give a new --out file")
+    return data
+
+
+def merge_results(path: Path, entry: dict, criteria: Criteria) -> dict:
+    """Add (or replace) this label's curve in the results file; other labels stay."""
+    from hetserve.machine import machine_info, run_record
+
+    data = load_results(path)
+    curves = dict(data.get("curves", {}))
+    curves[entry["label"]] = {**entry, "run": run_record()}
+    data = {"format": RESULTS_FORMAT, "machine": machine_info(), "criteria": asdict(criteria), "curves": curves}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return data
+
+
+def draw(data: dict, png: Path) -> Path:
+    criteria = Criteria(**data["criteria"])
+    curves = {label: [LoadResult.from_json(json.dumps(p)) for p in c["points"]]
+              for label, c in data["curves"].items() if c.get("mode") == "open"}
+    if not curves:
+        raise ValueError("no open-loop curve to draw")
+    return plot_curves(curves, png, log_y=True, criteria=criteria, title="latency vs offered rate")
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"header must look like 'Name: value', got {text!r}")
+    return name.strip(), value.strip()
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must look like 1,3,224,224, got {text!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", required=True, help="e.g. http://127.0.0.1:8080/predictions/MODEL")
+    body = p.add_mutually_exclusive_group(required=True)
+    body.add_argument("--body-file", action="append", help="request body; repeat to send several round-robin")
+    body.add_argument("--shape", type=_shape, help="send one random float32 tensor of this shape (raw bytes)")
+    p.add_argument("--content-type", default="application/octet-stream")
+    p.add_argument("--header", action="append", type=_header, default=[], help="'Name: value', repeatable")
+    p.add_argument("--key-file", help="TorchServe's key_file.json: sends its inference key as a Bearer token")
+    load = p.add_mutually_exclusive_group(required=True)
+    load.add_argument("--rate", type=float, action="append", help="open loop at this rate; repeatable")
+    load.add_argument("--sweep", action="store_true", help="rising open-loop rates up to the congestion point")
+    load.add_argument("--concurrency", type=int, help="closed loop with this many clients")
+    p.add_argument("--arrival", choices=ARRIVALS, default="poisson")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per point")
+    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds at the start of each point")
+    p.add_argument("--timeout", type=float, default=10.0, help="per request, from its intended send time")
+    p.add_argument("--jvm-warmup", type=float, default=0.0, help="seconds of closed-loop load first (fresh server)")
+    p.add_argument("--no-drain", action="store_true", help="do not wait for an idle server between points")
+    p.add_argument("--p99-ms", type=float, default=500.0, help="latency target for the congestion point")
+    p.add_argument("--start-rate", type=float, default=5.0)
+    p.add_argument("--factor", type=float, default=1.3)
+    p.add_argument("--max-rate", type=float, default=1000.0)
+    p.add_argument("--refine", type=int, default=2, help="bisection steps after the sweep")
+    p.add_argument("--label", default="default", help="name of this configuration's curve")
+    p.add_argument("--out", help="results JSON to merge into (one curve per label)")
+    p.add_argument("--png", help="redraw every curve of --out as latency vs rate")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.png and not args.out:
+        raise ValueError("--png draws the curves of --out: give --out too")
+    run(args)
+    return 0

@@ -1,0 +1,248 @@
+"""The tuner: search space, settings it writes, pruning and the report (with a synthetic server
+whose capacity is a known function of the knobs), plus one tiny live trial on a real TorchServe."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from handlers.runtime_config import RuntimeConfig
+from hetserve.knee import Criteria
+from hetserve.loadgen import LatencyStats, LoadResult
+from hetserve.tuner import (
+    Libraries,
+    LiveHarness,
+    TrialFailed,
+    TuneOptions,
+    apply_properties,
+    find_libraries,
+    launcher_args,
+    main_effects,
+    measure_max_rate,
+    report_markdown,
+    run_study,
+    search_space,
+    shipped_defaults,
+    study_report,
+    trial_settings,
+    with_defaults,
+    write_winner,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+NO_LIBS = Libraries((), False)
+
+
+def fake_result(rate: float, capacity: float) -> LoadResult:
+    """What an open-loop run against a server of `capacity` req/s looks like."""
+    ok = rate < capacity
+    served = min(rate, capacity)
+    p99 = 40.0 if ok else 4000.0
+    stats = LatencyStats(int(rate * 4), p99 / 2, p99 / 2, p99, p99, p99)
+    return LoadResult("open", rate, None, "poisson", 4.0, 1.0, int(rate * 4), int(rate * 4), int(served * 4),
+                      int(served * 4), served, served, 0.0, stats, stats, {}, 0.1, 0.2, 0.0, 0.0, 2)
+
+
+def capacity_of(params) -> float:
+    """Synthetic server: batchSize and workers matter, jemalloc a little, spinning not at all."""
+    return 10.0 * params["workers"] * (1 + math.log2(params["batchSize"])) + (4 if params["allocator"] == "jemalloc" else 0)
+
+
+def fake_prepare(calls: list):
+    @contextlib.contextmanager
+    def prepare(params):
+        calls.append([])
+
+        def at(rate):
+            calls[-1].append(rate)
+            return fake_result(rate, capacity_of(params))
+
+        yield at
+    return prepare
+
+
+def shipped():
+    config = yaml.safe_load((REPO / "config" / "model-config.yaml").read_text())
+    props = dict(line.split("=", 1) for line in (REPO / "config" / "config.properties").read_text().splitlines()
+                 if "=" in line and not line.startswith("#"))
+    return shipped_defaults(config, 0.8, props)
+
+
+def test_shipped_defaults_are_the_repository_configs():
+    d = shipped()
+    assert d["workers"] == 1 and d["batchSize"] == 4 and d["maxBatchDelay"] == 5
+    assert d["core_groups"] == "numa" and d["ratio"] == 0.8 and d["spinning"] is False
+    assert d["allocator"] == "default" and d["openmp"] == "gnu"  # --use-default-allocator --disable-iomp
+
+
+def test_space_scales_with_the_machine_and_offers_only_libraries_found():
+    small = search_space(2, [0.5, 0.8], NO_LIBS)
+    assert small["workers"] == (1, 2)
+    assert small["core_groups"] == ("numa", "socket", "size:1")
+    assert small["allocator"] == ("default",) and small["openmp"] == ("gnu",)
+    assert small["ratio"] == (0.5, 0.8, 1.0)
+    big = search_space(16, [0.8], Libraries(("jemalloc", "tcmalloc"), True))
+    assert big["workers"] == (1, 2, 4)
+    assert "size:8" in big["core_groups"] and "size:16" not in big["core_groups"]
+    assert big["allocator"] == ("default", "jemalloc", "tcmalloc") and big["openmp"] == ("gnu", "intel")
+    assert with_defaults(small, {"batchSize": 3})["batchSize"][-1] == 3
+
+
+def test_libraries_are_looked_up_where_the_launcher_looks(tmp_path):
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libjemalloc.so").write_bytes(b"")
+    libs = find_libraries({"VIRTUAL_ENV": str(tmp_path)})
+    assert "jemalloc" in libs.allocators
+    assert "tcmalloc" in libs.allocators or any("tcmalloc: not found" in n for n in libs.notes)
+    assert any("not an OpenMP build" in n for n in libs.notes)
+
+
+def test_launcher_arguments_parse_with_the_real_launcher():
+    import argparse
+
+    from torch.backends.xeon.run_cpu import create_args
+
+    def parse(text):
+        parser = argparse.ArgumentParser()
+        create_args(parser)
+        return parser.parse_args([*text.split(), "worker.py"])
+
+    je = parse(launcher_args("jemalloc", "intel"))
+    assert je.enable_jemalloc and not je.disable_iomp
+    default = parse(launcher_args("default", "gnu"))
+    assert default.use_default_allocator and default.disable_iomp and not default.enable_tcmalloc
+    assert parse(launcher_args("tcmalloc", "gnu")).enable_tcmalloc
+
+
+def test_every_trial_config_passes_the_runtime_validator():
+    space = search_space(4, [0.5, 0.8], Libraries(("jemalloc",), True))
+    knobs = ("core_groups", "cpu_head_groups", "spinning", "micro_batch", "ratio")
+    base = {k: v[0] for k, v in space.items()}
+    for combo in itertools.product(*(space[k] for k in knobs)):
+        settings = trial_settings({**base, **dict(zip(knobs, combo, strict=True))})
+        config = RuntimeConfig.from_model_yaml(settings.model_overrides)  # raises on a bad knob
+        assert config.core_groups == settings.model_overrides["hetserve"]["core_groups"]
+    assert trial_settings({**base, "workers": 2}).model_overrides["maxWorkers"] == 2
+
+
+def test_winner_files_keep_the_secure_config_and_change_only_tuned_keys(tmp_path):
+    params = {**shipped(), "allocator": "jemalloc", "batchSize": 16, "workers": 2}
+    base_config = yaml.safe_load((REPO / "config" / "model-config.yaml").read_text())
+    config_path, props_path = write_winner(tmp_path, base_config, params, REPO / "config" / "config.properties")
+    config = yaml.safe_load(config_path.read_text())
+    assert config["batchSize"] == 16 and config["minWorkers"] == config["maxWorkers"] == 2
+    assert config["hetserve"]["limits"] == base_config["hetserve"]["limits"]  # merged, not replaced
+    RuntimeConfig.from_model_yaml(config)
+    props = props_path.read_text()
+    assert "cpu_launcher_args=--enable-jemalloc --disable-iomp" in props
+    assert props.count("cpu_launcher_args=") == 1
+    assert "disable_token_authorization=false" in props and "enable_model_api=false" in props
+    assert apply_properties("a=1\n# a=2\n", {"a": "3", "b": "4"}) == "a=3\n# a=2\nb=4\n"
+
+
+def test_a_trial_that_cannot_reach_the_share_of_the_best_is_pruned_after_one_point():
+    options = TuneOptions(start_rate=5, factor=1.5, refine=0, prune_fraction=0.8)
+    calls = []
+    value, points, pruned = measure_max_rate(lambda r: calls.append(r) or fake_result(r, 30), options, best=100)
+    assert pruned and value == 0 and calls == [80]
+    calls.clear()
+    value, points, pruned = measure_max_rate(lambda r: calls.append(r) or fake_result(r, 30), options, best=None)
+    assert not pruned and calls[0] == 5 and 20 <= value < 30
+    # trial 0 failing its first rate still gets a value from one lower point
+    value, _, pruned = measure_max_rate(lambda r: fake_result(r, 3), options, best=None)
+    assert not pruned and value == pytest.approx(1.25)
+
+
+def test_study_starts_from_the_default_improves_on_it_and_prunes():
+    space = with_defaults(search_space(2, [0.5, 0.8], Libraries(("jemalloc",), False)), shipped())
+    calls: list = []
+    options = TuneOptions(trials=25, start_rate=5, factor=1.25, refine=1, seed=3)
+    study = run_study(space, fake_prepare(calls), options, defaults=shipped(), log=lambda _: None)
+    report = study_report(study, options, space)
+    default_cap = capacity_of(shipped())
+    assert report["default"]["params"] == shipped()
+    assert 0.75 * default_cap <= report["default"]["value"] < default_cap
+    assert report["best"]["value"] > report["default"]["value"]
+    assert report["gain_over_default"] == pytest.approx(report["best"]["value"] / report["default"]["value"])
+    assert report["counts"]["PRUNED"] >= 1
+    pruned_runs = [c for c in calls if len(c) == 1]
+    assert pruned_runs, "a pruned trial measures exactly one point"
+    effects = report["importance"]["main_effects"]
+    assert effects["batchSize"]["eta_squared"] > effects["spinning"]["eta_squared"]
+    assert set(report["importance"]["ped_anova"]) <= set(space)
+    text = report_markdown(report)
+    assert "| knob | PED-ANOVA |" in text and "gain" in text
+
+
+def test_a_config_that_cannot_be_served_scores_zero_and_says_why():
+    @contextlib.contextmanager
+    def broken(params):
+        raise TrialFailed("worker died: out of memory")
+        yield  # pragma: no cover
+
+    space = {"batchSize": (1, 2), "workers": (1,), "allocator": ("default",)}
+    study = run_study(space, broken, TuneOptions(trials=2), log=lambda _: None)
+    assert all(t.value == 0.0 for t in study.trials)
+    assert "out of memory" in study.trials[0].user_attrs["error"]
+
+
+def test_p99_objective_minimises_latency_at_the_fixed_rate():
+    space = {"workers": (1, 2), "batchSize": (1, 8), "allocator": ("default",)}
+    options = TuneOptions(trials=6, objective="p99", rate=25.0, criteria=Criteria(p99_ms=500))
+    study = run_study(space, fake_prepare([]), options, log=lambda _: None)
+    assert study.best_value == 40.0  # some config holds 25 req/s
+    assert capacity_of({**study.best_params}) > 25
+
+
+def test_main_effects_attribute_variance_to_the_knob_that_explains_it():
+    rows = [({"a": 1, "b": "x"}, 10.0), ({"a": 1, "b": "y"}, 10.0), ({"a": 2, "b": "x"}, 20.0), ({"a": 2, "b": "y"}, 20.0)]
+    effects = main_effects(rows)
+    assert effects["a"]["eta_squared"] == pytest.approx(1.0)
+    assert effects["b"]["eta_squared"] == pytest.approx(0.0)
+    assert list(effects) == ["a", "b"]
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="needs --rate"):
+        TuneOptions(objective="p99")
+    with pytest.raises(ValueError, match="prune_fraction"):
+        TuneOptions(prune_fraction=0)
+
+
+# ---------------------------------------------------------------- live: one tiny trial pair
+
+
+@pytest.mark.server
+def test_live_trials_apply_the_allocator_and_reuse_the_warm_server(tmp_path):
+    from hetserve.cli import main
+
+    store = tmp_path / "src"
+    assert main(["archive", "--model", "zoo:resnet18-tiny", "--model-name", "tiny", "--export-path", str(store),
+                 "--ratios", "0.5", "--cost", "flops", "--quiet"]) == 0
+    libs = find_libraries({"VIRTUAL_ENV": str(Path(__import__("sys").prefix))})
+    allocator = libs.allocators[0] if libs.allocators else "default"
+    harness = LiveHarness(store / "tiny.mar", tmp_path / "work", duration=1.5, warmup=0.3, jvm_warmup=0,
+                          trial_warmup=0.5, log=lambda _: None)
+    params = {**shipped(), "ratio": 0.5, "allocator": allocator}
+    try:
+        with harness.prepare(params) as at:
+            first = at(5.0)
+            pid = harness.server.process.pid
+            preloaded = harness.preloaded()
+        with harness.prepare({**params, "batchSize": 1, "ratio": 1.0}) as at:
+            second = at(5.0)
+            assert harness.server.process.pid == pid, "model-level knobs must not restart TorchServe"
+        other = "default" if allocator != "default" else "jemalloc"
+        with harness.prepare({**params, "allocator": other}) as at:  # server-level knob: restart
+            third = at(5.0)
+            assert harness.server.process.pid != pid
+    finally:
+        harness.close()
+    assert all(r.ok > 0 and not r.errors for r in (first, second, third))
+    if allocator != "default":
+        assert f"lib{allocator}" in preloaded
