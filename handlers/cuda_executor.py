@@ -47,6 +47,7 @@ _OOM_MARKERS = (
     "failed to allocate memory",  # ORT's BFC arena
     "cudaerrormemoryallocation",
     "alloc_failed",  # CUBLAS_STATUS_ALLOC_FAILED, CUDNN_STATUS_ALLOC_FAILED
+    "smaller than requested bytes",  # ORT's BFC arena at gpu_mem_limit (seen on an H100)
 )
 _ONNX_TYPES = {
     "tensor(float)": np.float32,
@@ -219,6 +220,7 @@ class DeviceTensor:
     shape: tuple[int, ...]
     dtype: np.dtype
     ready: Any  # event recorded after the producing run
+    rows: int | None = None  # real samples when the run was padded (the rest are padding)
 
     @property
     def device(self) -> str:
@@ -233,7 +235,8 @@ class DeviceTensor:
 
     def to_host(self) -> np.ndarray:
         self.backend.sync_event(self.ready)
-        return self.backend.to_numpy(self.buffer, self.shape, self.dtype)
+        array = self.backend.to_numpy(self.buffer, self.shape, self.dtype)
+        return array if self.rows is None else array[: self.rows]
 
 
 class StageSession(Protocol):
@@ -286,6 +289,9 @@ class OrtCudaSession:
             # Several sessions share the GPU: grow each arena by what is asked, not to the next
             # power of two.
             "arena_extend_strategy": "kSameAsRequested",
+            # EXHAUSTIVE (ORT's default) benchmarks every conv again for each new input shape:
+            # seconds per new batch size on GoogLeNet (H100), far more than it ever saves.
+            "cudnn_conv_algo_search": "HEURISTIC",
             **dict(provider_options or {}),
         }
         self.session = ort.InferenceSession(
@@ -403,6 +409,7 @@ class _Ticket:
     host_inputs: dict[str, np.ndarray]
     device_inputs: dict[str, DeviceTensor]
     future: Future
+    run_batch: int = 0  # rows the session runs: batch, or more when padded to a fixed shape
     slot: StagingSlot | None = None
     views: dict[str, DeviceView] = field(default_factory=dict)
     copy_started: Any = None  # events on the copy stream around this job's host->device copy
@@ -501,6 +508,7 @@ class CudaExecutor(Executor):
         provider_options: Mapping[str, str] | None = None,
         backend: DeviceBackend | None = None,
         session_factory: SessionFactory | None = None,
+        pad_batch: int = 0,
     ) -> None:
         # No colon in the name: TorchServe metric lines use it as a separator.
         super().__init__(f"cuda{device_id}s{stream_index}", observer)
@@ -529,6 +537,10 @@ class CudaExecutor(Executor):
         self._cpu_threads = cpu_threads
         self._provider_options = dict(provider_options or {})
         self._session_factory = session_factory
+        # Smaller batches are zero-padded to this many rows, so each CUDA session sees one input
+        # shape: ORT's CUDA provider re-plans every time the shape changes (about 110 ms for
+        # GoogLeNet on an H200 when batch sizes 1-8 alternated, against 3-5 ms for a warm run).
+        self.pad_batch = pad_batch
         self.sessions: dict[str, StageSession] = {}
         self.slots = [StagingSlot(i, backend) for i in range(slots)]
         self.staging = StagingQueue(self.slots, self._stage_inputs, backend.sync_event)
@@ -554,7 +566,7 @@ class CudaExecutor(Executor):
             else:
                 host[name] = value
         future = Future()
-        ticket = _Ticket(stage, batch, observe, host, device, future)
+        ticket = _Ticket(stage, batch, observe, host, device, future, self._run_batch(batch, device))
         self.staging.admit(ticket)  # issues the copy now if a slot is free
         # A cancelled job never reaches _run: free its slot once its copy has left the buffer.
         future.add_done_callback(
@@ -562,6 +574,15 @@ class CudaExecutor(Executor):
         )
         self._jobs.put(Job(stage, ticket, batch, observe, future))  # type: ignore[arg-type]
         return future
+
+    def _run_batch(self, batch: int, device: Mapping[str, DeviceTensor]) -> int:
+        if batch >= self.pad_batch:
+            return batch
+        # Tensors already on the GPU cannot be padded here; they were padded by their producer
+        # when it ran padded too.
+        if any(tensor.shape[0] != self.pad_batch for tensor in device.values()):
+            return batch
+        return self.pad_batch
 
     def _stage_inputs(self, ticket: _Ticket) -> None:
         """Fill the slot's pinned buffers and issue the host->device copies (under the lock)."""
@@ -571,14 +592,18 @@ class CudaExecutor(Executor):
         copies = []
         for name, array in ticket.host_inputs.items():
             array = np.asarray(array)
+            shape = array.shape
+            if ticket.run_batch > array.shape[0]:
+                shape = (ticket.run_batch, *array.shape[1:])
+            nbytes = _nbytes(shape, array.dtype)
             key = ("in", ticket.stage, name)
-            pinned = slot.host(key, array.nbytes)
-            np.copyto(self.backend.host_array(pinned, array.shape, array.dtype), array)
-            target = slot.device(key, array.nbytes)
-            copies.append((target, pinned, array.nbytes))
-            ticket.views[name] = DeviceView(
-                target, self.backend.pointer(target), array.shape, array.dtype
-            )
+            pinned = slot.host(key, nbytes)
+            staged = self.backend.host_array(pinned, shape, array.dtype)
+            np.copyto(staged[: array.shape[0]], array)
+            staged[array.shape[0] :] = 0
+            target = slot.device(key, nbytes)
+            copies.append((target, pinned, nbytes))
+            ticket.views[name] = DeviceView(target, self.backend.pointer(target), shape, array.dtype)
         ticket.staging_s = time.perf_counter() - started
         if not copies:
             return
@@ -624,6 +649,7 @@ class CudaExecutor(Executor):
             self.staging.claim(ticket)
             if ticket.error is not None:
                 raise ticket.error
+            self.inject_faults(ticket.stage)  # inside the try: the slot is released either way
             return self._compute(ticket)
         except Exception as exc:
             raise self._failure(ticket, exc) from exc
@@ -645,7 +671,7 @@ class CudaExecutor(Executor):
         assert slot is not None
         outputs: dict[str, DeviceView | None] = {}
         for name in session.output_names:
-            spec = session.output_spec(name, ticket.batch)
+            spec = session.output_spec(name, ticket.run_batch)
             if spec is None:
                 outputs[name] = None
                 continue
@@ -657,19 +683,29 @@ class CudaExecutor(Executor):
                 buffer = slot.device(("out", ticket.stage, name), nbytes)
             outputs[name] = DeviceView(buffer, backend.pointer(buffer), shape, dtype)
         results: dict[str, Any] = session.run(views, outputs)
+        results = {name: self._real_rows(value, ticket) for name, value in results.items()}
         done = backend.record_event(stream)
         to_host = []
         for name, view in outputs.items():
             if view is None:
                 continue
             if name in self._device_outputs:
-                results[name] = DeviceTensor(backend, view.buffer, view.shape, view.dtype, done)
+                rows = ticket.batch if ticket.run_batch != ticket.batch else None
+                results[name] = DeviceTensor(
+                    backend, view.buffer, view.shape, view.dtype, done, rows
+                )
             else:
                 to_host.append((name, view))
         if to_host:
-            results.update(self._copy_out(ticket, to_host, done))
+            copied = self._copy_out(ticket, to_host, done)
+            results.update({n: self._real_rows(v, ticket) for n, v in copied.items()})
         self._observe_copy_in(ticket)
         return {name: results[name] for name in session.output_names}
+
+    @staticmethod
+    def _real_rows(value: np.ndarray, ticket: _Ticket) -> np.ndarray:
+        padded = ticket.run_batch != ticket.batch and value.ndim and value.shape[0] == ticket.run_batch
+        return value[: ticket.batch] if padded else value
 
     def _copy_out(
         self, ticket: _Ticket, views: list[tuple[str, DeviceView]], done: Any

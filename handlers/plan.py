@@ -162,6 +162,7 @@ def _build(
             executors.append(CudaExecutor(
                 stages_for(name), config.cuda_device, i, observer=observe,
                 transfer_observer=observe_transfer, device_outputs=keep,
+                pad_batch=gpu_pad_batch(config, len(cuda_names)),
             ))
     for group in groups:
         if stages := stages_for(group.name):
@@ -200,6 +201,15 @@ def _build(
         log.warning("hetserve: fault injection armed (tests only): %s", config.faults)
         injector.arm()
     return runtime
+
+
+def gpu_pad_batch(config: RuntimeConfig, head_lanes: int) -> int:
+    """The fixed row count of every GPU run: the largest micro-batch a TorchServe batch makes."""
+    if not config.cuda_fixed_batch:
+        return 0
+    if config.micro_batch > 0:
+        return config.micro_batch
+    return -(-config.batch_size // max(head_lanes, 1))
 
 
 def _start_all(executors: Sequence[Executor]) -> None:

@@ -48,6 +48,8 @@ class RuntimeConfig:
     save_interval_s: float = 30.0
     # TorchServe's batchSize (set by from_model_yaml): CUDA executors warm every size up to it.
     batch_size: int = 1
+    # Pad GPU runs to the largest micro-batch: one input shape per CUDA session (see plan).
+    cuda_fixed_batch: bool = True
     limits: RequestLimits = field(default_factory=RequestLimits)
     faults: tuple[FaultSpec, ...] = ()  # tests only: needs HETSERVE_ENABLE_FAULTS=1
 
@@ -72,6 +74,9 @@ class RuntimeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"hetserve.{name} must be an integer >= {low}, got {value!r}")
+        for name in ("spinning", "cuda_fixed_batch"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"hetserve.{name} must be true or false, got {getattr(self, name)!r}")
         if not 0.0 < self.ewma_alpha <= 1.0:
             raise ConfigError(f"hetserve.ewma_alpha must be in (0, 1], got {self.ewma_alpha!r}")
         for name in ("stage_timeout_s", "save_interval_s", "probe_backoff_s", "probe_backoff_max_s"):

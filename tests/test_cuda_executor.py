@@ -230,6 +230,9 @@ def test_name_has_no_colon_and_device_is_cuda():
         ("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : CUDA failure 2: out of memory", True),
         ("Failed to allocate memory for requested buffer of size 67108864", True),
         ("CUBLAS failure 3: CUBLAS_STATUS_ALLOC_FAILED", True),
+        # ORT 1.31's BFC arena at gpu_mem_limit, as raised on an H100
+        ("bfc_arena.cc:360 Available memory of 7995136 is smaller than requested bytes of 67108864",
+         True),
         ("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions", False),
     ],
 )
@@ -473,6 +476,50 @@ def test_device_outputs_feed_the_next_stream_without_copies():
         tail.close()
 
 
+def test_padded_runs_see_one_shape_and_return_only_the_real_rows():
+    shapes = []
+
+    class Recording(NumpySession):
+        def run(self, inputs, outputs):
+            view = inputs["x"]
+            shapes.append(view.shape)
+            # Padding rows are zeros, never another job's leftovers.
+            assert not typed(view.buffer, view.shape, view.dtype)[rows:].any()
+            return super().run(inputs, outputs)
+
+    backend = FakeBackend()
+    executor, _, _ = make_executor(backend, session=Recording(backend), pad_batch=8)
+    try:
+        for rows in (8, 3, 1, 8, 5):
+            x = tagged(1.0 + rows, batch=rows)
+            out = executor.submit("head", {"x": x}, rows).result(5)["y"]
+            assert out.shape == (rows, 3)
+            np.testing.assert_allclose(out, reference(x), rtol=1e-6)
+        rows = 12  # more than the pad: runs as it is
+        x = tagged(2.0, batch=rows)
+        assert executor.submit("head", {"x": x}, rows).result(5)["y"].shape == (rows, 3)
+        assert shapes == [(8, 4)] * 5 + [(12, 4)]
+    finally:
+        executor.close()
+
+
+def test_padded_device_outputs_keep_their_real_row_count():
+    backend = FakeBackend()
+    head, _, _ = make_executor(backend, 0, device_outputs={"y"}, pad_batch=4)
+    tail_session = NumpySession(backend, fn=lambda h: h * 2.0, width=3, inp="y", out="z")
+    tail, _, _ = make_executor(backend, 1, session=tail_session, pad_batch=4)
+    try:
+        x = tagged(0.0, batch=3)
+        hidden = head.submit("head", {"x": x}, 3).result(5)["y"]
+        assert hidden.shape == (4, 3) and hidden.rows == 3
+        np.testing.assert_allclose(hidden.to_host(), reference(x), rtol=1e-6)  # CPU tails: 3 rows
+        out = tail.submit("head", {"y": hidden}, 3).result(5)["z"]  # a GPU tail binds all 4
+        np.testing.assert_allclose(out, reference(x) * 2.0, rtol=1e-6)
+    finally:
+        head.close()
+        tail.close()
+
+
 # ---- on a GPU (scripts/gpu_check.sh) -----------------------------------------------------------
 
 
@@ -637,5 +684,19 @@ def test_gpu_out_of_memory_fails_the_job_and_the_executor_goes_on(tmp_path, gpu_
         x = RNG.standard_normal((8, 16)).astype(np.float32)
         out = executor.submit("whole", {"x": x}, 8).result(60)
         np.testing.assert_allclose(out["y"], cpu_reference(path, {"x": x})["y"], atol=1e-3)
+    finally:
+        executor.close()
+
+
+@pytest.mark.gpu
+def test_gpu_padded_runs_match_the_cpu_provider(gpu_models):
+    executor = gpu_executor({"whole": gpu_models["whole"]}, pad_batch=8)
+    try:
+        for batch in (1, 3, 8, 5):
+            x = RNG.standard_normal((batch, 16)).astype(np.float32)
+            out = executor.submit("whole", {"x": x}, batch).result(60)["y"]
+            assert out.shape == (batch, 8)
+            np.testing.assert_allclose(out, cpu_reference(gpu_models["whole"], {"x": x})["y"],
+                                       atol=1e-3, rtol=1e-3)
     finally:
         executor.close()

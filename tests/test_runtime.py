@@ -16,7 +16,7 @@ from handlers.executors import CancelToken, Executor, ExecutorError
 from handlers.faults import FaultInjector, FaultSpec, Quarantine
 from handlers.perf_model import PerfHistory
 from handlers.pipeline import Runtime, StagePlan, StageTimeout
-from handlers.plan import choose_layout
+from handlers.plan import choose_layout, gpu_pad_batch
 from handlers.runtime_config import ConfigError, RuntimeConfig
 from handlers.service import _slice_outcomes, failure_error
 
@@ -475,3 +475,23 @@ def test_stage_deadline_must_fit_in_the_response_timeout():
         RuntimeConfig.from_model_yaml({"responseTimeout": 60, "hetserve": {"request_timeout_s": 60}})
     config = RuntimeConfig.from_model_yaml({"responseTimeout": 60})
     assert config.request_timeout_s == pytest.approx(54.0)
+
+
+@pytest.mark.parametrize(
+    "yaml, lanes, pad",
+    [
+        ({"batchSize": 8}, 1, 8),  # the whole batch is one micro-batch
+        ({"batchSize": 8}, 4, 2),  # split over four streams
+        ({"batchSize": 7}, 2, 4),  # the larger half
+        ({"batchSize": 8, "hetserve": {"micro_batch": 3}}, 2, 3),
+        ({"batchSize": 8, "hetserve": {"cuda_fixed_batch": False}}, 1, 0),
+        ({}, 1, 1),  # TorchServe's default batchSize
+    ],
+)
+def test_gpu_runs_are_padded_to_the_largest_micro_batch(yaml, lanes, pad):
+    assert gpu_pad_batch(RuntimeConfig.from_model_yaml(yaml), lanes) == pad
+
+
+def test_switches_must_be_booleans():
+    with pytest.raises(ConfigError, match="cuda_fixed_batch must be true or false"):
+        RuntimeConfig.from_model_yaml({"hetserve": {"cuda_fixed_batch": "yes"}})
