@@ -275,7 +275,7 @@ def bench_model(model: str, args, work: Path, partial: Path | None = None) -> di
             print(f"[{model}] {name}: loaded in {time.perf_counter() - started:.1f} s", flush=True)
             row = sweep_row(name, handle, args, sample, seed=i, service=service)
             row["knobs"] = knobs
-            row["executors"] = sorted(service.runtime.executors) if hasattr(service.runtime, "executors") else None
+            row["executors"] = sorted(service.runtime.executors)
             rows.append(row)
             if partial is not None:  # a run cut short by its time limit keeps what it measured
                 partial.write_text(json.dumps({"model": model, "rows": rows}) + "\n")

@@ -227,16 +227,21 @@ class DeviceTensor:
         return self.backend.device
 
     @property
-    def nbytes(self) -> int:
-        return _nbytes(self.shape, self.dtype)
+    def host_shape(self) -> tuple[int, ...]:
+        """The real rows only: what leaves the GPU for a consumer elsewhere."""
+        return self.shape if self.rows is None else (self.rows, *self.shape[1:])
+
+    @property
+    def nbytes(self) -> int:  # the bytes a copy to the host moves
+        return _nbytes(self.host_shape, self.dtype)
 
     def view(self) -> DeviceView:
         return DeviceView(self.buffer, self.backend.pointer(self.buffer), self.shape, self.dtype)
 
     def to_host(self) -> np.ndarray:
         self.backend.sync_event(self.ready)
-        array = self.backend.to_numpy(self.buffer, self.shape, self.dtype)
-        return array if self.rows is None else array[: self.rows]
+        # The padding rows sit after the real ones: copying the front of the buffer is enough.
+        return self.backend.to_numpy(self.buffer, self.host_shape, self.dtype)
 
 
 class StageSession(Protocol):

@@ -260,6 +260,19 @@ def calibrate(
     warm_every_size(runtime, config, specs, rng, skip=batches)
 
 
+def warmup_sizes(largest: int, pad_batch: int, done: Sequence[int]) -> list[int]:
+    """Batch sizes 1..largest whose run shape the calibration runs (``done``) did not warm.
+
+    A padded executor runs every size below ``pad_batch`` at that one shape: warming it once
+    is enough.
+    """
+    warmed = {max(b, pad_batch) for b in done}
+    sizes: dict[int, int] = {}
+    for batch in range(1, largest + 1):
+        sizes.setdefault(max(batch, pad_batch), batch)
+    return [batch for shape, batch in sizes.items() if shape not in warmed]
+
+
 # Warming costs one run per size; past this, an unusual size pays its first run when it comes.
 WARMUP_MAX_BATCH = 64
 
@@ -279,9 +292,7 @@ def warm_every_size(
             executor = runtime.executors[name]
             if executor.device == "cpu":
                 continue
-            for batch in range(1, largest + 1):
-                if batch in skip:
-                    continue
+            for batch in warmup_sizes(largest, getattr(executor, "pad_batch", 0), skip):
                 feeds = {n: random_batch(specs[n], batch, rng) for n in plan.inputs}
                 executor.submit(plan.name, feeds, batch, observe=False).result(
                     timeout=config.stage_timeout_s * 4

@@ -512,6 +512,7 @@ def test_padded_device_outputs_keep_their_real_row_count():
         x = tagged(0.0, batch=3)
         hidden = head.submit("head", {"x": x}, 3).result(5)["y"]
         assert hidden.shape == (4, 3) and hidden.rows == 3
+        assert hidden.nbytes == 3 * 3 * 4  # a copy to the host moves the real rows only
         np.testing.assert_allclose(hidden.to_host(), reference(x), rtol=1e-6)  # CPU tails: 3 rows
         out = tail.submit("head", {"y": hidden}, 3).result(5)["z"]  # a GPU tail binds all 4
         np.testing.assert_allclose(out, reference(x) * 2.0, rtol=1e-6)

@@ -16,7 +16,7 @@ from handlers.executors import CancelToken, Executor, ExecutorError
 from handlers.faults import FaultInjector, FaultSpec, Quarantine
 from handlers.perf_model import PerfHistory
 from handlers.pipeline import Runtime, StagePlan, StageTimeout
-from handlers.plan import choose_layout, gpu_pad_batch
+from handlers.plan import choose_layout, gpu_pad_batch, warmup_sizes
 from handlers.runtime_config import ConfigError, RuntimeConfig
 from handlers.service import _slice_outcomes, failure_error
 
@@ -495,3 +495,16 @@ def test_gpu_runs_are_padded_to_the_largest_micro_batch(yaml, lanes, pad):
 def test_switches_must_be_booleans():
     with pytest.raises(ConfigError, match="cuda_fixed_batch must be true or false"):
         RuntimeConfig.from_model_yaml({"hetserve": {"cuda_fixed_batch": "yes"}})
+
+
+@pytest.mark.parametrize(
+    "largest, pad, done, sizes",
+    [
+        (8, 0, (1, 4), [2, 3, 5, 6, 7, 8]),  # unpadded: every size is its own shape
+        (8, 8, (1, 4), []),  # padded to 8: calibration already ran that one shape
+        (8, 2, (1, 4), [3, 5, 6, 7, 8]),  # 1 and 2 share the padded shape 2
+        (4, 6, (), [1]),  # one run warms the padded shape
+    ],
+)
+def test_warm_up_runs_each_gpu_shape_once(largest, pad, done, sizes):
+    assert warmup_sizes(largest, pad, done) == sizes
