@@ -37,6 +37,7 @@ from handlers.executors import (
     RunObserver,
     TransferObserver,
 )
+from handlers.timeline import COMPUTE, HOST, TRANSFER
 
 log = logging.getLogger(__name__)
 
@@ -420,6 +421,7 @@ class _Ticket:
     copy_started: Any = None  # events on the copy stream around this job's host->device copy
     copy_done: Any = None
     staging_s: float = 0.0  # host time spent filling pinned buffers
+    staging_started: float = 0.0
     error: BaseException | None = None  # a staging failure, raised when the job runs
 
 
@@ -552,6 +554,7 @@ class CudaExecutor(Executor):
         self.compute_stream: Any = None
         self._h2d_stream: Any = None
         self._d2h_stream: Any = None
+        self._epoch: tuple[Any, float] | None = None  # (event, host time) for GPU timelines
 
     # -- the submitting thread --
     def submit(
@@ -593,7 +596,7 @@ class CudaExecutor(Executor):
         """Fill the slot's pinned buffers and issue the host->device copies (under the lock)."""
         slot = ticket.slot
         assert slot is not None
-        started = time.perf_counter()
+        started = ticket.staging_started = time.perf_counter()
         copies = []
         for name, array in ticket.host_inputs.items():
             array = np.asarray(array)
@@ -635,6 +638,9 @@ class CudaExecutor(Executor):
         self._h2d_stream = self.backend.new_stream()
         self._d2h_stream = self.backend.new_stream()
         pointer = self.backend.stream_pointer(self.compute_stream)
+        epoch = self.backend.record_event(self.compute_stream)
+        self.backend.sync_event(epoch)
+        self._epoch = (epoch, time.perf_counter())
         factory = self._session_factory or self._ort_session
         for stage, path in self._models.items():
             self.sessions[stage] = factory(stage, Path(path), self.device_id, pointer)
@@ -661,6 +667,9 @@ class CudaExecutor(Executor):
         finally:
             fence = self.backend.record_event(self.compute_stream)
             self.staging.release(ticket, fence)
+            current = self._running
+            if current is not None:  # the host thread's launches and waits for this job
+                self.trace(f"{self.name}/host", HOST, ticket.stage, current[1], time.perf_counter())
 
     def _compute(self, ticket: _Ticket) -> dict[str, Any]:
         backend, stream = self.backend, self.compute_stream
@@ -674,6 +683,7 @@ class CudaExecutor(Executor):
             views[name] = tensor.view()
         slot = ticket.slot
         assert slot is not None
+        compute_started = backend.record_event(stream) if self.timeline is not None else None
         outputs: dict[str, DeviceView | None] = {}
         for name in session.output_names:
             spec = session.output_spec(name, ticket.run_batch)
@@ -690,6 +700,8 @@ class CudaExecutor(Executor):
         results: dict[str, Any] = session.run(views, outputs)
         results = {name: self._real_rows(value, ticket) for name, value in results.items()}
         done = backend.record_event(stream)
+        if compute_started is not None:
+            self._trace_gpu("compute", COMPUTE, ticket.stage, compute_started, done)
         to_host = []
         for name, view in outputs.items():
             if view is None:
@@ -725,6 +737,8 @@ class CudaExecutor(Executor):
             backend.copy_async(pinned[name], view.buffer, view.nbytes, stream)
         finished = backend.record_event(stream)
         backend.sync_event(finished)
+        self._trace_gpu("d2h", TRANSFER, self.d2h_link, started, finished,
+                        sum(v.nbytes for _, v in views))
         copy_started = time.perf_counter()
         # Copied out of the pinned buffer: the slot's next job overwrites it.
         out = {
@@ -737,12 +751,35 @@ class CudaExecutor(Executor):
         return out
 
     def _observe_copy_in(self, ticket: _Ticket) -> None:
-        if not ticket.observe or self._transfer_observer is None or ticket.copy_done is None:
+        if ticket.copy_done is None:
+            return
+        tracing = self.timeline is not None
+        observing = ticket.observe and self._transfer_observer is not None
+        if not (tracing or observing):
             return
         self.backend.sync_event(ticket.copy_done)  # already passed: the run waited for it
-        seconds = ticket.staging_s + self.backend.elapsed_s(ticket.copy_started, ticket.copy_done)
         nbytes = sum(v.nbytes for v in ticket.views.values())
-        self._transfer_observer(self.h2d_link, nbytes, seconds)
+        if tracing:
+            self.trace(f"{self.name}/pin", TRANSFER, "host->pinned", ticket.staging_started,
+                       ticket.staging_started + ticket.staging_s, nbytes)
+            self._trace_gpu("h2d", TRANSFER, self.h2d_link, ticket.copy_started, ticket.copy_done,
+                            nbytes)
+        if observing:
+            seconds = ticket.staging_s + self.backend.elapsed_s(ticket.copy_started, ticket.copy_done)
+            self._transfer_observer(self.h2d_link, nbytes, seconds)
+
+    def _trace_gpu(self, lane: str, kind: str, name: str, start: Any, end: Any,
+                   nbytes: int = 0) -> None:
+        """A span between two completed CUDA events, placed on the host clock by the epoch
+        event recorded at load (event timers and perf_counter drift apart by microseconds over
+        a benchmark, far below a kernel's length)."""
+        if self.timeline is None or self._epoch is None:
+            return
+        self.backend.sync_event(end)
+        event, host = self._epoch
+        elapsed = self.backend.elapsed_s
+        self.trace(f"{self.name}/{lane}", kind, name, host + elapsed(event, start),
+                   host + elapsed(event, end), nbytes)
 
     def _failure(self, ticket: _Ticket, exc: BaseException) -> ExecutorError:
         stage = ticket.stage

@@ -26,10 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from handlers.timeline import COMPUTE, TRANSFER, Span
 from handlers.topology import CoreGroup, ort_affinity_string
 
 if TYPE_CHECKING:
     from handlers.faults import FaultInjector
+    from handlers.timeline import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,7 @@ class Executor:
         self._thread = threading.Thread(target=self._main, name=f"hetserve-{name}", daemon=True)
         self.stages: frozenset[str] = frozenset()
         self.faults: FaultInjector | None = None  # consulted before each run (tests only)
+        self.timeline: Timeline | None = None  # records this executor's spans when set
         # (job, perf_counter at its start) while a job runs; one tuple, so reads are atomic.
         self._running: tuple[Job, float] | None = None
 
@@ -161,6 +164,14 @@ class Executor:
         """ORT run options that the runtime can terminate, for the job now running."""
         current = self._running
         return current[0].cancel.run_options() if current is not None else None
+
+    def trace(self, lane: str, kind: str, name: str, start: float, end: float,
+              nbytes: int = 0) -> None:
+        """Record a span of the job now running, if a timeline is attached."""
+        timeline, current = self.timeline, self._running
+        if timeline is not None:
+            batch = current[0].batch if current is not None else 0
+            timeline.record(Span(lane, kind, name, start, end, batch, nbytes))
 
     def close(self, timeout: float = 5.0) -> None:
         if self._thread.is_alive():
@@ -290,9 +301,15 @@ class CpuExecutor(Executor):
         session = self._sessions[stage]
         names = self._output_names[stage]
         inputs = {k: feeds[k] for k in self._input_names[stage]}
-        values = session.run(
-            names, host_feeds(inputs, self._transfer_observer), self.run_options()
-        )
+        started = time.perf_counter()
+        host = host_feeds(inputs, self._transfer_observer)
+        pulled = time.perf_counter()
+        pulls = [v for v in inputs.values() if not isinstance(v, np.ndarray)]
+        if pulls:  # a stage output left on a GPU was copied here: the cut tensor's transfer
+            self.trace(self.name, TRANSFER, f"{pulls[0].device}->cpu", started, pulled,
+                       sum(v.nbytes for v in pulls))
+        values = session.run(names, host, self.run_options())
+        self.trace(self.name, COMPUTE, stage, pulled, time.perf_counter())
         return dict(zip(names, values, strict=True))
 
     def _unload(self) -> None:

@@ -52,6 +52,7 @@ class FakeStream:
 class FakeEvent:
     def __init__(self, stream: FakeStream) -> None:
         self.stream = stream
+        self.at = time.perf_counter()  # the fake GPU does everything when it is issued
 
 
 class FakeBackend:
@@ -102,7 +103,7 @@ class FakeBackend:
         pass
 
     def elapsed_s(self, start, end) -> float:
-        return 1e-4
+        return end.at - start.at
 
     def to_numpy(self, buffer, shape, dtype) -> np.ndarray:
         return typed(buffer, shape, dtype).copy()
@@ -521,6 +522,53 @@ def test_padded_device_outputs_keep_their_real_row_count():
         tail.close()
 
 
+def _lanes(timeline) -> dict[str, list]:
+    lanes: dict[str, list] = {}
+    for span in timeline.spans():
+        lanes.setdefault(span.lane.split("/")[-1], []).append(span)
+    return lanes
+
+
+def test_a_timeline_gets_the_copies_the_run_and_the_host_thread():
+    from handlers.timeline import COMPUTE, HOST, TRANSFER, Timeline
+
+    executor, _, _ = make_executor()
+    executor.timeline = timeline = Timeline()
+    try:
+        x = tagged(0.0, batch=5)
+        executor.submit("head", {"x": x}, 5, observe=False).result(5)  # warm-ups are traced too
+        lanes = _lanes(timeline)
+        assert sorted(lanes) == ["compute", "d2h", "h2d", "host", "pin"]
+        (pin,), (h2d,), (run,), (d2h,), (host,) = (lanes[k] for k in ("pin", "h2d", "compute", "d2h", "host"))
+        assert (h2d.kind, h2d.name, h2d.nbytes) == (TRANSFER, "cpu->cuda:0", x.nbytes)
+        assert (d2h.kind, d2h.name, d2h.nbytes) == (TRANSFER, "cuda:0->cpu", 5 * 3 * 4)
+        assert (run.kind, run.name, run.batch, host.kind) == (COMPUTE, "head", 5, HOST)
+        assert all(s.lane.startswith("cuda0s0/") for s in timeline.spans())
+        # Staged, copied in, computed, copied out: in that order on one clock.
+        assert pin.end <= h2d.end <= run.start < run.end <= d2h.start <= d2h.end <= host.end
+        assert host.start <= run.start
+    finally:
+        executor.close()
+
+
+def test_tracing_costs_one_event_per_run():
+    from handlers.timeline import Timeline
+
+    backend = FakeBackend()
+    executor, _, _ = make_executor(backend)
+    try:
+        recorded = []
+        original = backend.record_event
+        backend.record_event = lambda stream: recorded.append(stream) or original(stream)
+        executor.submit("head", {"x": tagged(0.0)}, 2).result(5)
+        untraced = len(recorded)
+        executor.timeline = Timeline()
+        executor.submit("head", {"x": tagged(0.0)}, 2).result(5)
+        assert len(recorded) - untraced == untraced + 1  # the compute span's start
+    finally:
+        executor.close()
+
+
 # ---- on a GPU (scripts/gpu_check.sh) -----------------------------------------------------------
 
 
@@ -699,5 +747,31 @@ def test_gpu_padded_runs_match_the_cpu_provider(gpu_models):
             assert out.shape == (batch, 8)
             np.testing.assert_allclose(out, cpu_reference(gpu_models["whole"], {"x": x})["y"],
                                        atol=1e-3, rtol=1e-3)
+    finally:
+        executor.close()
+
+
+@pytest.mark.gpu
+def test_gpu_timeline_orders_copy_compute_copy_on_one_clock(gpu_models):
+    from handlers.timeline import Timeline, overlap_report
+
+    executor = gpu_executor({"whole": gpu_models["whole"]})
+    executor.timeline = timeline = Timeline()
+    try:
+        x = RNG.standard_normal((64, 16)).astype(np.float32)
+        futures = [executor.submit("whole", {"x": x}, 64) for _ in range(6)]
+        for future in futures:
+            future.result(60)
+        lanes = _lanes(timeline)
+        assert {k: len(v) for k, v in lanes.items() if k != "pin"} == {
+            "h2d": 6, "compute": 6, "d2h": 6, "host": 6}
+        for h2d, run, d2h in zip(lanes["h2d"], lanes["compute"], lanes["d2h"], strict=True):
+            assert h2d.start < h2d.end <= run.start + 1e-4  # event timers are ~0.5 us precise
+            assert run.start < run.end <= d2h.start + 1e-4
+        host = lanes["host"]
+        # GPU spans lie inside the host's view of the same jobs (1 ms for clock mapping).
+        assert lanes["compute"][0].start >= host[0].start - 1e-3
+        assert lanes["d2h"][-1].end <= host[-1].end + 1e-3
+        assert overlap_report(timeline.spans())["transfer_s"] > 0
     finally:
         executor.close()

@@ -1,0 +1,182 @@
+"""The executor timeline: interval arithmetic, the overlap report, and spans from real executors."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from handlers.executors import CpuExecutor
+from handlers.perf_model import PerfHistory
+from handlers.pipeline import Runtime, StagePlan
+from handlers.timeline import (
+    COMPUTE,
+    HOST,
+    TRANSFER,
+    Span,
+    Timeline,
+    chrome_trace,
+    clip,
+    intersection,
+    length,
+    merge,
+    overlap_report,
+)
+from handlers.topology import CoreGroup
+
+
+def test_merge_joins_touching_and_nested_intervals_and_drops_empty_ones():
+    assert merge([(3, 4), (0, 1), (1, 2), (0.5, 0.7), (5, 5)]) == [(0, 2), (3, 4)]
+    assert length([(0, 2), (1, 3), (10, 11)]) == 4
+
+
+def test_intersection_of_two_unions():
+    a = [(0, 2), (5, 9)]
+    b = [(1, 6), (8, 10)]
+    assert intersection(a, b) == [(1, 2), (5, 6), (8, 9)]
+    assert intersection(a, []) == []
+
+
+def test_clip_cuts_spans_at_the_window():
+    spans = [Span("l", COMPUTE, "head", 0.0, 2.0), Span("l", COMPUTE, "head", 3.0, 4.0)]
+    assert [(s.start, s.end) for s in clip(spans, 1.0, 3.5)] == [(1.0, 2.0), (3.0, 3.5)]
+
+
+def test_overlap_report_counts_hidden_transfer_and_concurrent_stages():
+    spans = [
+        Span("gpu/compute", COMPUTE, "head", 0.0, 4.0),
+        Span("gpu/d2h", TRANSFER, "cuda:0->cpu", 3.0, 5.0, nbytes=100),  # 1 s of 2 under compute
+        Span("cpu-g1", COMPUTE, "tail", 5.0, 8.0),
+        Span("gpu/compute", COMPUTE, "head", 6.0, 10.0),  # head of the next batch beside the tail
+        Span("gpu/host", HOST, "head", 0.0, 10.0),  # host spans are neither compute nor transfer
+    ]
+    report = overlap_report(spans)
+    assert report["window_s"] == 10.0
+    assert report["transfer_s"] == 2.0
+    assert report["transfer_bytes"] == 100
+    assert report["transfer_hidden_s"] == 1.0
+    assert report["transfer_hidden_share"] == 0.5
+    assert report["compute_s"] == 9.0  # union of [0,4], [5,8], [6,10]
+    assert report["stages"] == {"head": 8.0, "tail": 3.0}
+    assert report["stages_concurrent_s"] == 2.0
+    assert report["lanes"]["gpu/compute"]["busy_share"] == 0.8
+    assert report["lanes"]["gpu/host"]["kind"] == HOST
+
+
+def test_overlap_report_over_a_window_and_when_empty():
+    spans = [Span("a", COMPUTE, "head", 0.0, 10.0), Span("b", TRANSFER, "x", 8.0, 12.0)]
+    report = overlap_report(spans, window=(5.0, 10.0))
+    assert report["window_s"] == 5.0
+    assert report["transfer_s"] == 2.0
+    assert report["transfer_hidden_share"] == 1.0
+    assert overlap_report([])["transfer_hidden_share"] is None
+
+
+def test_chrome_trace_has_one_named_row_per_lane_in_microseconds():
+    spans = [Span("b", COMPUTE, "tail", 1.5, 1.75, batch=4), Span("a", TRANSFER, "h2d", 1.0, 1.5)]
+    trace = json.loads(json.dumps(chrome_trace(spans)))
+    names = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
+    assert sorted(names.values()) == ["a", "b"]
+    events = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert [(names[e["tid"]], e["ts"], e["dur"]) for e in events] == [
+        ("a", 0.0, 500000.0),
+        ("b", 500000.0, 250000.0),
+    ]
+    assert events[1]["args"]["batch"] == 4
+
+
+def test_timeline_keeps_the_newest_spans_and_counts_the_dropped():
+    timeline = Timeline(capacity=3)
+    threads = [
+        threading.Thread(target=lambda i=i: timeline.record(Span(f"l{i}", COMPUTE, "s", i, i + 1)))
+        for i in range(5)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(timeline.spans()) == 3
+    assert timeline.dropped == 2
+    timeline.clear()
+    assert timeline.spans() == [] and timeline.dropped == 0
+    with pytest.raises(ValueError, match="capacity"):
+        Timeline(capacity=0)
+
+
+# ---- spans from real ONNX Runtime executors --------------------------------------------------
+
+
+def _scale_model(path, factor: float, inp: str = "x", out: str = "y") -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Mul", [inp, "k"], [out])], "scale",
+        [helper.make_tensor_value_info(inp, TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["b", 4])],
+        initializer=[numpy_helper.from_array(np.array(factor, np.float32), "k")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.save(model, path)
+
+
+class PulledTensor:
+    """A stage output held elsewhere (as a GPU's would be): the consumer must copy it in."""
+
+    device = "cuda:0"
+
+    def __init__(self, array: np.ndarray) -> None:
+        self._array = array
+        self.nbytes = array.nbytes
+
+    def to_host(self) -> np.ndarray:
+        return self._array.copy()
+
+
+def test_cpu_executor_records_the_pull_and_the_run(tmp_path):
+    _scale_model(tmp_path / "m.onnx", 2.0)
+    executor = CpuExecutor(CoreGroup("cpu0", (0,), 0, 0), {"tail": tmp_path / "m.onnx"}, pin=False)
+    executor.start(timeout=30)
+    try:
+        executor.submit("tail", {"x": np.ones((2, 4), np.float32)}, 2).result(10)  # not traced
+        executor.timeline = timeline = Timeline()
+        out = executor.submit("tail", {"x": PulledTensor(np.ones((3, 4), np.float32))}, 3).result(10)
+        np.testing.assert_array_equal(out["y"], np.full((3, 4), 2.0, np.float32))
+        pull, run = timeline.spans()
+        assert (pull.kind, pull.name, pull.nbytes, pull.batch) == (TRANSFER, "cuda:0->cpu", 48, 3)
+        assert (run.kind, run.name, run.lane, run.batch) == (COMPUTE, "tail", "cpu0", 3)
+        assert pull.start <= pull.end <= run.start < run.end
+    finally:
+        executor.close()
+
+
+def test_a_two_group_pipeline_runs_heads_beside_tails(tmp_path):
+    _scale_model(tmp_path / "head.onnx", 2.0, "x", "h")
+    _scale_model(tmp_path / "tail.onnx", 3.0, "h", "y")
+    models = {"head": tmp_path / "head.onnx", "tail": tmp_path / "tail.onnx"}
+    executors = [
+        CpuExecutor(CoreGroup("cpu0", (0,), 0, 0), {"head": models["head"]}, pin=False),
+        CpuExecutor(CoreGroup("cpu1", (0,), 0, 0), {"tail": models["tail"]}, pin=False),
+    ]
+    timeline = Timeline()
+    for executor in executors:
+        executor.timeline = timeline
+        executor.start(timeout=30)
+    plans = [StagePlan("head", ("x",), ("h",), ("cpu0",)), StagePlan("tail", ("h",), ("y",), ("cpu1",))]
+    runtime = Runtime(plans, executors, PerfHistory(), ["y"], micro_batch=1)
+    try:
+        x = np.arange(24, dtype=np.float32).reshape(6, 4)
+        np.testing.assert_array_equal(runtime.infer({"x": x})["y"], x * 6)
+        spans = timeline.spans()
+        assert sorted((s.lane, s.name) for s in spans) == [("cpu0", "head")] * 6 + [("cpu1", "tail")] * 6
+        heads = sorted((s for s in spans if s.name == "head"), key=lambda s: s.start)
+        tails = sorted((s for s in spans if s.name == "tail"), key=lambda s: s.start)
+        # Micro-batch i's tail starts after its head ended; the report sees both stages.
+        assert all(h.end <= t.start for h, t in zip(heads, tails, strict=True))
+        report = overlap_report(spans)
+        assert set(report["stages"]) == {"head", "tail"}
+        assert report["transfer_s"] == 0.0
+    finally:
+        runtime.close()
