@@ -59,8 +59,8 @@ def hetserve_rows(streams: list[int], ratio: float, groups: str) -> dict[str, di
 # ------------------------------------------------------------------------- the model directory
 
 
-def build_model_dir(model: str, ratio: float, batch: int, work: Path) -> Path:
-    """Export, profile on the GPU, cut and verify: the payload a .mar would carry."""
+def build_model_dir(model: str, ratio: float, batch: int, work: Path, device: str = "cuda") -> Path:
+    """Export, profile on ``device``, cut and verify: the payload a .mar would carry."""
     from hetserve.cli import main as cli
 
     out = work / model
@@ -69,7 +69,7 @@ def build_model_dir(model: str, ratio: float, batch: int, work: Path) -> Path:
     started = time.perf_counter()
     code = cli([
         "partition", "--model", f"zoo:{model}", "--ratios", str(ratio), "--method", "metis",
-        "--profile-device", "cuda", "--profile-batch", str(batch), "--quiet",
+        "--profile-device", device, "--profile-batch", str(batch), "--quiet",
         "--out-dir", str(out), "--report", str(work / f"{model}-partition.json"),
     ])
     if code != 0:
