@@ -87,16 +87,22 @@ def build_hetserve_mar(model: str, store: Path) -> Path:
     return mar
 
 
-def build_stock_mar(model: str, store: Path) -> Path:
-    """Eager model file (one class, seeded zoo weights: no pickle) + the stock BaseHandler."""
+def build_stock_mar(model: str, store: Path, config: dict | None = None, tag: str = "") -> Path:
+    """Eager model file (one class, seeded zoo weights: no pickle) + the stock BaseHandler;
+    ``config`` becomes its model-config.yaml (TorchServe's defaults without one)."""
+    import yaml
     from model_archiver.model_archiver_config import ModelArchiverConfig
     from model_archiver.model_packaging import generate_model_archive
 
-    name = f"stock_{model.replace('-', '_')}"
+    name = f"stock_{model.replace('-', '_')}{tag}"
     mar = store / f"{name}.mar"
     if mar.exists():
         return mar
     with tempfile.TemporaryDirectory() as tmp:
+        config_file = None
+        if config is not None:
+            config_file = Path(tmp) / "model-config.yaml"
+            config_file.write_text(yaml.safe_dump(config))
         model_file = Path(tmp) / "eager_model.py"
         model_file.write_text(
             "import torch\n\nfrom partitioner.zoo import build\n\n\n"
@@ -110,18 +116,20 @@ def build_stock_mar(model: str, store: Path) -> Path:
         generate_model_archive(ModelArchiverConfig(
             model_name=name, handler=str(BASELINE / "stock_handler.py"), version="1.0",
             model_file=str(model_file), export_path=str(store), force=True,
+            config_file=str(config_file) if config_file else None,
         ))
     return mar
 
 
 def sweep_server(store: Path, mar: str, workdir: Path, body: bytes, args, criteria: Criteria,
-                 base_config: Path | None = None, overrides: dict | None = None):
+                 base_config: Path | None = None, overrides: dict | None = None,
+                 shape: tuple[int, ...] = SHAPE):
     kwargs = {"base_config": base_config} if base_config else {}
     ts = start_torchserve(workdir, store, {"m": mar}, overrides=overrides, **kwargs)
     try:
         target = Target.create(
             f"http://127.0.0.1:{ts.ports['inference']}/predictions/m", body,
-            {"Authorization": f"Bearer {ts.keys['inference']}", "X-Tensor-Shape": ",".join(map(str, SHAPE))},
+            {"Authorization": f"Bearer {ts.keys['inference']}", "X-Tensor-Shape": ",".join(map(str, shape))},
         )
         # A fresh JVM spends its first tens of seconds JIT-compiling (measured: C2 alone took a
         # quarter of a core): load every server, baseline included, before measuring it.

@@ -138,8 +138,12 @@ def start_torchserve(workdir: Path, model_store: Path, models: dict[str, str],
     ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
     config = write_config(workdir, model_store, ports, dict(overrides or {}), base_config)
     venv_bin = Path(sys.executable).parent
+    # Without a venv (the GPU machine: packages unzipped onto PYTHONPATH) there is no console
+    # script; the module is the same entry point.
+    launcher = ([str(venv_bin / "torchserve")] if (venv_bin / "torchserve").exists()
+                else [sys.executable, "-m", "ts.model_server"])
     cmd = [
-        str(venv_bin / "torchserve"), "--start", "--foreground", "--ncs",
+        *launcher, "--start", "--foreground", "--ncs",
         "--model-store", str(model_store), "--ts-config", str(config), "--log-config", str(log_config),
         "--models", *[f"{name}={mar}" for name, mar in models.items()],
     ]
