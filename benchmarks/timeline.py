@@ -52,21 +52,9 @@ ROWS: dict[str, dict[str, Any]] = {
     "cpu_pipe": {"head_devices": "cpu", "tail_devices": "cpu", "cpu_head_groups": 1,
                  "micro_batch": 1},
 }
-COLOURS = {"head": "#1f77b4", "tail": "#ff7f0e", "whole": "#2ca02c", "batch": "#bbbbbb"}
+COLOURS = {"head": "#1f77b4", "tail": "#ff7f0e", "whole": "#2ca02c", "decode": "#8c564b",
+           "assemble": "#e377c2", "run": "#bbbbbb", "encode": "#17becf"}
 TRANSFER_COLOUR = "#d62728"
-
-
-def traced_handler(handle, timeline: Timeline):
-    """The batcher's view: one HOST span per batch on lane "worker" (decode, run, encode)."""
-
-    def run(bodies: list[bytes]) -> list[int]:
-        started = time.perf_counter()
-        try:
-            return handle(bodies)
-        finally:
-            timeline.record(Span("worker", HOST, "batch", started, time.perf_counter(), len(bodies)))
-
-    return run
 
 
 def plot(spans: list[Span], path: Path, title: str) -> None:
@@ -76,7 +64,7 @@ def plot(spans: list[Span], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     origin = min(s.start for s in spans)
-    lanes = sorted({s.lane for s in spans}, key=lambda lane: (lane != "worker", lane))
+    lanes = sorted({s.lane for s in spans}, key=lambda lane: (lane != "handler", lane))
     fig, ax = plt.subplots(figsize=(12, 0.45 * len(lanes) + 1.6))
     for row, lane in enumerate(lanes):
         for s in (s for s in spans if s.lane == lane):
@@ -121,10 +109,11 @@ def main() -> int:
     knobs = {"ratio": args.ratio, "core_groups": args.groups, **ROWS[args.row]}
     service, handle = hetserve_handler(model_dir, knobs, args.batch, args.delay_ms, sample)
     timeline = Timeline()
-    front = FrontEnd(traced_handler(handle, timeline), args.batch, args.delay_ms / 1000.0)
+    front = FrontEnd(handle, args.batch, args.delay_ms / 1000.0)
     body = np.random.default_rng(0).standard_normal(sample, dtype=np.float32).tobytes()
     try:
         run_open_loop(front, body, args.rate, 1.0, 0.0, seed=1)  # unmeasured: first-run costs
+        service.timeline = timeline
         for executor in service.runtime.executors.values():
             executor.timeline = timeline
         timeline.clear()
@@ -156,10 +145,13 @@ def main() -> int:
     }
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
     lanes = ", ".join(f"{k} {100 * v['busy_share']:.0f}%" for k, v in report["lanes"].items())
+    phases = ", ".join(f"{k.split('/', 1)[1]} {1e3 * v['seconds'] / v['count']:.2f}"
+                       for k, v in report["host_phases"].items() if k.startswith("handler/"))
     print(f"{stem}: {result.throughput_rps:.1f} req/s, p99 {result.latency_all_ms.p99 or 0:.1f} ms; "
           f"transfer {1e3 * report['transfer_s']:.1f} ms, hidden "
           f"{100 * (report['transfer_hidden_share'] or 0):.0f}%; stages side by side "
-          f"{1e3 * report['stages_concurrent_s']:.0f} ms of {1e3 * report['window_s']:.0f}; busy: {lanes}")
+          f"{1e3 * report['stages_concurrent_s']:.0f} ms of {1e3 * report['window_s']:.0f}; busy: {lanes}; "
+          f"handler ms per batch: {phases}")
     return 0
 
 

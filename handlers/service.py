@@ -30,6 +30,7 @@ from handlers.perf_model import PerfHistory
 from handlers.pipeline import MicroBatchOutcome, Runtime, RuntimeStats, StageTimeout
 from handlers.plan import build_runtime
 from handlers.runtime_config import RuntimeConfig
+from handlers.timeline import HOST, Span, Timeline
 from handlers.validation import RequestError
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,15 @@ class InferenceService:
         self.state_path = state_path
         self.model_version = model_version
         self._last_save = time.monotonic()
+        # When set, each batch's host phases (decode, assemble, run, encode) are recorded on
+        # lane "handler": what the request path costs around the executors' work.
+        self.timeline: Timeline | None = None
+
+    def _trace(self, phase: str, start: float, batch: int) -> float:
+        now = time.perf_counter()
+        if self.timeline is not None:
+            self.timeline.record(Span("handler", HOST, phase, start, now, batch))
+        return now
 
     @classmethod
     def load(
@@ -90,6 +100,7 @@ class InferenceService:
 
     # -- the request path --
     def handle(self, requests: Sequence[RawRequest]) -> list[Reply]:
+        started = time.perf_counter()
         replies: list[Reply | None] = [None] * len(requests)
         decoded: list[tuple[int, DecodedRequest]] = []
         for i, request in enumerate(requests):
@@ -100,6 +111,7 @@ class InferenceService:
             except Exception:  # noqa: BLE001 - a decoder bug fails this request, not the batch
                 log.exception("request %d could not be decoded", i)
                 replies[i] = _error_reply(RequestError(500, "internal error decoding the request"), None)
+        self._trace("decode", started, len(requests))
         for group in _groups_by_shape(decoded):
             self._run_group(group, replies)
         self._maybe_save()
@@ -118,17 +130,21 @@ class InferenceService:
     def _run_group(
         self, group: list[tuple[int, DecodedRequest]], replies: list[Reply | None]
     ) -> None:
+        started = time.perf_counter()
         feeds = {
             spec.name: np.concatenate([d.arrays[spec.name] for _, d in group])
             if len(group) > 1
             else group[0][1].arrays[spec.name]
             for spec in self.manifest.inputs
         }
+        samples = sum(r.batch for _, r in group)
+        started = self._trace("assemble", started, samples)
         try:
             outcomes = self.runtime.run(feeds)
         except Exception as exc:  # noqa: BLE001 - a runtime bug must still answer every request
             log.exception("runtime failure for %d request(s)", len(group))
-            outcomes = [MicroBatchOutcome(0, sum(r.batch for _, r in group), None, exc)]
+            outcomes = [MicroBatchOutcome(0, samples, None, exc)]
+        started = self._trace("run", started, samples)
         offset = 0
         for index, request in group:
             rows = (offset, offset + request.batch)
@@ -155,6 +171,7 @@ class InferenceService:
                 )
                 continue
             replies[index] = _reply(200, encoded, extra={BATCH_HEADER: str(len(group))})
+        self._trace("encode", started, samples)
 
     # -- performance history persistence --
     def save_history(self) -> None:

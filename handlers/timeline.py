@@ -122,8 +122,8 @@ def overlap_report(spans: Sequence[Span], window: tuple[float, float] | None = N
     """How busy each lane was, how much transfer time ran under compute, and how much the
     stages ran at the same time, over ``window`` (default: first to last span)."""
     if not spans:
-        return {"window_s": 0.0, "lanes": {}, "transfer_s": 0.0, "transfer_hidden_share": None,
-                "stages": {}, "stages_concurrent_s": 0.0}
+        return {"window_s": 0.0, "lanes": {}, "host_phases": {}, "transfer_s": 0.0,
+                "transfer_hidden_share": None, "stages": {}, "stages_concurrent_s": 0.0}
     if window is None:
         window = (min(s.start for s in spans), max(s.end for s in spans))
     spans = clip(spans, *window)
@@ -151,9 +151,18 @@ def overlap_report(spans: Sequence[Span], window: tuple[float, float] | None = N
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             concurrent += intersection(by_stage[a], by_stage[b])
+    host_phases: dict[str, dict[str, float]] = {}
+    for s in spans:
+        if s.kind == HOST:
+            phase = host_phases.setdefault(f"{s.lane}/{s.name}", {"seconds": 0.0, "count": 0})
+            phase["seconds"] += s.seconds
+            phase["count"] += 1
     return {
         "window_s": width,
         "lanes": lanes,
+        # Host-side phases (the handler's decode/assemble/run/encode, a CUDA executor's thread):
+        # total seconds and how many spans, so a mean per batch is seconds / count.
+        "host_phases": dict(sorted(host_phases.items())),
         "transfer_s": transfer_s,
         "transfer_bytes": sum(s.nbytes for s in spans if s.kind == TRANSFER),
         "transfer_hidden_s": hidden,

@@ -180,3 +180,50 @@ def test_a_two_group_pipeline_runs_heads_beside_tails(tmp_path):
         assert report["transfer_s"] == 0.0
     finally:
         runtime.close()
+
+
+# ---- the handler's phases around the executors' work -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from hetserve.cli import main
+
+    work = tmp_path_factory.mktemp("tiny")
+    out = work / "model"
+    args = ["partition", "--model", "zoo:resnet18-tiny", "--ratios", "0.8", "--cost", "flops",
+            "--quiet", "--out-dir", str(out), "--report", str(work / "report.json")]
+    assert main(args) == 0
+    return out
+
+
+def test_the_service_records_decode_assemble_run_encode_around_the_stages(tiny_model_dir, tmp_path):
+    from handlers.service import InferenceService, RawRequest
+
+    yaml = {"hetserve": {"calibration_runs": 1, "state_dir": str(tmp_path), "ratio": 0.8,
+                         "core_groups": "size:1"}}
+    service = InferenceService.load(tiny_model_dir, yaml)
+    timeline = Timeline()
+    service.timeline = timeline
+    for executor in service.runtime.executors.values():
+        executor.timeline = timeline
+    try:
+        body = np.zeros((1, 3, 64, 64), np.float32).tobytes()
+        good = RawRequest(body, "application/octet-stream", {"X-Tensor-Shape": "1,3,64,64"})
+        bad = RawRequest(b"\x00" * 7, "application/octet-stream", {"X-Tensor-Shape": "1,3,64,64"})
+        replies = service.handle([good, bad, good, good])
+        assert [r.status for r in replies] == [200, 400, 200, 200]
+        spans = timeline.spans()
+        phases = [s for s in spans if s.lane == "handler"]
+        assert [(s.name, s.batch) for s in phases] == [
+            ("decode", 4), ("assemble", 3), ("run", 3), ("encode", 3)]
+        assert all(a.end <= b.start for a, b in zip(phases, phases[1:], strict=False))
+        run = phases[2]
+        stages = [s for s in spans if s.kind == COMPUTE]
+        assert {s.name for s in stages} == {"head", "tail"}
+        assert all(run.start <= s.start and s.end <= run.end for s in stages)
+        report = overlap_report(spans)
+        assert report["host_phases"]["handler/run"]["count"] == 1
+        assert report["host_phases"]["handler/decode"]["seconds"] > 0
+    finally:
+        service.close()
