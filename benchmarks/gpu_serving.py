@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import sys
 import threading
@@ -82,23 +83,34 @@ def build_model_dir(model: str, ratio: float, batch: int, work: Path, device: st
 
 
 class FrontEnd:
-    """Batch aggregator + one worker: TorchServe's batching, without its frontend."""
+    """Batch aggregator + workers: TorchServe's batching, without its frontend.
+
+    One thread per handler, as TorchServe has one process per worker: a free worker takes the
+    next batch from the shared queue, so with several workers several batches are in flight
+    (TorchServe's synchronous worker protocol allows nothing else across batches).
+    """
 
     def __init__(self, handle_batch, batch_size: int, max_delay_s: float) -> None:
-        self.handle_batch = handle_batch  # list[bytes] -> list[int] (status per request)
+        # list[bytes] -> list[int] (status per request); a list of them: one per worker
+        self.handlers = list(handle_batch) if isinstance(handle_batch, list | tuple) else [handle_batch]
         self.batch_size = batch_size
         self.max_delay_s = max_delay_s
         self.inbox: queue.Queue = queue.Queue()
         self.batches = Counter()
         self.handle_ms: list[float] = []  # service time of each batch: the rest is queueing
+        self._lock = threading.Lock()
         self._stop = False
-        self._worker = threading.Thread(target=self._loop, name="frontend", daemon=True)
-        self._worker.start()
+        self._workers = [
+            threading.Thread(target=self._loop, args=(handle,), name=f"frontend-w{i}", daemon=True)
+            for i, handle in enumerate(self.handlers)
+        ]
+        for worker in self._workers:
+            worker.start()
 
     def submit(self, body: bytes, done) -> None:
         self.inbox.put((body, done))
 
-    def _loop(self) -> None:
+    def _loop(self, handle_batch) -> None:
         while not self._stop:
             try:
                 first = self.inbox.get(timeout=0.1)
@@ -113,10 +125,11 @@ class FrontEnd:
                                  else self.inbox.get_nowait())
                 except queue.Empty:
                     break
-            self.batches[len(batch)] += 1
+            with self._lock:
+                self.batches[len(batch)] += 1
             started = time.perf_counter()
             try:
-                statuses = self.handle_batch([b for b, _ in batch])
+                statuses = handle_batch([b for b, _ in batch])
             except Exception as exc:  # noqa: BLE001 - count it as a 503 for every request
                 print(f"batch failed: {exc!r}", flush=True)
                 statuses = [503] * len(batch)
@@ -127,7 +140,8 @@ class FrontEnd:
 
     def close(self) -> None:
         self._stop = True
-        self._worker.join(timeout=5)
+        for worker in self._workers:
+            worker.join(timeout=5)
 
 
 def run_open_loop(front: FrontEnd, body: bytes, rate: float, duration: float, warmup: float,
@@ -189,6 +203,41 @@ def hetserve_handler(model_dir: Path, knobs: dict[str, Any], batch: int, delay_m
     return service, handle
 
 
+def hetserve_workers(model_dir: Path, knobs: dict[str, Any], batch: int, delay_ms: int,
+                     sample: tuple[int, ...], workers: int):
+    """``workers`` services, each loaded on its own slice of this process's cores, as TorchServe's
+    CPU launcher gives each worker process its share: the probe sees the slice, and the executor
+    threads inherit it. Returns (services, handles)."""
+    if workers == 1:
+        service, handle = hetserve_handler(model_dir, knobs, batch, delay_ms, sample)
+        return [service], [handle]
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < workers:
+        raise SystemExit(f"{workers} workers need at least as many cores ({len(cores)} here)")
+    loaded: list[Any] = [None] * workers
+
+    def load(i: int) -> None:
+        share = cores[i * len(cores) // workers:(i + 1) * len(cores) // workers]
+        os.sched_setaffinity(0, share)
+        try:
+            loaded[i] = hetserve_handler(model_dir, knobs, batch, delay_ms, sample)
+        except Exception as exc:  # noqa: BLE001 - reported below, after every loader ended
+            loaded[i] = exc
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    failed = [x for x in loaded if isinstance(x, Exception)]
+    if failed:
+        for x in loaded:
+            if not isinstance(x, Exception):
+                x[0].close()
+        raise failed[0]
+    return [x[0] for x in loaded], [x[1] for x in loaded]
+
+
 def eager_handler(model: str, sample: tuple[int, ...], batch: int):
     import torch
 
@@ -208,25 +257,27 @@ def eager_handler(model: str, sample: tuple[int, ...], batch: int):
     return handle
 
 
-def tail_shares(stats) -> dict[str, Any]:
-    placed = Counter()
-    for (stage, executor), n in stats.placements.items():
+def tail_shares(stats: list) -> dict[str, Any]:
+    placed, placements = Counter(), Counter()
+    for one in stats:
+        placements.update(one.placements)
+    for (stage, executor), n in placements.items():
         if stage == "tail":
             placed["cpu" if executor.startswith("cpu") else "cuda"] += n
     total = sum(placed.values())
     return {"tails": total, "cpu_share": placed["cpu"] / total if total else None,
-            "by_executor": {f"{s}@{e}": n for (s, e), n in sorted(stats.placements.items())}}
+            "by_executor": {f"{s}@{e}": n for (s, e), n in sorted(placements.items())}}
 
 
 def sweep_row(name: str, handle, args, sample: tuple[int, ...], seed: int,
-              service=None) -> dict[str, Any]:
+              services=()) -> dict[str, Any]:
     front = FrontEnd(handle, args.batch, args.delay_ms / 1000.0)
     body = np.random.default_rng(seed).standard_normal(sample, dtype=np.float32).tobytes()
     shares: dict[float, Any] = {}
     service_ms: dict[float, Any] = {}
 
     def at_rate(rate: float) -> LoadResult:
-        if service is not None:
+        for service in services:
             service.drain_stats()
         front.handle_ms.clear()
         result = run_open_loop(front, body, rate, args.duration, args.warmup, seed)
@@ -234,8 +285,8 @@ def sweep_row(name: str, handle, args, sample: tuple[int, ...], seed: int,
         service_ms[rate] = {"batches": len(handle_ms),
                             "p50": handle_ms[len(handle_ms) // 2] if handle_ms else None,
                             "p99": handle_ms[int(len(handle_ms) * 0.99)] if handle_ms else None}
-        if service is not None:
-            shares[rate] = tail_shares(service.drain_stats())
+        if services:
+            shares[rate] = tail_shares([service.drain_stats() for service in services])
         p99 = result.latency_all_ms.p99
         print(f"  {name:22s} {rate:8.0f}/s -> {result.throughput_rps:8.1f}/s  p50 "
               f"{result.latency_ms.p50 or 0:7.1f}  p99 {p99 or 0:7.1f} ms  errors {result.errors}"
@@ -269,18 +320,23 @@ def bench_model(model: str, args, work: Path, partial: Path | None = None) -> di
     if args.rows:
         wanted = {n: k for n, k in wanted.items() if n.split("_")[0] in args.rows}
     for i, (name, knobs) in enumerate(wanted.items()):
+        if args.workers > 1:
+            name = f"{name}_{args.workers}w"
         started = time.perf_counter()
-        service, handle = hetserve_handler(model_dir, knobs, args.batch, args.delay_ms, sample)
+        services, handles = hetserve_workers(model_dir, knobs, args.batch, args.delay_ms, sample,
+                                             args.workers)
         try:
             print(f"[{model}] {name}: loaded in {time.perf_counter() - started:.1f} s", flush=True)
-            row = sweep_row(name, handle, args, sample, seed=i, service=service)
+            row = sweep_row(name, handles, args, sample, seed=i, services=services)
             row["knobs"] = knobs
-            row["executors"] = sorted(service.runtime.executors)
+            row["workers"] = args.workers
+            row["executors"] = [sorted(s.runtime.executors) for s in services]
             rows.append(row)
             if partial is not None:  # a run cut short by its time limit keeps what it measured
                 partial.write_text(json.dumps({"model": model, "rows": rows}) + "\n")
         finally:
-            service.close()
+            for service in services:
+                service.close()
     if not args.rows or "e" in args.rows:
         rows.append({**sweep_row("e_torch_eager_gpu", eager_handler(model, sample, args.batch), args, sample, seed=99),
                      "knobs": {"torch": "eager, inference_mode, fp32"}})
@@ -311,6 +367,8 @@ def main() -> int:
     parser.add_argument("--groups", default="size:4", help="CPU core-group policy for the tails")
     parser.add_argument("--streams", default="1,2,4")
     parser.add_argument("--batch", type=int, default=8, help="batchSize (the paper uses 8-27)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker threads, each with its own service on its share of the cores")
     parser.add_argument("--delay-ms", type=int, default=5, help="maxBatchDelay")
     parser.add_argument("--p99-ms", type=float, default=100.0)
     parser.add_argument("--start-rate", type=float, default=100.0)

@@ -36,9 +36,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from gpu_serving import FrontEnd, build_model_dir, hetserve_handler, run_open_loop  # noqa: E402
+from gpu_serving import FrontEnd, build_model_dir, hetserve_workers, run_open_loop  # noqa: E402
 
-from handlers.timeline import HOST, Span, Timeline, chrome_trace, clip, overlap_report  # noqa: E402
+from handlers.timeline import (  # noqa: E402
+    HOST,
+    LanePrefix,
+    Span,
+    Timeline,
+    chrome_trace,
+    clip,
+    overlap_report,
+)
 from hetserve.machine import machine_info, run_record  # noqa: E402
 
 ROWS: dict[str, dict[str, Any]] = {
@@ -64,7 +72,10 @@ def plot(spans: list[Span], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     origin = min(s.start for s in spans)
-    lanes = sorted({s.lane for s in spans}, key=lambda lane: (lane != "handler", lane))
+    # Worker by worker ("w0/...", "w1/..."), its handler lane first.
+    lanes = sorted({s.lane for s in spans},
+                   key=lambda lane: (lane.split("/")[0] if lane[:1] == "w" and "/" in lane else "",
+                                     not lane.endswith("handler"), lane))
     fig, ax = plt.subplots(figsize=(12, 0.45 * len(lanes) + 1.6))
     for row, lane in enumerate(lanes):
         for s in (s for s in spans if s.lane == lane):
@@ -91,6 +102,8 @@ def main() -> int:
     parser.add_argument("--ratio", type=float, default=0.9, help="head share of the cut")
     parser.add_argument("--groups", default="size:4", help="CPU core-group policy")
     parser.add_argument("--batch", type=int, default=8, help="batchSize")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker threads, each with its own service on its share of the cores")
     parser.add_argument("--delay-ms", type=int, default=5, help="maxBatchDelay")
     parser.add_argument("--duration", type=float, default=3.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=1.0)
@@ -107,28 +120,32 @@ def main() -> int:
     manifest = json.loads((model_dir / "hetserve-manifest.json").read_text())
     sample = tuple(manifest["inputs"][0]["shape"][1:])
     knobs = {"ratio": args.ratio, "core_groups": args.groups, **ROWS[args.row]}
-    service, handle = hetserve_handler(model_dir, knobs, args.batch, args.delay_ms, sample)
+    services, handles = hetserve_workers(model_dir, knobs, args.batch, args.delay_ms, sample,
+                                         args.workers)
     timeline = Timeline()
-    front = FrontEnd(handle, args.batch, args.delay_ms / 1000.0)
+    front = FrontEnd(handles, args.batch, args.delay_ms / 1000.0)
     body = np.random.default_rng(0).standard_normal(sample, dtype=np.float32).tobytes()
     try:
         run_open_loop(front, body, args.rate, 1.0, 0.0, seed=1)  # unmeasured: first-run costs
-        service.timeline = timeline
-        for executor in service.runtime.executors.values():
-            executor.timeline = timeline
+        for i, service in enumerate(services):
+            recorder = LanePrefix(timeline, f"w{i}/") if args.workers > 1 else timeline
+            service.timeline = recorder
+            for executor in service.runtime.executors.values():
+                executor.timeline = recorder
         timeline.clear()
         started = time.perf_counter()
         result = run_open_loop(front, body, args.rate, args.duration, args.warmup, seed=2)
     finally:
         front.close()
-        service.close()
+        for service in services:
+            service.close()
     spans = timeline.spans()
     measured = (started + 0.05 + args.warmup, started + 0.05 + args.warmup + args.duration)
     report = overlap_report(spans, measured)
     # The drawn window: the middle of the measured run, where the pipeline is in steady state.
     middle = (measured[0] + measured[1]) / 2
     window = clip(spans, middle, middle + args.window_ms / 1e3)
-    stem = f"timeline-{args.model}-{args.row}"
+    stem = f"timeline-{args.model}-{args.row}" + (f"-{args.workers}w" if args.workers > 1 else "")
     title = (f"{args.model}, row {args.row}, {args.rate:.0f} req/s offered, batchSize {args.batch}: "
              f"{100 * (report['transfer_hidden_share'] or 0):.0f}% of transfer time under compute")
     if window:
@@ -138,15 +155,15 @@ def main() -> int:
         "benchmark": "timeline", **run_record(), "machine": machine_info(),
         "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                      "knobs": knobs},
-        "executors": sorted(service.runtime.executors),
+        "executors": [sorted(service.runtime.executors) for service in services],
         "dropped_spans": timeline.dropped,
         "load": json.loads(result.to_json()),
         "overlap": report,
     }
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
     lanes = ", ".join(f"{k} {100 * v['busy_share']:.0f}%" for k, v in report["lanes"].items())
-    phases = ", ".join(f"{k.split('/', 1)[1]} {1e3 * v['seconds'] / v['count']:.2f}"
-                       for k, v in report["host_phases"].items() if k.startswith("handler/"))
+    phases = ", ".join(f"{k} {1e3 * v['seconds'] / v['count']:.2f}"
+                       for k, v in report["host_phases"].items() if "handler/" in k)
     print(f"{stem}: {result.throughput_rps:.1f} req/s, p99 {result.latency_all_ms.p99 or 0:.1f} ms; "
           f"transfer {1e3 * report['transfer_s']:.1f} ms, hidden "
           f"{100 * (report['transfer_hidden_share'] or 0):.0f}%; stages side by side "

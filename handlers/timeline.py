@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 TRANSFER = "transfer"
@@ -70,6 +70,18 @@ class Timeline:
         with self._lock:
             self._spans.clear()
             self.dropped = 0
+
+
+@dataclass(frozen=True)
+class LanePrefix:
+    """Records into ``timeline`` with every lane prefixed: several workers' executors (each
+    with its own "cuda0s0") can share one timeline."""
+
+    timeline: Timeline
+    prefix: str
+
+    def record(self, span: Span) -> None:
+        self.timeline.record(replace(span, lane=f"{self.prefix}{span.lane}"))
 
 
 def merge(intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -17,6 +17,7 @@ from handlers.timeline import (
     COMPUTE,
     HOST,
     TRANSFER,
+    LanePrefix,
     Span,
     Timeline,
     chrome_trace,
@@ -105,6 +106,14 @@ def test_timeline_keeps_the_newest_spans_and_counts_the_dropped():
     assert timeline.spans() == [] and timeline.dropped == 0
     with pytest.raises(ValueError, match="capacity"):
         Timeline(capacity=0)
+
+
+def test_lane_prefix_keeps_workers_apart_in_one_timeline():
+    timeline = Timeline()
+    for worker in range(2):
+        LanePrefix(timeline, f"w{worker}/").record(Span("cuda0s0/compute", COMPUTE, "head", 0, 1))
+    assert sorted(s.lane for s in timeline.spans()) == ["w0/cuda0s0/compute", "w1/cuda0s0/compute"]
+    assert overlap_report(timeline.spans())["stages"] == {"head": 1}
 
 
 # ---- spans from real ONNX Runtime executors --------------------------------------------------
