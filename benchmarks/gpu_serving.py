@@ -64,14 +64,14 @@ def build_model_dir(model: str, ratio: float, batch: int, work: Path, device: st
     """Export, profile on ``device``, cut and verify: the payload a .mar would carry."""
     from hetserve.cli import main as cli
 
-    out = work / model
+    out = work / (model if ratio == 0.9 else f"{model}-r{ratio:g}")  # 0.9: the dirs of earlier runs
     if (out / "hetserve-manifest.json").exists():
         return out
     started = time.perf_counter()
     code = cli([
         "partition", "--model", f"zoo:{model}", "--ratios", str(ratio), "--method", "metis",
         "--profile-device", device, "--profile-batch", str(batch), "--quiet",
-        "--out-dir", str(out), "--report", str(work / f"{model}-partition.json"),
+        "--out-dir", str(out), "--report", str(work / f"{out.name}-partition.json"),
     ])
     if code != 0:
         raise SystemExit(f"partition of {model} failed ({code})")

@@ -134,7 +134,7 @@ def overlap_report(spans: Sequence[Span], window: tuple[float, float] | None = N
     """How busy each lane was, how much transfer time ran under compute, and how much the
     stages ran at the same time, over ``window`` (default: first to last span)."""
     if not spans:
-        return {"window_s": 0.0, "lanes": {}, "host_phases": {}, "transfer_s": 0.0,
+        return {"window_s": 0.0, "lanes": {}, "host_phases": {}, "runs": {}, "transfer_s": 0.0,
                 "transfer_hidden_share": None, "stages": {}, "stages_concurrent_s": 0.0}
     if window is None:
         window = (min(s.start for s in spans), max(s.end for s in spans))
@@ -163,6 +163,16 @@ def overlap_report(spans: Sequence[Span], window: tuple[float, float] | None = N
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             concurrent += intersection(by_stage[a], by_stage[b])
+    runs: dict[str, dict[str, float]] = {}
+    for s in spans:
+        if s.kind in (COMPUTE, TRANSFER):
+            where = "cuda" if "cuda" in s.lane else "cpu"  # CUDA executors are "cuda<d>s<k>"
+            key = f"{s.name}@{where}" if s.kind == COMPUTE else s.name
+            run = runs.setdefault(key, {"count": 0, "seconds": 0.0, "rows": 0, "bytes": 0})
+            run["count"] += 1
+            run["seconds"] += s.seconds
+            run["rows"] += s.batch
+            run["bytes"] += s.nbytes
     host_phases: dict[str, dict[str, float]] = {}
     for s in spans:
         if s.kind == HOST:
@@ -175,6 +185,9 @@ def overlap_report(spans: Sequence[Span], window: tuple[float, float] | None = N
         # Host-side phases (the handler's decode/assemble/run/encode, a CUDA executor's thread):
         # total seconds and how many spans, so a mean per batch is seconds / count.
         "host_phases": dict(sorted(host_phases.items())),
+        # Per stage and device ("head@cuda", "tail@cpu") and per transfer link: totals, so that
+        # seconds / count is a mean run and rows / count its mean batch.
+        "runs": dict(sorted(runs.items())),
         "transfer_s": transfer_s,
         "transfer_bytes": sum(s.nbytes for s in spans if s.kind == TRANSFER),
         "transfer_hidden_s": hidden,

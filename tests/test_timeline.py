@@ -66,6 +66,21 @@ def test_overlap_report_counts_hidden_transfer_and_concurrent_stages():
     assert report["stages_concurrent_s"] == 2.0
     assert report["lanes"]["gpu/compute"]["busy_share"] == 0.8
     assert report["lanes"]["gpu/host"]["kind"] == HOST
+    assert report["runs"]["head@cpu"]["count"] == 2  # lane "gpu/compute" is not a CUDA executor's
+    assert report["runs"]["tail@cpu"] == {"count": 1, "seconds": 3.0, "rows": 0, "bytes": 0}
+    assert report["runs"]["cuda:0->cpu"]["bytes"] == 100
+
+
+def test_runs_are_told_apart_by_device():
+    spans = [
+        Span("w1/cuda0s0/compute", COMPUTE, "head", 0.0, 0.002, batch=8),
+        Span("w1/cuda0s0/compute", COMPUTE, "head", 1.0, 1.004, batch=8),
+        Span("w1/cpu4-7", COMPUTE, "tail", 0.0, 0.010, batch=6),
+    ]
+    runs = overlap_report(spans)["runs"]
+    assert runs["head@cuda"]["count"] == 2
+    assert runs["head@cuda"]["seconds"] == pytest.approx(0.006)
+    assert runs["tail@cpu"]["rows"] == 6
 
 
 def test_overlap_report_over_a_window_and_when_empty():
