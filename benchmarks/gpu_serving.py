@@ -4,7 +4,8 @@ Rows, per model, all through the same in-process front end (below):
   a_gpu_whole_1stream   whole model, one CUDA stream
   b_gpu_whole_Nstreams  whole model, N CUDA streams (2 and 4)
   c_hetero_dmda         partitioned: head on the streams, each tail placed by the EWMA/dmda
-                        scheduler over the streams and the CPU core groups
+                        scheduler over the streams and the CPU core groups (c1: one stream,
+                        whole batches; c2: one stream, three micro-batches a batch)
   d_hetero_tail_cpu     partitioned: tail always on the CPU core groups
   e_torch_eager_gpu     the stock handler's work: eager PyTorch on the GPU, same front end
 
@@ -41,7 +42,8 @@ from hetserve.loadgen import LoadResult, Record, arrival_offsets, summarize  # n
 from hetserve.machine import machine_info, run_record  # noqa: E402
 
 
-def hetserve_rows(streams: list[int], ratio: float, groups: str) -> dict[str, dict[str, Any]]:
+def hetserve_rows(streams: list[int], ratio: float, groups: str,
+                  batch: int = 8) -> dict[str, dict[str, Any]]:
     rows = {}
     for n in streams:
         rows[f"a_gpu_whole_{n}stream" if n == 1 else f"b_gpu_whole_{n}streams"] = {
@@ -53,6 +55,10 @@ def hetserve_rows(streams: list[int], ratio: float, groups: str) -> dict[str, di
     # One stream, the whole batch as one micro-batch: what row a runs, plus the cut.
     rows["c1_hetero_dmda_1stream"] = {**common, "cuda_streams": 1, "micro_batch": 0,
                                       "tail_devices": "auto"}
+    # One stream, each batch in three micro-batches: the tail of one can run on the CPU while
+    # the GPU runs the next one's head, inside the batch (a worker runs one batch at a time).
+    rows["c2_hetero_dmda_3micro"] = {**common, "cuda_streams": 1, "micro_batch": -(-batch // 3),
+                                     "tail_devices": "auto"}
     rows["d_hetero_tail_cpu"] = {**common, "tail_devices": "cpu"}
     return rows
 
@@ -316,7 +322,7 @@ def bench_model(model: str, args, work: Path, partial: Path | None = None) -> di
     manifest = json.loads((model_dir / "hetserve-manifest.json").read_text())
     sample = tuple(manifest["inputs"][0]["shape"][1:])
     rows = []
-    wanted = hetserve_rows(args.streams, args.ratio, args.groups)
+    wanted = hetserve_rows(args.streams, args.ratio, args.groups, args.batch)
     if args.rows:
         wanted = {n: k for n, k in wanted.items() if n.split("_")[0] in args.rows}
     for i, (name, knobs) in enumerate(wanted.items()):

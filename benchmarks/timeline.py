@@ -12,7 +12,7 @@ attached to every executor. Written per run:
   timeline-<model>-<row>.png    the same window drawn lane by lane
 
 Rows (``--row``): ``a`` whole model on one CUDA stream; ``c1`` partitioned, dmda over the
-stream and the CPU groups; ``d`` partitioned, tails always on the CPU groups; ``cpu`` the
+stream and the CPU groups; ``c2`` the same with three micro-batches a batch; ``d`` partitioned, tails always on the CPU groups; ``cpu`` the
 CPU-only default (heads split over every core group, tails placed by dmda), the one that runs
 without a GPU; ``cpu_pipe`` a strict CPU pipeline (heads on one group, tails on the others,
 micro-batches of one).
@@ -52,6 +52,7 @@ from hetserve.machine import machine_info, run_record  # noqa: E402
 ROWS: dict[str, dict[str, Any]] = {
     "a": {"ratio": 1.0, "cuda_streams": 1, "head_devices": "cuda", "micro_batch": 0},
     "c1": {"cuda_streams": 1, "head_devices": "cuda", "micro_batch": 0, "tail_devices": "auto"},
+    "c2": {"cuda_streams": 1, "head_devices": "cuda", "micro_batch": -3, "tail_devices": "auto"},
     "d": {"cuda_streams": 1, "head_devices": "cuda", "micro_batch": 0, "tail_devices": "cpu"},
     # CPU only, as shipped: heads split over every group, each tail placed by dmda.
     "cpu": {"head_devices": "cpu", "tail_devices": "cpu"},
@@ -120,6 +121,8 @@ def main() -> int:
     manifest = json.loads((model_dir / "hetserve-manifest.json").read_text())
     sample = tuple(manifest["inputs"][0]["shape"][1:])
     knobs = {"ratio": args.ratio, "core_groups": args.groups, **ROWS[args.row]}
+    if knobs.get("micro_batch", 0) < 0:  # -k: k micro-batches a batch
+        knobs["micro_batch"] = -(-args.batch // -knobs["micro_batch"])
     services, handles = hetserve_workers(model_dir, knobs, args.batch, args.delay_ms, sample,
                                          args.workers)
     timeline = Timeline()

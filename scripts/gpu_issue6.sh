@@ -4,8 +4,9 @@
 #   bash scripts/gpu_bundle.sh; bash scripts/gpu_bundle_java.sh
 # Then on the GPU machine, one call per phase, in this order (most important first):
 #   phase 1, carry [".gpu"]:     gpu_check (timeline test, padded-copy mends) + timelines of
-#                                rows a, c1, d and of c1 with 4 workers
-#   phase 2, carry [".gpu"]:     in-process sweeps with 4 workers (a, c1, d) and at batchSize 27
+#                                rows a, c1, c2, d and of c1 with 4 workers, then the offload bound
+#   phase 2, carry [".gpu"]:     in-process sweeps with 4 workers (a, c1, d; c1 also cut at
+#                                0.8) and at batchSize 27 (a, c1, c2 in three micro-batches)
 #   phase 3, carry [".gpujava"]: real TorchServe, 1 worker: stock BaseHandler, a, c1
 #   phase 4, carry [".gpujava"]: real TorchServe, 4 workers: stock BaseHandler, a, c1
 # Phases 3-4 reuse the ORT that an earlier call unpacked into /tmp/site (both bundles together
@@ -23,7 +24,7 @@ case "${1:?phase 1, 2, 3 or 4}" in
 1)
     bash scripts/gpu_check.sh 2>&1 | tail -25
     cp benchmarks/results/gpu-check.json "$out/" 2>/dev/null
-    for row in a c1 d; do
+    for row in a c1 c2 d; do
         python3 benchmarks/timeline.py --model "$model" --row "$row" --rate "$rate" \
             --duration 3 --window-ms 40 --out "$out" 2>&1 | tail -1
     done
@@ -37,7 +38,7 @@ case "${1:?phase 1, 2, 3 or 4}" in
     # A 10% tail bounds any offload gain at 1/0.9 = 1.11x: a heavier tail is needed for 1.15x.
     python3 benchmarks/gpu_serving.py --models "$model" --rows c1 --workers 4 --ratio 0.8 \
         --tag=-4w-r0.8 --duration 2 --warmup 0.4 --refine 1 --out "$out" 2>&1 | grep -v "^INFO" | tail -15
-    python3 benchmarks/gpu_serving.py --models "$model" --rows a,c1 --batch 27 --tag=-b27 \
+    python3 benchmarks/gpu_serving.py --models "$model" --rows a,c1,c2 --batch 27 --tag=-b27 \
         --duration 2 --warmup 0.4 --refine 1 --out "$out" 2>&1 | grep -v "^INFO" | tail -25
     ;;
 3|4)
