@@ -766,8 +766,9 @@ def test_gpu_timeline_orders_copy_compute_copy_on_one_clock(gpu_models):
         assert {k: len(v) for k, v in lanes.items() if k != "pin"} == {
             "h2d": 6, "compute": 6, "d2h": 6, "host": 6}
         for h2d, run, d2h in zip(lanes["h2d"], lanes["compute"], lanes["d2h"], strict=True):
-            assert h2d.start < h2d.end <= run.start + 1e-4  # event timers are ~0.5 us precise
-            assert run.start < run.end <= d2h.start + 1e-4
+            # Event timers tick every ~0.5 us: a tiny copy may read as 0 long, never negative.
+            assert h2d.start <= h2d.end <= run.start + 1e-4
+            assert run.start <= run.end <= d2h.start + 1e-4 and d2h.start <= d2h.end
         host = lanes["host"]
         # GPU spans lie inside the host's view of the same jobs (1 ms for clock mapping).
         assert lanes["compute"][0].start >= host[0].start - 1e-3
