@@ -114,7 +114,8 @@ def main() -> int:
     args = parser.parse_args()
 
     device = "cpu" if args.row.startswith("cpu") else "cuda"
-    work = args.work or Path(f"/tmp/hetserve-timeline-{device}")
+    # The GPU model directories are the ones gpu_serving.py builds: one build a device session.
+    work = args.work or Path("/tmp/hetserve-gpu" if device == "cuda" else "/tmp/hetserve-timeline-cpu")
     work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir = build_model_dir(args.model, args.ratio, args.batch, work, device)
