@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -37,8 +36,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from serving_cpu import BASELINE, build_stock_mar, sweep_server  # noqa: E402
+from serving_cpu import BASELINE, build_hetserve_mar, build_stock_mar, sweep_server  # noqa: E402
 
+from handlers.cuda_executor import cuda_available  # noqa: E402
 from hetserve.knee import Criteria, plot_curves  # noqa: E402
 from hetserve.machine import machine_info, run_record  # noqa: E402
 from partitioner.archive import with_config  # noqa: E402
@@ -50,18 +50,6 @@ HETSERVE_ROWS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_mar(model: str, ratio: float, batch: int, store: Path, device: str) -> Path:
-    mar = store / f"{model}.mar"
-    if not mar.exists():
-        subprocess.run(
-            [sys.executable, "-m", "hetserve", "archive", "--model", f"zoo:{model}", "--model-name", model,
-             "--ratios", str(ratio), "--profile-device", device, "--profile-batch", str(batch),
-             "--export-path", str(store), "--quiet"],
-            check=True, cwd=REPO,
-        )
-    return mar
-
-
 def served_devices(workdir: Path) -> list[str]:
     """The handler's layout lines from the worker log: which executors really served."""
     lines = []
@@ -69,15 +57,6 @@ def served_devices(workdir: Path) -> list[str]:
         lines += [line.split("]", 1)[-1].strip() for line in log.read_text(errors="replace").splitlines()
                   if " head on " in line or ("CUDA" in line and "hetserve" in line)]
     return lines[:8]
-
-
-def cuda_present() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001 - no torch, no GPU
-        return False
 
 
 def main() -> int:
@@ -104,12 +83,13 @@ def main() -> int:
     rows = set(args.rows.split(","))
     workers = [int(w) for w in args.workers.split(",")]
     criteria = Criteria(p99_ms=args.p99_ms)
-    device = "cuda" if cuda_present() else "cpu"
+    device = "cuda" if cuda_available() else "cpu"
     store = args.work / "store"
     store.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     for model in args.models.split(","):
-        mar = build_mar(model, args.ratio, args.batch, store, device)
+        mar = build_hetserve_mar(model, store, str(args.ratio), "--profile-device", device,
+                                 "--profile-batch", str(args.batch))
         with zipfile.ZipFile(mar) as archive:
             manifest = json.loads(archive.read("hetserve-manifest.json"))
         shape = (1, *manifest["inputs"][0]["shape"][1:])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,7 +43,7 @@ def main() -> int:
     record = {
         "benchmark": "offload_bound", **run_record(), "model": args.model, "batch": batch,
         "from": [gpu["command"], cpu["command"]],
-        "inputs": inputs.__dict__, "bound": bound.to_dict(),
+        "inputs": asdict(inputs), "bound": bound.to_dict(),
         "measured_head_share": inputs.gpu_head_ms / whole,
         "head_share_for_goal": head_share_for_gain(args.goal), "goal": args.goal,
     }

@@ -76,12 +76,14 @@ def fill(value, cores: int):
     return value
 
 
-def build_hetserve_mar(model: str, store: Path) -> Path:
+def build_hetserve_mar(model: str, store: Path, ratios: str = "0.5,0.8", *extra: str) -> Path:
+    """``hetserve archive`` of a zoo model into ``store`` (kept: later runs reuse it); ``extra``
+    are further archive options, e.g. the profiling device."""
     mar = store / f"{model}.mar"
     if not mar.exists():
         subprocess.run(
             [sys.executable, "-m", "hetserve", "archive", "--model", f"zoo:{model}", "--model-name", model,
-             "--ratios", "0.5,0.8", "--export-path", str(store), "--quiet"],
+             "--ratios", ratios, "--export-path", str(store), "--quiet", *extra],
             check=True, cwd=REPO,
         )
     return mar

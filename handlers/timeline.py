@@ -15,9 +15,8 @@ Perfetto and chrome://tracing open.
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -46,7 +45,6 @@ class Timeline:
     """A thread-safe, bounded recorder: the newest ``capacity`` spans are kept."""
 
     capacity: int = 200_000
-    clock: Callable[[], float] = time.perf_counter
     _spans: deque = field(init=False)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     dropped: int = 0
@@ -118,12 +116,8 @@ def intersection(
 
 def clip(spans: Iterable[Span], start: float, end: float) -> list[Span]:
     """The spans inside [start, end), cut at its edges."""
-    out = []
-    for s in spans:
-        a, b = max(s.start, start), min(s.end, end)
-        if b > a:
-            out.append(Span(s.lane, s.kind, s.name, a, b, s.batch, s.nbytes))
-    return out
+    return [replace(s, start=max(s.start, start), end=min(s.end, end))
+            for s in spans if min(s.end, end) > max(s.start, start)]
 
 
 def _intervals(spans: Iterable[Span]) -> list[tuple[float, float]]:
