@@ -1,8 +1,10 @@
 """Start and stop a real TorchServe on 127.0.0.1 with the project's secure config (tests, benchmarks, tuner).
 
 Each instance gets its own working directory (TorchServe writes key_file.json and logs there),
-its own free ports and its own TMPDIR (TorchServe keeps its pid file in the temp dir, so two
-instances sharing one would refuse to start).
+its own free ports and its own temp directory: TorchServe keeps its pid file in TMPDIR, and the
+frontend puts the worker sockets (`.ts.sock.<initial_worker_port + n>`) and the unpacked models
+in java.io.tmpdir, which `ts.model_server` sets from TEMP. Without both, two instances on one host
+share sockets and unpacked weights.
 """
 
 from __future__ import annotations
@@ -136,7 +138,8 @@ def start_torchserve(workdir: Path, model_store: Path, models: dict[str, str],
     # TorchServe writes fresh keys at each start; a stale file would hand out dead tokens.
     (workdir / "key_file.json").unlink(missing_ok=True)
     ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
-    config = write_config(workdir, model_store, ports, dict(overrides or {}), base_config)
+    overrides = {"initial_worker_port": str(free_port()), **(overrides or {})}
+    config = write_config(workdir, model_store, ports, overrides, base_config)
     venv_bin = Path(sys.executable).parent
     # Without a venv (the GPU machine: packages unzipped onto PYTHONPATH) there is no console
     # script; the module is the same entry point.
@@ -150,6 +153,7 @@ def start_torchserve(workdir: Path, model_store: Path, models: dict[str, str],
     process_env = {
         **os.environ,
         "TMPDIR": str(workdir / "tmp"),
+        "TEMP": str(workdir / "tmp"),
         "LOG_LOCATION": str(workdir / "logs"),
         "METRICS_LOCATION": str(workdir / "logs"),
         "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",

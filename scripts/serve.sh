@@ -16,6 +16,9 @@ model="${HETSERVE_MODEL:-zoo:resnet18}"
 name="${HETSERVE_MODEL_NAME:-resnet18}"
 ratios="${HETSERVE_RATIOS:-0.5,0.75,0.8,0.85,0.9}"
 export TMPDIR="$run_dir/tmp"            # TorchServe keeps its pid file in the temp dir
+# ts.model_server turns TEMP into java.io.tmpdir, where the frontend puts the worker sockets and
+# the unpacked models: private to this instance instead of shared (and world-readable) in /tmp.
+export TEMP="$TMPDIR"
 mkdir -p "$TMPDIR"
 
 if [[ "${1:-}" == "--stop" ]]; then
