@@ -217,7 +217,9 @@ def model_worker_pid(server: TorchServe, model: str) -> int | None:
     if resp.status != 200:
         return None
     workers = resp.json()[0].get("workers", [])
-    ready = [w for w in workers if w.get("status") == "READY" and w.get("pid")]
+    # A starting worker reports pid -1: only a pid > 1 names a process.
+    ready = [w for w in workers if w.get("status") == "READY" and isinstance(w.get("pid"), int)
+             and w["pid"] > 1]
     return int(ready[0]["pid"]) if ready else None
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Any
 
+from handlers.connection_guard import ConnectionGuard, hold_seconds
 from handlers.metrics import emit_runtime_metrics
 from handlers.service import InferenceService, RawRequest, Reply
 from handlers.v2_codec import ENVELOPE_STATUS, envelope_error
@@ -31,6 +32,7 @@ class HetServeHandler:
     def __init__(self) -> None:
         self.service: InferenceService | None = None
         self.initialized = False
+        self.guard: ConnectionGuard | None = None
 
     def initialize(self, context: Any) -> None:
         # Bodies must reach the handler as bytes: it bounds JSON size and depth itself.
@@ -48,6 +50,8 @@ class HetServeHandler:
             raise RuntimeError(
                 f"hetserve could not load model {context.model_name}: {reason}"
             ) from None
+        # TorchServe drops requests it is gathering when our connection closes: see the module.
+        self.guard = ConnectionGuard.start(hold_seconds(context.model_yaml_config))
         self.initialized = True
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:

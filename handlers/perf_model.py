@@ -17,14 +17,22 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from handlers.exploration import clamped_stamp, decayed_alpha
 
 log = logging.getLogger(__name__)
 
 HISTORY_FORMAT = "hetserve-perf-history"
 HISTORY_VERSION = 1
+
+# Bounds on what a saved history may hold: a run of an hour, a transfer of a petabyte. Larger
+# values are corrupt, and squares of 1e200 overflow a float ("Numerical result out of range").
+MAX_SECONDS = 3600.0
+MAX_BYTES = float(2**50)
+MAX_HISTORY_BYTES = 64 * 1024 * 1024
 
 RunKey = tuple[str, str, int]  # (stage, executor, batch bucket)
 
@@ -118,7 +126,9 @@ class PerfHistory:
                 pair = (stage, executor)
                 self._buckets[pair] = tuple(sorted((*self._buckets.get(pair, ()), key[2])))
             else:
-                mean = old.mean_s + self.alpha * (seconds - old.mean_s)
+                # An old estimate gives way faster: a stale or inflated one cannot linger.
+                alpha = decayed_alpha(self.alpha, now - old.updated)
+                mean = old.mean_s + alpha * (seconds - old.mean_s)
                 self._runs[key] = RunEntry(mean, old.count + 1, now)
 
     def observe_transfer(self, link: str, nbytes: int, seconds: float) -> None:
@@ -134,7 +144,7 @@ class PerfHistory:
             if old is None:
                 entry = LinkEntry(n, t, n * n, n * t, 1, now)
             else:
-                entry = _ewma_link(old, n, t, self.alpha, now)
+                entry = _ewma_link(old, n, t, decayed_alpha(self.alpha, now - old.updated), now)
             self._links[link] = entry
             self._fits[link] = (entry.latency_s, entry.per_byte_s)
 
@@ -166,6 +176,12 @@ class PerfHistory:
 
     def is_calibrated(self, stage: str, executor: str) -> bool:
         return bool(self._buckets.get((stage, executor)))
+
+    def last_observed(self, stage: str, executor: str) -> float | None:
+        """When ``stage`` last ran on ``executor`` (any batch bucket); None if never."""
+        buckets = self._buckets.get((stage, executor), ())
+        stamps = [e.updated for b in buckets if (e := self._runs.get((stage, executor, b)))]
+        return max(stamps, default=None)
 
     def run_entry(self, stage: str, executor: str, batch: int) -> RunEntry | None:
         return self._runs.get((stage, executor, batch_bucket(batch)))
@@ -224,6 +240,10 @@ class PerfHistory:
             links = {str(r["link"]): _link_entry(r) for r in data["links"]}
         except (KeyError, TypeError, ValueError) as exc:
             raise PerfHistoryError(f"malformed performance history entry: {exc!r}") from None
+        # A stamp in the future would win every merge-on-save for ever: it counts as the oldest.
+        now = history.clock()
+        runs = {k: replace(e, updated=clamped_stamp(e.updated, now)) for k, e in runs.items()}
+        links = {k: replace(e, updated=clamped_stamp(e.updated, now)) for k, e in links.items()}
         history._set(runs, links)
         return history
 
@@ -278,6 +298,10 @@ class PerfHistory:
 
 def _read_history(path: Path, alpha: float, clock: Callable[[], float]) -> PerfHistory | None:
     try:
+        if path.stat().st_size > MAX_HISTORY_BYTES:
+            log.warning("ignoring performance history %s: over %d bytes; starting empty",
+                        path, MAX_HISTORY_BYTES)
+            return None
         raw = path.read_bytes()
     except FileNotFoundError:
         return None
@@ -286,8 +310,11 @@ def _read_history(path: Path, alpha: float, clock: Callable[[], float]) -> PerfH
         return None
     try:
         return PerfHistory.from_json(json.loads(raw.decode("utf-8")), alpha=alpha, clock=clock)
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        log.warning("ignoring corrupt performance history %s (%s); starting empty", path, exc)
+    except (ValueError, UnicodeDecodeError, RecursionError, OverflowError) as exc:
+        # JSONDecodeError is a ValueError; nesting 100,000 deep is a RecursionError. Any file
+        # this cannot read starts the worker empty, with one warning that names file and cause.
+        log.warning("ignoring corrupt performance history %s (%s: %s); starting empty",
+                    path, type(exc).__name__, str(exc)[:200] or "no detail")
         return None
 
 
@@ -317,10 +344,10 @@ def _bucket(value: Any) -> int:
     return value
 
 
-def _finite(value: Any, minimum: float = 0.0) -> float:
+def _finite(value: Any, minimum: float = 0.0, maximum: float = math.inf) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{value!r} is not a number")
-    if not math.isfinite(value) or value < minimum:
+    if not math.isfinite(value) or not minimum <= value <= maximum:
         raise ValueError(f"{value!r} is out of range")
     return float(value)
 
@@ -333,7 +360,7 @@ def _count(value: Any) -> int:
 
 def _run_entry(r: dict[str, Any]) -> RunEntry:
     return RunEntry(
-        mean_s=_finite(r["mean_s"]),
+        mean_s=_finite(r["mean_s"], maximum=MAX_SECONDS),
         count=_count(r["count"]),
         updated=_finite(r["updated"], -math.inf),
     )
@@ -341,10 +368,10 @@ def _run_entry(r: dict[str, Any]) -> RunEntry:
 
 def _link_entry(r: dict[str, Any]) -> LinkEntry:
     return LinkEntry(
-        mean_bytes=_finite(r["mean_bytes"]),
-        mean_s=_finite(r["mean_s"]),
-        mean_bytes_sq=_finite(r["mean_bytes_sq"]),
-        mean_bytes_s=_finite(r["mean_bytes_s"]),
+        mean_bytes=_finite(r["mean_bytes"], maximum=MAX_BYTES),
+        mean_s=_finite(r["mean_s"], maximum=MAX_SECONDS),
+        mean_bytes_sq=_finite(r["mean_bytes_sq"], maximum=MAX_BYTES**2),
+        mean_bytes_s=_finite(r["mean_bytes_s"], maximum=MAX_BYTES * MAX_SECONDS),
         count=_count(r["count"]),
         updated=_finite(r["updated"], -math.inf),
     )

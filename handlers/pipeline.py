@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from handlers.executors import Executor, ExecutorError
+from handlers.exploration import REPROBE_AFTER_S, mark_reprobes
 from handlers.faults import Quarantine
 from handlers.perf_model import PerfHistory
 from handlers.scheduler import (
@@ -154,6 +155,8 @@ class Runtime:
         self.request_timeout_s = request_timeout_s or stage_timeout_s * (len(self.stages) + 1)
         self.quarantine = quarantine or Quarantine(list(self.executors))
         self._probe_feeds = probe_feeds
+        self.reprobe_after_s = REPROBE_AFTER_S
+        self._reprobed: dict[tuple[str, str], float] = {}
         self._clock = clock
         self._lock = threading.Lock()
         self._free = ExecutorClock(clock=clock)
@@ -448,6 +451,9 @@ class Runtime:
         candidates = build_candidates(
             self.history, stage.name, batch, nbytes, data_device, allowed, free_at
         )
+        # A pair unmeasured for a while gets one run as if uncalibrated: re-measured, not starved.
+        candidates = mark_reprobes(stage.name, candidates, self.history.last_observed,
+                                   self._reprobed, self.history.clock(), self.reprobe_after_s)
         placement = choose_executor(self._clock(), candidates)
         self._free.reserve(placement.executor, placement.start, placement.end)
         return placement

@@ -5,13 +5,13 @@ Unknown keys are errors, not silently ignored: a typo in a knob must not quietly
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from handlers.faults import FaultSpec, parse_faults
+from handlers.state_dir import resolve_state_dir
 from handlers.validation import RequestLimits
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -54,6 +54,7 @@ class RuntimeConfig:
     faults: tuple[FaultSpec, ...] = ()  # tests only: needs HETSERVE_ENABLE_FAULTS=1
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.ratio is not None and not self.ratio > 0.0:
             raise ConfigError(f"hetserve.ratio must be > 0 (or null), got {self.ratio!r}")
         _check_policy(self.core_groups)
@@ -117,12 +118,9 @@ class RuntimeConfig:
                 raise
             raise ConfigError(f"bad hetserve option: {exc}") from None
 
-    def state_path(self, model_name: str, manifest_digest: str) -> Path:
-        base = Path(
-            self.state_dir
-            or os.environ.get("HETSERVE_STATE_DIR")
-            or Path.home() / ".cache" / "hetserve"
-        )
+    def state_path(self, model_name: str, manifest_digest: str, model_dir: str | Path = "") -> Path:
+        # Expanded, absolute, outside the model directory, under an allowed root (state_dir.py).
+        base = resolve_state_dir(self.state_dir, model_dir or Path.cwd())
         return base / f"{model_name}-{manifest_digest[:12]}-perf.json"
 
 
@@ -133,3 +131,30 @@ def _check_policy(policy: str) -> None:
     if kind == "size" and size.isdigit() and int(size) > 0:
         return
     raise ConfigError(f"hetserve.core_groups must be numa, socket or size:K, got {policy!r}")
+
+
+# Knobs whose YAML type must be checked before any comparison: "0.8" or true for a ratio, 2 for a
+# policy, 123 for a path would otherwise fail as Python errors that do not name the knob, or
+# (ratio: true == 1) silently serve the whole model.
+_NUMBERS = ("ratio", "ewma_alpha", "stage_timeout_s", "request_timeout_s", "probe_backoff_s",
+            "probe_backoff_max_s", "save_interval_s")
+_STRINGS = ("core_groups", "tail_devices", "head_devices", "state_dir")
+_OPTIONAL = ("ratio", "request_timeout_s", "state_dir")
+
+
+def _check_types(config: RuntimeConfig) -> None:
+    for name in _NUMBERS + _STRINGS:
+        value = getattr(config, name)
+        if value is None and name in _OPTIONAL:
+            continue
+        if name in _NUMBERS:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(
+                    f"hetserve.{name} must be a number{' or null' if name in _OPTIONAL else ''}, "
+                    f"got {value!r} ({type(value).__name__})"
+                )
+        elif not isinstance(value, str):
+            raise ConfigError(
+                f"hetserve.{name} must be a string{' or null' if name in _OPTIONAL else ''}, "
+                f"got {value!r} ({type(value).__name__})"
+            )

@@ -91,7 +91,7 @@ class InferenceService:
         config = RuntimeConfig.from_model_yaml(model_yaml)
         manifest = load_verified_manifest(model_dir)
         digest = hashlib.sha256((model_dir / MANIFEST_NAME).read_bytes()).hexdigest()
-        state_path = config.state_path(manifest.model_name, digest)
+        state_path = config.state_path(manifest.model_name, digest, model_dir)
         history = PerfHistory.load(state_path, alpha=config.ewma_alpha)
         runtime = build_runtime(manifest, model_dir, config, history)
         service = cls(manifest, runtime, config, state_path, model_version)

@@ -86,6 +86,17 @@ class TorchServe:
             and not any("run_cpu" in part for part in _cmdline(p))
         ]
 
+    def kill_worker(self, pid: object, sig: int = signal.SIGKILL) -> int:
+        """Signal one model worker of this server, after checking that ``pid`` is one.
+
+        TorchServe's management API reports pid -1 for a worker that is starting, and
+        ``os.kill(-1, SIGKILL)`` signals every process the user can reach: a pid goes to
+        ``os.kill`` only once it is > 1 and names a model worker this server started.
+        """
+        checked = checked_worker_pid(pid, self.worker_pids())
+        os.kill(checked, sig)
+        return checked
+
     def stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
@@ -94,6 +105,22 @@ class TorchServe:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
+
+
+class NotAWorkerError(ValueError):
+    """A pid that must not be signalled: not > 1, or not a model worker of this server."""
+
+
+def checked_worker_pid(pid: object, workers: list[int]) -> int:
+    """``pid`` as an int if it may be signalled as one of ``workers`` (the server's verified
+    model-worker pids, see TorchServe.worker_pids); raises NotAWorkerError otherwise."""
+    if isinstance(pid, bool) or not isinstance(pid, int):
+        raise NotAWorkerError(f"worker pid {pid!r} is not an integer")
+    if pid <= 1:
+        raise NotAWorkerError(f"refusing to signal pid {pid}: TorchServe reports -1 for a starting worker")
+    if pid not in workers:
+        raise NotAWorkerError(f"pid {pid} is not a model worker of this TorchServe (workers: {workers})")
+    return pid
 
 
 def _cmdline(proc) -> list[str]:

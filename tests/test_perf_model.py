@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from handlers.exploration import decayed_alpha
 from handlers.perf_model import PerfHistory, PerfHistoryError, batch_bucket
 
 
@@ -45,8 +46,12 @@ def test_ewma_arithmetic_count_and_clock() -> None:
     h.observe_run("tail", "cpu0-3", 7, 0.020)  # same bucket (8)
     clock.advance(5)
     h.observe_run("tail", "cpu0-3", 8, 0.030)
-    # 0.010 -> 0.010 + 0.25 * (0.020 - 0.010) = 0.0125 -> 0.0125 + 0.25 * 0.0175 = 0.016875
-    assert h.predict_run("tail", "cpu0-3", 6) == pytest.approx(0.016875)
+    # 0.010 -> 0.010 + a * (0.020 - 0.010) -> ... + a * (0.030 - ...), where a is 0.25 for a
+    # fresh estimate and grows as it ages (5 s here: issue 17's decay toward fresh measurements).
+    a = decayed_alpha(0.25, 5.0)
+    assert 0.25 < a < 1.0
+    first = 0.010 + a * (0.020 - 0.010)
+    assert h.predict_run("tail", "cpu0-3", 6) == pytest.approx(first + a * (0.030 - first))
     entry = h.run_entry("tail", "cpu0-3", 8)
     assert entry is not None and entry.count == 3 and entry.updated == 1010.0
     assert h.is_calibrated("tail", "cpu0-3")

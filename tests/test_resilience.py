@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import signal
 import sys
 import threading
 import time
@@ -181,7 +179,7 @@ def test_killed_worker_fails_in_flight_requests_restarts_and_keeps_its_history(s
         t.start()
     time.sleep(1.5)
     answered_before_kill = len(results)
-    os.kill(old, signal.SIGKILL)
+    server.kill_worker(old)  # checks pid > 1 and that it is this server's worker
     time.sleep(1.0)
     stop.set()
     for t in threads:
