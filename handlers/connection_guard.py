@@ -111,3 +111,32 @@ class ConnectionGuard:
         if self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=5)
+
+
+# maxBatchDelay above this (with batchSize > 1) earns a warning when an archive is built.
+RISKY_MAX_BATCH_DELAY_MS = 50
+
+
+def batching_problems(model_yaml: dict) -> tuple[list[str], list[str]]:
+    """(warnings, errors) for the frontend batching settings of a model-config.yaml."""
+    batch = model_yaml.get("batchSize", 1)
+    delay = model_yaml.get("maxBatchDelay", TORCHSERVE_MAX_BATCH_DELAY_MS)
+    timeout = model_yaml.get("responseTimeout", 120)
+    if not isinstance(batch, int) or batch <= 1:
+        return [], []
+    if isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0:
+        return [], [f"maxBatchDelay must be a number of milliseconds >= 0, got {delay!r}"]
+    hold = hold_seconds({"maxBatchDelay": delay})
+    if isinstance(timeout, int | float) and not isinstance(timeout, bool) and hold >= timeout:
+        return [], [
+            f"maxBatchDelay {delay:g} ms: a worker death while TorchServe gathers a batch would "
+            f"be answered after {hold:g} s, past responseTimeout ({timeout:g} s)"
+        ]
+    if delay > RISKY_MAX_BATCH_DELAY_MS:
+        return [
+            f"batchSize {batch} with maxBatchDelay {delay:g} ms: TorchServe 0.12 drops the "
+            "requests it is gathering when a worker dies; hetserve's connection guard gets them a "
+            f"500 instead, {hold:g} s later, and the worker restarts that much later. Keep "
+            f"maxBatchDelay at or under {RISKY_MAX_BATCH_DELAY_MS} ms (the shipped config has 5)."
+        ], []
+    return [], []

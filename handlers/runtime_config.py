@@ -118,10 +118,13 @@ class RuntimeConfig:
                 raise
             raise ConfigError(f"bad hetserve option: {exc}") from None
 
-    def state_path(self, model_name: str, manifest_digest: str, model_dir: str | Path = "") -> Path:
-        # Expanded, absolute, outside the model directory, under an allowed root (state_dir.py).
+    def state_path(
+        self, model_name: str, manifest_digest: str, model_dir: str | Path = "", key: str = ""
+    ) -> Path:
+        # Expanded, absolute, outside the model directory, under an allowed root (state_dir.py);
+        # ``key`` names the served stages and core-group shape (history_key.py).
         base = resolve_state_dir(self.state_dir, model_dir or Path.cwd())
-        return base / f"{model_name}-{manifest_digest[:12]}-perf.json"
+        return base / f"{model_name}-{manifest_digest[:12]}{'-' + key if key else ''}-perf.json"
 
 
 def _check_policy(policy: str) -> None:

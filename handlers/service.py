@@ -25,6 +25,7 @@ from handlers.codecs import (
     encode_response,
 )
 from handlers.executors import ExecutorError
+from handlers.history_key import history_key
 from handlers.manifest import MANIFEST_NAME, Manifest, load_verified_manifest
 from handlers.perf_model import PerfHistory
 from handlers.pipeline import MicroBatchOutcome, Runtime, RuntimeStats, StageTimeout
@@ -91,7 +92,8 @@ class InferenceService:
         config = RuntimeConfig.from_model_yaml(model_yaml)
         manifest = load_verified_manifest(model_dir)
         digest = hashlib.sha256((model_dir / MANIFEST_NAME).read_bytes()).hexdigest()
-        state_path = config.state_path(manifest.model_name, digest, model_dir)
+        key = history_key(manifest, config.ratio, config.core_groups, config.cpu_head_groups)
+        state_path = config.state_path(manifest.model_name, digest, model_dir, key)
         history = PerfHistory.load(state_path, alpha=config.ewma_alpha)
         runtime = build_runtime(manifest, model_dir, config, history)
         service = cls(manifest, runtime, config, state_path, model_version)

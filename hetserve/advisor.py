@@ -454,8 +454,13 @@ def history_for_mar(mar, state_dir=None):
         raw = z.read("hetserve-manifest.json")
     manifest = json.loads(raw)
     digest = hashlib.sha256(raw).hexdigest()
-    path = (state_dir or default_state_dir()) / f"{manifest['model_name']}-{digest[:12]}-perf.json"
-    return path, manifest
+    base = state_dir or default_state_dir()
+    path = base / f"{manifest['model_name']}-{digest[:12]}-perf.json"
+    # The runtime keys each file by served stages and core groups too: the newest one is the
+    # configuration served last.
+    keyed = sorted(base.glob(f"{manifest['model_name']}-{digest[:12]}-*-perf.json"),
+                   key=lambda p: p.stat().st_mtime)
+    return (keyed[-1] if keyed else path), manifest
 
 
 def newest_history(model: str, state_dir=None):

@@ -7,6 +7,7 @@ TorchServe with onnxruntime and numpy installed (a stock KServe image, say), not
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ from typing import Any
 import yaml
 
 import handlers
+from handlers.connection_guard import batching_problems
 
 HANDLER_ENTRY = "hetserve_handler.py"
 MODEL_CONFIG_FILE = "model-config.yaml"
@@ -36,7 +38,13 @@ def model_config(base: Path | None, overrides: Mapping[str, Any] | None = None) 
     """The archive's model-config.yaml: the project's defaults, then the caller's overrides."""
     path = base if base is not None else DEFAULT_MODEL_CONFIG
     config = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-    return merge_config(config, overrides or {})
+    merged = merge_config(config, overrides or {})
+    warnings, errors = batching_problems(merged)  # before any cutting: fail early
+    if errors:
+        raise ValueError("; ".join(errors))
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return merged
 
 
 def merge_config(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

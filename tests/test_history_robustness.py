@@ -6,6 +6,7 @@ clocks are injected.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -19,6 +20,7 @@ from handlers.exploration import (
     due_for_reprobe,
     mark_reprobes,
 )
+from handlers.history_key import history_key
 from handlers.perf_model import HISTORY_FORMAT, HISTORY_VERSION, PerfHistory
 from handlers.runtime_config import ConfigError, RuntimeConfig
 from handlers.scheduler import ExecutorSpec, build_candidates, choose_executor
@@ -201,3 +203,37 @@ def test_a_knob_of_the_wrong_type_is_named(section, knob):
     with pytest.raises(ConfigError) as err:
         RuntimeConfig.from_model_yaml({"hetserve": section})
     assert knob in str(err.value), str(err.value)
+
+
+# ---- item 5: history keyed by the served stages and the core-group shape ----------------------
+
+def _manifest():
+    from handlers.manifest import FileEntry, Manifest, Partition, TensorSpec
+
+    def part(ratio):
+        return Partition(ratio, ratio, "metis", f"stages/head_{ratio}.onnx", f"stages/tail_{ratio}.onnx",
+                         (TensorSpec("cut", "float32", (None, 8)),), 32, ratio, 1 - ratio, 0.0)
+
+    parts = (part(0.5), part(0.9))
+    files = {"model.onnx": FileEntry("0" * 64, 1)}
+    for p in parts:
+        files[p.head] = FileEntry(hashlib.sha256(p.head.encode()).hexdigest(), 1)
+        files[p.tail] = FileEntry(hashlib.sha256(p.tail.encode()).hexdigest(), 1)
+    return Manifest("m", (TensorSpec("x", "float32", (None, 8)),), (TensorSpec("y", "float32", (None, 2)),),
+                    "model.onnx", parts, files, default_ratio=0.5)
+
+
+def test_history_key_differs_by_ratio_and_core_groups_and_is_stable():
+    m = _manifest()
+    base = history_key(m, None, "numa")
+    assert base == history_key(m, 0.5, "numa"), "the default ratio is 0.5"
+    assert len({base, history_key(m, 0.9, "numa"), history_key(m, 1.0, "numa"),
+                history_key(m, 0.5, "size:1"), history_key(m, 0.5, "numa", 1)}) == 5
+
+
+def test_a_ratio_change_starts_from_its_own_history_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HETSERVE_STATE_ROOTS", str(tmp_path))
+    m = _manifest()
+    paths = {RuntimeConfig(ratio=r, state_dir=str(tmp_path / "s")).state_path(
+        "m", "ab" * 32, tmp_path / "model", history_key(m, r, "numa")) for r in (0.5, 0.9)}
+    assert len(paths) == 2 and all(p.name.startswith("m-abababababab-") for p in paths)

@@ -69,7 +69,8 @@ def snapshot(name: str, manifest: dict, config: dict) -> dict:
         "minWorkers": 1,
         "maxWorkers": 1,
         "batchSize": int(config.get("batchSize", 1)),
-        "maxBatchDelay": int(config.get("maxBatchDelay", 100)),
+        # Not TorchServe's 100: a worker death mid-gather drops what it gathered (issue 17).
+        "maxBatchDelay": int(config.get("maxBatchDelay", 5)),
         "responseTimeout": int(config.get("responseTimeout", 120)),
     }
     return {"name": "startup.cfg", "modelCount": 1, "models": {name: {version: entry}}}
