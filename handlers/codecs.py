@@ -176,7 +176,8 @@ def _decode_body(body, content_type, headers, inputs, limits, outputs) -> Decode
     if isinstance(body, str):
         body = _utf8(body)
     if body is None or (isinstance(body, (bytes, bytearray)) and not body):
-        raise RequestError(BAD_REQUEST, "empty request body")
+        raise RequestError(BAD_REQUEST, _empty_body_message(media))
+    _refuse_content_encoding(body, media, headers)
     if not isinstance(body, (bytes, bytearray)):
         return _decode_json_value(body, inputs, limits, outputs)  # decoded by TorchServe already
     if len(body) > limits.max_body_bytes:
@@ -207,6 +208,33 @@ def _decode_body(body, content_type, headers, inputs, limits, outputs) -> Decode
         f"unsupported content type ({shown}) for a non-JSON body; send application/json, "
         f"{RAW_CONTENT_TYPE} (raw tensor) or {NPY_CONTENT_TYPE}",
     )
+
+
+def _empty_body_message(media: str | None) -> str:
+    if media is not None and media.startswith("multipart/"):
+        # TorchServe hands over no part when the body does not match the declared boundary.
+        return ("multipart body with no readable part: check that the boundary in Content-Type "
+                "matches the body's, or send the tensor as the whole body")
+    return "empty request body"
+
+
+# Compressed bodies would otherwise fail as malformed JSON or tensor bytes (a misleading 400).
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _refuse_content_encoding(body: Any, media: str | None, headers: Mapping[str, Any] | None) -> None:
+    encoding = (header(headers, "content-encoding") or "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise RequestError(
+            UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Encoding {quoted(encoding)} is not supported; send the body uncompressed",
+        )
+    # Raw tensor bytes may start with these two bytes: only a body that claims no raw media.
+    if media != RAW_CONTENT_TYPE and isinstance(body, (bytes, bytearray)) and body.startswith(_GZIP_MAGIC):
+        raise RequestError(
+            UNSUPPORTED_MEDIA_TYPE,
+            "the body is gzip-compressed; content encodings are not supported, send it uncompressed",
+        )
 
 
 def header(headers: Mapping[str, Any] | None, name: str) -> str | None:
@@ -334,6 +362,16 @@ def json_nesting_depth(data: bytes | bytearray) -> int:
 def _decode_json_value(
     value: Any, inputs: tuple[TensorSpec, ...], limits: RequestLimits, outputs
 ) -> DecodedRequest:
+    if isinstance(value, dict) and "inputs" in value and not is_v2_document(value) and not any(
+        spec.name == "inputs" for spec in inputs
+    ):
+        # A v2 request gone wrong, not a plain one: answer in v2's form, naming the field.
+        raise RequestError(
+            BAD_REQUEST,
+            'KServe v2 request: "inputs" must be a list of tensor objects '
+            f'({{"name", "shape", "datatype", "data"}}), got {type(value["inputs"]).__name__}',
+            FORMAT_V2,
+        )
     if is_v2_document(value):
         v2 = decode_v2(value, inputs, limits, outputs)
         return DecodedRequest(
