@@ -30,6 +30,7 @@ from handlers.manifest import MANIFEST_NAME, Manifest, load_verified_manifest
 from handlers.perf_model import PerfHistory
 from handlers.pipeline import MicroBatchOutcome, Runtime, RuntimeStats, StageTimeout
 from handlers.plan import build_runtime
+from handlers.response_size import body_size, min_response_bytes, too_large_message
 from handlers.runtime_config import RuntimeConfig
 from handlers.timeline import HOST, Span, Timeline
 from handlers.validation import RequestError
@@ -114,10 +115,20 @@ class InferenceService:
                 log.exception("request %d could not be decoded", i)
                 replies[i] = _error_reply(RequestError(500, "internal error decoding the request"), None)
         self._trace("decode", started, len(requests))
+        decoded = [(i, d) for i, d in decoded if not self._refuse_oversized(i, d, replies)]
         for group in _groups_by_shape(decoded):
             self._run_group(group, replies)
         self._maybe_save()
         return [r if r is not None else _internal_error() for r in replies]
+
+    def _refuse_oversized(self, index: int, request: DecodedRequest, replies: list[Reply | None]) -> bool:
+        """A 413 now for a request whose answer cannot fit; it leaves the batch, the rest runs."""
+        limit = self.config.limits.max_response_bytes
+        least = min_response_bytes(self.manifest.outputs, request.format, request.batch, request.output_names)
+        if least <= limit:
+            return False
+        replies[index] = _error_reply(RequestError(413, too_large_message(least, limit, True)), request.format)
+        return True
 
     def _decode(self, request: RawRequest) -> DecodedRequest:
         return decode_request(
@@ -171,6 +182,11 @@ class InferenceService:
                 replies[index] = _error_reply(
                     RequestError(500, "internal error encoding the response"), request.format
                 )
+                continue
+            size, limit = body_size(encoded.body), self.config.limits.max_response_bytes
+            if size > limit:  # TorchServe would kill the worker for it: a 413 instead
+                err = RequestError(413, too_large_message(size, limit, False))
+                replies[index] = _error_reply(err, request.format)
                 continue
             replies[index] = _reply(200, encoded, extra={BATCH_HEADER: str(len(group))})
         self._trace("encode", started, samples)

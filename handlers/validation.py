@@ -58,6 +58,9 @@ class RequestLimits:
     max_body_bytes: int = 32 * 2**20
     max_elements: int = 2**24  # summed over all inputs of one request
     max_batch_per_request: int = 64
+    # Mirrors TorchServe's max_response_size (config.properties): a larger answer would cost the
+    # worker its life, so it is refused with a 413 instead (handlers/response_size.py).
+    max_response_bytes: int = 16 * 2**20
     max_json_depth: int = 32  # a KServe v2 body for a rank-4 tensor needs 7
     allow_nonfinite: bool = False
 

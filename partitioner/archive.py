@@ -6,6 +6,7 @@ TorchServe with onnxruntime and numpy installed (a stock KServe image, say), not
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -71,6 +72,8 @@ def package(
     from model_archiver.model_archiver_config import ModelArchiverConfig
     from model_archiver.model_packaging import generate_model_archive
 
+    for warning in response_size_warnings(stage_dir, config):
+        print(f"warning: {warning}", file=sys.stderr)
     export_path.mkdir(parents=True, exist_ok=True)
     target = export_path / f"{model_name}.mar"
     if target.exists() and not force:
@@ -93,6 +96,18 @@ def package(
         with _private_tempdir(scratch):
             generate_model_archive(archiver_config)
     return target
+
+
+def response_size_warnings(stage_dir: Path, config: Mapping[str, Any]) -> list[str]:
+    """One sample's answer already over the response limit: every request would get a 413."""
+    from handlers.manifest import MANIFEST_NAME, Manifest
+    from handlers.response_size import archive_warnings
+
+    path = stage_dir / MANIFEST_NAME
+    if not path.is_file():
+        return []
+    limits = (config.get("hetserve") or {}).get("limits")
+    return archive_warnings(Manifest.from_json(json.loads(path.read_text())).outputs, limits)
 
 
 @contextmanager
