@@ -25,9 +25,9 @@ MANIFEST_FORMAT = "hetserve-manifest"
 MANIFEST_VERSION = 1
 # Files TorchServe and torch-model-archiver put next to the manifest's own: they are read by
 # TorchServe (or are the handler entry it imports), never by the runtime as data.
-PACKAGING_FILES = frozenset(
-    {MANIFEST_NAME, "MAR-INF/MANIFEST.json", "model-config.yaml", "hetserve_handler.py"}
-)
+# Not listed in the manifest: the manifest itself and the archiver's own record (written after
+# the manifest). The entry handler and model-config.yaml are listed (issue 17, item 7).
+PACKAGING_FILES = frozenset({MANIFEST_NAME, "MAR-INF/MANIFEST.json"})
 
 # numpy dtype names the runtime accepts; ONNX element types map onto these (partitioner side).
 SUPPORTED_DTYPES = (

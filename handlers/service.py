@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from handlers.archive_digest import check_archive_digest
 from handlers.codecs import (
     DecodedRequest,
     EncodedResponse,
@@ -90,6 +91,7 @@ class InferenceService:
         model_version: str = "1.0",
     ) -> InferenceService:
         model_dir = Path(model_dir)
+        check_archive_digest(model_dir)  # the operator's pin, before anything else is read
         config = RuntimeConfig.from_model_yaml(model_yaml)
         manifest = load_verified_manifest(model_dir)
         digest = hashlib.sha256((model_dir / MANIFEST_NAME).read_bytes()).hexdigest()

@@ -160,6 +160,12 @@ def start_torchserve(workdir: Path, model_store: Path, models: dict[str, str],
                      overrides: dict[str, str] | None = None, timeout: float = 240.0,
                      env: dict[str, str] | None = None, base_config: Path = BASE_CONFIG,
                      log_config: Path = LOG_CONFIG) -> TorchServe:
+    pinned = {**os.environ, **(env or {})}.get("HETSERVE_ARCHIVE_SHA256", "")
+    if pinned.strip():  # checked before TorchServe imports the archives' entry handlers
+        from hetserve.pinned_archives import verify_mar
+
+        for mar in models.values():
+            verify_mar(model_store / mar, pinned)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "tmp").mkdir(exist_ok=True)
     # TorchServe writes fresh keys at each start; a stale file would hand out dead tokens.

@@ -6,6 +6,7 @@ TorchServe with onnxruntime and numpy installed (a stock KServe image, say), not
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -19,7 +20,9 @@ from typing import Any
 import yaml
 
 import handlers
+from handlers.archive_digest import DIGEST_ENV
 from handlers.connection_guard import batching_problems
+from handlers.manifest import MANIFEST_NAME
 
 HANDLER_ENTRY = "hetserve_handler.py"
 MODEL_CONFIG_FILE = "model-config.yaml"
@@ -81,6 +84,11 @@ def package(
     with tempfile.TemporaryDirectory(prefix="hetserve-mar-") as scratch:
         config_path = Path(scratch) / MODEL_CONFIG_FILE
         config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+        # The manifest vouches for every file of the archive, the code TorchServe imports first
+        # and the config it reads included (issue 17, item 7).
+        digest = cover_packaging_files(
+            stage_dir, stage_dir / "handlers" / HANDLER_ENTRY, config_path.read_bytes()
+        )
         archiver_config = ModelArchiverConfig(
             model_name=model_name,
             handler=str(stage_dir / "handlers" / HANDLER_ENTRY),
@@ -95,12 +103,33 @@ def package(
         # give it a private temp dir so concurrent builds of one model name cannot collide.
         with _private_tempdir(scratch):
             generate_model_archive(archiver_config)
+    if digest:
+        print(f"{target.name}: manifest SHA-256 {digest} (pin it with {DIGEST_ENV}={model_name}={digest})")
     return target
+
+
+def cover_packaging_files(stage_dir: Path, entry_handler: Path, config_bytes: bytes) -> str:
+    """List the top-level entry handler and model-config.yaml in the stage directory's manifest;
+    returns the manifest's new SHA-256 ("" when the directory has no manifest)."""
+    path = stage_dir / MANIFEST_NAME
+    if not path.is_file():
+        return ""
+    data = json.loads(path.read_text())
+    handler = entry_handler.read_bytes()
+    data["files"][HANDLER_ENTRY] = _entry(handler)
+    data["files"][MODEL_CONFIG_FILE] = _entry(config_bytes)
+    raw = (json.dumps(data, indent=2) + "\n").encode()
+    path.write_bytes(raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _entry(data: bytes) -> dict[str, Any]:
+    return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
 
 
 def response_size_warnings(stage_dir: Path, config: Mapping[str, Any]) -> list[str]:
     """One sample's answer already over the response limit: every request would get a 413."""
-    from handlers.manifest import MANIFEST_NAME, Manifest
+    from handlers.manifest import Manifest
     from handlers.response_size import archive_warnings
 
     path = stage_dir / MANIFEST_NAME
@@ -123,14 +152,19 @@ def _private_tempdir(path: str):
 def with_config(src_mar: Path, dst_mar: Path, overrides: Mapping[str, Any]) -> Path:
     """A copy of ``src_mar`` whose model-config.yaml has ``overrides`` applied (nested dicts merge).
 
-    Only model-config.yaml changes, and the manifest's hashes do not cover it, so the stages and
-    their verification carry over: benchmarks and the tuner try configurations without re-cutting.
+    Only model-config.yaml and its entry in the manifest change, so the stages and their
+    verification carry over: benchmarks and the tuner try configurations without re-cutting.
     """
     with zipfile.ZipFile(src_mar) as src:
         merged = merge_config(yaml.safe_load(src.read(MODEL_CONFIG_FILE)) or {}, overrides)
+        config_bytes = yaml.safe_dump(merged, sort_keys=False).encode()
+        manifest = json.loads(src.read(MANIFEST_NAME))
+        if MODEL_CONFIG_FILE in manifest.get("files", {}):  # the manifest vouches for the config
+            manifest["files"][MODEL_CONFIG_FILE] = _entry(config_bytes)
+        replaced = {MODEL_CONFIG_FILE: config_bytes,
+                    MANIFEST_NAME: (json.dumps(manifest, indent=2) + "\n").encode()}
         dst_mar.parent.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(dst_mar, "w", zipfile.ZIP_STORED) as dst:
             for item in src.infolist():
-                data = yaml.safe_dump(merged, sort_keys=False).encode() if item.filename == MODEL_CONFIG_FILE else src.read(item)
-                dst.writestr(item, data)
+                dst.writestr(item, replaced.get(item.filename) or src.read(item))
     return dst_mar

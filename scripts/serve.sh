@@ -36,6 +36,11 @@ if [[ ! -f "$mar" || "${HETSERVE_REBUILD:-0}" == "1" ]]; then
         --export-path model_store --force
 fi
 
+if [[ -n "${HETSERVE_ARCHIVE_SHA256:-}" ]]; then
+    # The pinned archive is checked before TorchServe imports anything from it.
+    python -m hetserve.pinned_archives "$mar"
+fi
+
 echo "[serve] starting TorchServe (logs in $run_dir/logs)"
 (cd "$run_dir" && torchserve --stop >/dev/null 2>&1 || true)
 rm -f "$run_dir/key_file.json"

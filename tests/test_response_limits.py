@@ -114,3 +114,13 @@ def test_response_lower_bounds_and_archive_warning():
     gpt2 = (TensorSpec("logits", "float32", (None, 64, 50257)),)  # 12.9 MB per sample
     assert archive_warnings(gpt2, None) == []
     assert "413" in archive_warnings(gpt2, {"max_response_bytes": 8 * 2**20})[0]
+
+
+def test_shipped_configs_make_the_handlers_limits_reachable():
+    from handlers.validation import RequestLimits
+
+    for path in (REPO / "config/config.properties", REPO / "deploy/kserve/config/config.properties"):
+        props = dict(line.split("=", 1) for line in path.read_text().splitlines()
+                     if "=" in line and not line.startswith("#"))
+        assert int(props["max_request_size"]) > RequestLimits().max_body_bytes, path
+        assert int(props["max_response_size"]) == RequestLimits().max_response_bytes, path

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.server
 
 SAMPLE = (3, 64, 64)  # resnet18-tiny
 BODY_LIMIT = 4 * 2**20  # the archive's hetserve.limits.max_body_bytes
-FRONTEND_LIMIT = 16 * 2**20  # config.properties max_request_size
+FRONTEND_LIMIT = 34603008  # config.properties max_request_size (32 MiB handler limit + 1 MiB)
 
 
 @pytest.fixture(scope="module")
