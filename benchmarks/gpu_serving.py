@@ -199,6 +199,8 @@ def hetserve_handler(model_dir: Path, knobs: dict[str, Any], batch: int, delay_m
     yaml = {"batchSize": batch, "maxBatchDelay": delay_ms, "responseTimeout": 60,
             "hetserve": {"calibration_runs": 5, "state_dir": str(model_dir.parent / "state"),
                          **knobs}}
+    # The state dir must lie under an allowed root (handlers/state_dir.py): allow this run's.
+    os.environ["HETSERVE_STATE_ROOTS"] = str(model_dir.parent)
     service = InferenceService.load(model_dir, yaml)
     headers = {"X-Tensor-Shape": ",".join(str(d) for d in (1, *sample))}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -79,6 +80,7 @@ def main() -> int:
 
     for label, knobs in (("whole_1stream", {"ratio": 1.0, "cuda_streams": 1}),
                          ("hetero_0.9", {"ratio": 0.9, "cuda_streams": 2, "micro_batch": 2})):
+        os.environ.setdefault("HETSERVE_STATE_ROOTS", "/tmp/hetserve-timing")  # an allowed root
         service = InferenceService.load(args.model_dir, {
             "batchSize": max(batches), "hetserve": {"head_devices": "cuda", **knobs,
                                                     "state_dir": "/tmp/hetserve-timing"}})

@@ -25,6 +25,7 @@ tests/test_resilience.py drives its CI-sized soak with the functions below.
 from __future__ import annotations
 
 import argparse
+import gzip
 import http.client
 import io
 import itertools
@@ -55,6 +56,10 @@ from hetserve.tsprocess import TorchServe  # noqa: E402
 SAMPLE = (3, 64, 64)  # resnet18-tiny
 FAULTS_ENV = {"HETSERVE_ENABLE_FAULTS": "1"}
 SERVING = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 5, "responseTimeout": 60}
+MAX_RESPONSE_BYTES = 1024  # the faulty model's answer limit: 25 samples of 10 float32 logits
+# Issue 17: the risky end of frontend batching, where a worker death mid-gather lost requests.
+GATHERING = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 100,
+             "responseTimeout": 20}
 
 
 def executor_names() -> list[str]:
@@ -74,6 +79,7 @@ def faulty_config(state_dir: Path, executor: str) -> dict:
             "probe_backoff_s": 0.5,
             "probe_backoff_max_s": 5,
             "state_dir": str(state_dir),
+            "limits": {"max_response_bytes": MAX_RESPONSE_BYTES},
             "faults": [
                 {"kind": "error", "stage": "tail", "executor": executor, "probability": 0.05, "seed": 1},
                 {"kind": "oom", "stage": "tail", "executor": executor, "every_nth": 400},
@@ -118,6 +124,8 @@ def mixed_requests(seed: int = 0) -> list[Request]:
     x2 = rng.standard_normal((2, *SAMPLE)).astype(np.float32)
     nan = x.copy()
     nan[0, 0, 0, 0] = np.nan
+    # 26 samples answer 1,040 bytes raw: over faulty_config's max_response_bytes, refused unrun.
+    big = rng.standard_normal((26, *SAMPLE)).astype(np.float32)
     raw_shape = (("X-Tensor-Shape", ",".join(map(str, x.shape))),)
     good = [
         Request("good-npy", _npy(x), "application/x-npy", (), 200),
@@ -131,6 +139,15 @@ def mixed_requests(seed: int = 0) -> list[Request]:
         Request("bad-json", b"[[1, 2", "application/json", (), 400),
         Request("bad-raw-bytes", b"\x00" * 12, "application/octet-stream", raw_shape, 400),
         Request("bad-type", b"GIF89a", "image/gif", (), 415),
+        # Issue 17: compressed bodies, a v2 body gone wrong, a multipart body whose boundary is
+        # not the declared one, and an answer too large for TorchServe (limits in faulty_config).
+        Request("bad-gzip", gzip.compress(json.dumps(x.tolist()).encode()), "application/json",
+                (("Content-Encoding", "gzip"),), 415),
+        Request("bad-v2-inputs", json.dumps({"inputs": {"name": "x"}}).encode(), "application/json", (), 400),
+        Request("bad-multipart", b"--real\r\nContent-Disposition: form-data; name=\"data\"\r\n\r\n"
+                + x.tobytes() + b"\r\n--real--\r\n", "multipart/form-data; boundary=wrong", (), 400),
+        Request("bad-response-size", big.tobytes(), "application/octet-stream",
+                (("X-Tensor-Shape", ",".join(map(str, big.shape))),), 413),
     ]
     mixed = []
     for i in range(10):
@@ -272,6 +289,63 @@ class PidWatch:
             self.pids.append(pid)
 
 
+# ---------------------------------------------------------------------------- kill mid-gather
+
+
+def _one(seed: int) -> tuple[bytes, dict[str, str]]:
+    x = np.random.default_rng(seed).standard_normal((1, *SAMPLE)).astype(np.float32)
+    return x.tobytes(), {"Content-Type": "application/octet-stream",
+                         "X-Tensor-Shape": ",".join(map(str, x.shape))}
+
+
+def _next_worker(server: TorchServe, model: str, old: int | None, timeout: float = 120.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = model_worker_pid(server, model)
+        if pid is not None and pid != old:
+            return pid
+        time.sleep(0.2)
+    raise TimeoutError(f"no new worker for {model}")
+
+
+def kill_during_gather(server: TorchServe, model: str, trials: int, client_timeout: float = 30.0) -> dict:
+    """Per trial: a request to an idle worker opens a gather window (GATHERING: up to 100 ms),
+    two more follow 15 ms later, and the worker is killed 30 ms in. Counts every request's fate;
+    lost = no answer within ``client_timeout`` (past responseTimeout)."""
+    sent = answered = 0
+    statuses: Counter = Counter()
+    pid = None
+    for trial in range(trials):
+        pid = _next_worker(server, model, pid)
+        body, headers = _one(trial)
+        server.request("POST", f"/predictions/{model}", body, headers)  # warm, then idle
+        time.sleep(0.3)
+        results: list = []
+
+        def client(seed: int, results: list = results) -> None:
+            b, h = _one(seed)
+            try:
+                results.append(server.request("POST", f"/predictions/{model}", b, h,
+                                              timeout=client_timeout).status)
+            except OSError as exc:
+                results.append(type(exc).__name__)
+
+        threads = [threading.Thread(target=client, args=(1000 * trial + i,)) for i in range(3)]
+        threads[0].start()
+        time.sleep(0.015)
+        threads[1].start()
+        threads[2].start()
+        time.sleep(0.015)
+        server.kill_worker(pid)  # checks pid > 1 and that it is this server's worker
+        for t in threads:
+            t.join(client_timeout + 10)
+        sent += len(threads)
+        answered += sum(isinstance(r, int) for r in results)
+        statuses.update(str(r) for r in results)
+    return {"trials": trials, "sent": sent, "answered": answered, "lost": sent - answered,
+            "statuses": dict(statuses)}
+
+
 # ---------------------------------------------------------------------------- overload
 
 
@@ -364,8 +438,18 @@ def markdown(result: dict) -> str:
         f"| {o['burst_lost']} | {o['burst_ok']} | {o['burst_statuses']} | {o['after_rps']} |",
         "",
         "Faults injected throughout on one tail executor (5% errors, out of memory every 400th run, "
-        "one hang past the 2 s stage deadline), each retried on the other core group.",
+        "one hang past the 2 s stage deadline), each retried on the other core group. Bad bodies "
+        "include gzip (415), a v2 body whose inputs is not a list, multipart with a wrong boundary "
+        "(400) and a request whose answer passes limits.max_response_bytes (413, not run).",
     ]
+    if "gather_kills" in s:
+        g = s["gather_kills"]
+        lines += [
+            "",
+            "| kill -9 mid-gather (batchSize 8, maxBatchDelay 100): kills | requests sent | answered | lost | statuses |",
+            "|---|---|---|---|---|",
+            f"| {g['trials']} | {g['sent']} | {g['answered']} | {g['lost']} | {g['statuses']} |",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -376,18 +460,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--gather-kills", type=int, default=5, help="worker kills mid-gather")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="hetserve-soak-") as scratch:
         scratch = Path(scratch)
         store = scratch / "store"
         executor = executor_names()[-1]
-        with_config(build_archive(store, "base"), store / "soak.mar",
-                    faulty_config(scratch / "state", executor))
-        server = start_torchserve(scratch / "ts", store, {"soak": "soak.mar"},
-                                  overrides={"job_queue_size": "32"}, env=FAULTS_ENV)
+        base = build_archive(store, "base")
+        with_config(base, store / "soak.mar", faulty_config(scratch / "state", executor))
+        with_config(base, store / "gather.mar", {**GATHERING, "hetserve": {
+            "ratio": 0.5, "stage_timeout_s": 5, "state_dir": str(scratch / "gather-state")}})
+        server = start_torchserve(scratch / "ts", store, {"soak": "soak.mar", "gather": "gather.mar"},
+                                  overrides={"job_queue_size": "32"},
+                                  env={**FAULTS_ENV, "HETSERVE_STATE_ROOTS": str(scratch)})
         try:
             result = soak(server, "soak", args.requests)
+            result["gather_kills"] = kill_during_gather(server, "gather", args.gather_kills)
         finally:
             server.stop()
     record = {"run": run_record(), "machine": machine_info(), "faulty_executor": executor,
@@ -399,6 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     o = result["overload"]
     ok = (result["lost"] == 0 and result["unexpected_status"] == 0 and result["restarts"] == 0
           and o["burst_lost"] == 0 and o["after_ok"] == o["after_completed"]
+          and result["gather_kills"]["lost"] == 0
           and result["rss_growth_mb"] < 50)
     return 0 if ok else 1
 

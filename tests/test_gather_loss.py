@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +28,7 @@ soak = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("soak", soak)
 _spec.loader.exec_module(soak)
 
-GATHERING = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 100,
-             "responseTimeout": 20}
-CLIENT_TIMEOUT_S = 30.0  # past responseTimeout: a request without an answer by then is lost
+CLIENT_TIMEOUT_S = 30.0  # past responseTimeout (20 s): a request without an answer by then is lost
 TRIALS = 3
 
 
@@ -40,7 +36,7 @@ TRIALS = 3
 def archive(tmp_path_factory) -> Path:
     store = tmp_path_factory.mktemp("gather-store")
     base = soak.build_archive(store, "base")
-    with_config(base, store / "gather.mar", {**GATHERING, "hetserve": {
+    with_config(base, store / "gather.mar", {**soak.GATHERING, "hetserve": {
         "ratio": 0.5, "stage_timeout_s": 5, "state_dir": str(store / "state")}})
     return store
 
@@ -50,52 +46,8 @@ def _body(seed: int) -> tuple[bytes, dict[str, str]]:
     return x.tobytes(), {"X-Tensor-Shape": ",".join(map(str, x.shape))}
 
 
-def _ready_pid(server, old: int | None, timeout: float = 120.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pid = soak.model_worker_pid(server, "gather")
-        if pid is not None and pid != old:
-            return pid
-        time.sleep(0.2)
-    raise TimeoutError("the worker did not come back")
-
-
-def kill_during_gather(server, trials: int) -> dict[str, int]:
-    """Sent, answered (any status) and lost (no answer within CLIENT_TIMEOUT_S) over ``trials``."""
-    sent = answered = 0
-    statuses: dict[str, int] = {}
-    pid = None
-    for trial in range(trials):
-        pid = _ready_pid(server, pid)
-        body, headers = _body(trial)
-        assert server.predict("gather", body, "application/octet-stream", headers).status == 200
-        time.sleep(0.3)  # idle: the next request opens a fresh gather window
-        results: list[object] = []
-
-        def client(seed: int, results: list = results) -> None:
-            b, h = _body(seed)
-            try:
-                resp = server.request("POST", "/predictions/gather", b,
-                                      {"Content-Type": "application/octet-stream", **h},
-                                      timeout=CLIENT_TIMEOUT_S)
-                results.append(resp.status)
-            except OSError as exc:  # a timeout: never answered
-                results.append(type(exc).__name__)
-
-        threads = [threading.Thread(target=client, args=(100 * trial + i,)) for i in range(3)]
-        threads[0].start()
-        time.sleep(0.015)
-        threads[1].start()
-        threads[2].start()
-        time.sleep(0.015)
-        server.kill_worker(pid)  # 30 ms into the 100 ms gather
-        for t in threads:
-            t.join(CLIENT_TIMEOUT_S + 10)
-        sent += len(threads)
-        answered += sum(isinstance(r, int) for r in results)
-        for r in results:
-            statuses[str(r)] = statuses.get(str(r), 0) + 1
-    return {"sent": sent, "answered": answered, "lost": sent - answered, **statuses}
+def kill_during_gather(server, trials: int) -> dict:
+    return soak.kill_during_gather(server, "gather", trials, CLIENT_TIMEOUT_S)
 
 
 def test_kill_during_gather_every_request_answered_with_the_guard(archive, tmp_path):
@@ -105,7 +57,7 @@ def test_kill_during_gather_every_request_answered_with_the_guard(archive, tmp_p
         print(f"\nkill during a 100 ms gather, guard on: {counts}")
         assert counts["lost"] == 0 and counts["answered"] == counts["sent"] == 3 * TRIALS, counts
         # The guard delays the restart by one hold, no more: the model serves again.
-        pid = _ready_pid(server, None)
+        pid = soak._next_worker(server, "gather", None)
         body, headers = _body(7)
         assert server.predict("gather", body, "application/octet-stream", headers).status == 200
         assert pid > 1
