@@ -3,7 +3,8 @@
 TorchServe 0.12's frontend drops, unanswered, every request its WorkerThread is still gathering
 into a batch when the worker's connection closes: the close interrupts the gather while the
 batch is not yet a request, and the thread's cleanup clears the gathered jobs without an answer
-(/work notes: ts-gather-loss; WorkerThread.run's finally only answers a non-null request). That
+(pytorch/serve v0.12.0, WorkerThread.run: the "Worker disconnected" listener interrupts the thread
+inside Model.pollBatch, and its finally answers only a non-null request before cleanJobs). That
 window lasts up to maxBatchDelay and cannot be fixed from here.
 
 What the handler can do is move the close out of that window. A small guard process, started
