@@ -28,6 +28,7 @@ MANIFEST_VERSION = 1
 # Not listed in the manifest: the manifest itself and the archiver's own record (written after
 # the manifest). The entry handler and model-config.yaml are listed (issue 17, item 7).
 PACKAGING_FILES = frozenset({MANIFEST_NAME, "MAR-INF/MANIFEST.json"})
+COVERED_SINCE_V17 = frozenset({"model-config.yaml", "hetserve_handler.py"})
 
 # numpy dtype names the runtime accepts; ONNX element types map onto these (partitioner side).
 SUPPORTED_DTYPES = (
@@ -279,6 +280,11 @@ def verify_no_strays(manifest: Manifest, model_dir: str | os.PathLike[str]) -> N
             rel = (here / name).relative_to(root).as_posix()
             if (here / name).is_symlink():
                 raise ManifestError(f"{rel[:80]!r} is a symbolic link; archives may not contain links")
+            if name in names and not _vouched_for(rel, manifest) and rel in COVERED_SINCE_V17:
+                raise ManifestError(
+                    f"{rel!r} is not covered by the manifest: the archive was built before "
+                    "hetserve listed its entry handler and config; rebuild it with hetserve archive"
+                )
             if name in names and not _vouched_for(rel, manifest):
                 raise ManifestError(
                     f"unexpected file {rel[:80]!r} in the model directory (not in the manifest)"

@@ -198,7 +198,7 @@ def start_torchserve(workdir: Path, model_store: Path, models: dict[str, str],
     server = TorchServe(workdir, ports, process)
     try:
         _wait_ready(server, list(models), timeout)
-    except Exception:
+    except BaseException:  # Ctrl-C too: never leave a TorchServe behind
         server.stop()
         raise
     return server

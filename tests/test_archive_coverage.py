@@ -95,3 +95,12 @@ def test_a_pinned_archive_is_checked_before_torchserve_starts(mar, tmp_path):
     with pytest.raises(PinError, match="hetserve_handler.py"):
         start_torchserve(tmp_path / "ts", tmp_path, {"cover": "cover.mar"}, env={DIGEST_ENV: good})
     assert not (tmp_path / "ts").exists(), "refused before TorchServe was started"
+
+
+def test_an_archive_built_before_the_coverage_is_refused_with_a_rebuild_hint(mar, tmp_path):
+    model_dir = _extract(mar, tmp_path / "old")
+    manifest = json.loads((model_dir / MANIFEST_NAME).read_text())
+    del manifest["files"]["model-config.yaml"], manifest["files"]["hetserve_handler.py"]
+    (model_dir / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="rebuild it with hetserve archive"):
+        load_verified_manifest(model_dir)
