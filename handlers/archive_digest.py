@@ -8,8 +8,8 @@ anything from it is read beyond the manifest's bytes. ``hetserve archive`` print
 
 What a check inside the worker cannot do: TorchServe imports the archive's entry handler before
 any hetserve code runs, so an archive whose entry handler was edited runs that code regardless.
-Pin the digest where the archive is checked before TorchServe starts too (scripts/serve.sh
-checks every pinned model in the store; see README).
+hetserve.pinned_archives checks the pinned archive before TorchServe starts (scripts/serve.sh
+and hetserve.tsprocess call it when HETSERVE_ARCHIVE_SHA256 is set; see README).
 """
 
 from __future__ import annotations
