@@ -20,7 +20,6 @@ import handlers
 
 HANDLER_ENTRY = "hetserve_handler.py"
 MODEL_CONFIG_FILE = "model-config.yaml"
-DEFAULT_MODEL_CONFIG = Path(__file__).resolve().parent.parent / "config" / MODEL_CONFIG_FILE
 
 
 def copy_runtime(dest: Path) -> None:
@@ -34,8 +33,12 @@ def copy_runtime(dest: Path) -> None:
 
 def model_config(base: Path | None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The archive's model-config.yaml: the project's defaults, then the caller's overrides."""
-    path = base if base is not None else DEFAULT_MODEL_CONFIG
-    config = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    from hetserve.defaults import MODEL_CONFIG, default_file
+
+    path = base if base is not None else default_file(MODEL_CONFIG)
+    if not path.is_file():
+        raise FileNotFoundError(f"model config {path} does not exist")
+    config = yaml.safe_load(path.read_text()) or {}
     return merge_config(config, overrides or {})
 
 
