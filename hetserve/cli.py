@@ -42,6 +42,10 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
 
 
+def _paths(text: str) -> tuple[Path, ...]:
+    return tuple(Path(x.strip()) for x in text.split(",") if x.strip())
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="zoo:NAME[?k=v&...], path/to/file.py:factory, or model.onnx")
     p.add_argument("--weights", help="weights for the model, .safetensors only (never pickle)")
@@ -69,11 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", required=True)
     p.add_argument("--export-path", type=Path, default=Path("model_store"))
     p.add_argument("--default-ratio", type=float, help="ratio the handler serves unless model-config says otherwise")
-    p.add_argument("--config", type=Path, help="model-config.yaml to start from (default: config/model-config.yaml)")
+    p.add_argument("--config-file", "--config", type=Path, dest="config",
+                   help="model-config.yaml to start from (default: the shipped config/model-config.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override model-config.yaml, e.g. --set batchSize=8 --set hetserve.micro_batch=2")
     p.add_argument("--version", default="1.0", dest="model_version")
-    p.add_argument("--force", action="store_true", help="overwrite an existing .mar")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite an existing .mar")
+    p.add_argument("--extra-files", type=_paths, default=(), metavar="PATH[,PATH...]",
+                   help="files or folders to add to the archive's root (hashed in its manifest)")
+    p.add_argument("--requirements-file", type=Path,
+                   help="requirements.txt TorchServe installs when install_py_dep_per_model=true")
     p.set_defaults(run=cmd_archive)
 
     p = sub.add_parser("partition", help="cut a model and report cut quality per ratio and method")
@@ -190,9 +199,12 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or not key:
+        if not sep or not key or "" in key.split("."):
             raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ValueError(f"--set {key}: {raw!r} is not a YAML value") from None
         node = out
         *parents, leaf = key.split(".")
         for part in parents:
@@ -202,27 +214,50 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
+    from hetserve import archive_checks as checks
     from partitioner.archive import copy_runtime, model_config, package
     from partitioner.build import DEFAULT_RATIOS, CutOptions, build_stage_directory
 
     started = time.perf_counter()
+    # Everything checkable is checked before the export: a typo must not cost a minute of work.
+    checks.check_model_name(args.model_name)
+    checks.check_target(args.export_path, args.model_name, args.force)
+    checks.check_extra_files(args.extra_files)
+    checks.check_requirements_file(args.requirements_file)
+    config = model_config(args.config, _overrides(args.set))
+    checks.check_model_config(config)
+    ratios = args.ratios or DEFAULT_RATIOS
+    checks.check_ratios(ratios, args.default_ratio, (config.get("hetserve") or {}).get("ratio"))
     options = CutOptions(
-        ratios=args.ratios or DEFAULT_RATIOS, methods=(args.method,), tolerance=args.tolerance,
+        ratios=ratios, methods=(args.method,), tolerance=args.tolerance,
         time_limit=args.time_limit, seed=args.seed,
     )
-    config = model_config(args.config, _overrides(args.set))
     model, costs, record = _prepare(args)
     with tempfile.TemporaryDirectory(prefix="hetserve-stage-") as tmp:
         stage_dir = Path(tmp) / args.model_name
         copy_runtime(stage_dir)
+        _stage_extras(stage_dir, args.extra_files, args.requirements_file)
         result = build_stage_directory(
             model, costs, stage_dir, args.model_name, options, profile_record=record,
             default_ratio=args.default_ratio, progress=not args.quiet, producer=_producer(),
         )
-        mar = package(stage_dir, args.model_name, args.export_path, config, version=args.model_version, force=args.force)
+        requirements = stage_dir / args.requirements_file.name if args.requirements_file else None
+        mar = package(stage_dir, args.model_name, args.export_path, config, version=args.model_version,
+                      force=args.force, requirements_file=requirements)
     _print_rows(result.rows)
     print(f"wrote {mar} ({mar.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s")
     return 0
+
+
+def _stage_extras(stage_dir: Path, extras, requirements: Path | None) -> None:
+    """Copy --extra-files and the requirements file into the stage folder, before it is hashed."""
+    import shutil
+
+    for path in [*extras, *([requirements] if requirements else [])]:
+        if path.is_dir():
+            shutil.copytree(path, stage_dir / path.name)
+        else:
+            shutil.copy2(path, stage_dir / path.name)
 
 
 def cmd_partition(args: argparse.Namespace) -> int:

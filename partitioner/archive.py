@@ -38,7 +38,12 @@ def model_config(base: Path | None, overrides: Mapping[str, Any] | None = None) 
     path = base if base is not None else default_file(MODEL_CONFIG)
     if not path.is_file():
         raise FileNotFoundError(f"model config {path} does not exist")
-    config = yaml.safe_load(path.read_text()) or {}
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{path} must hold a mapping of model-config keys")
     return merge_config(config, overrides or {})
 
 
@@ -61,6 +66,7 @@ def package(
     version: str = "1.0",
     force: bool = False,
     archive_format: str = "zip-store",
+    requirements_file: Path | None = None,
 ) -> Path:
     """Build ``export_path/model_name.mar`` from ``stage_dir`` (which already holds ``handlers/``)."""
     from model_archiver.model_archiver_config import ModelArchiverConfig
@@ -82,6 +88,7 @@ def package(
             archive_format=archive_format,  # zip-store: weights do not compress, deflate only costs time
             force=True,
             config_file=str(config_path),
+            requirements_file=str(requirements_file) if requirements_file else None,
         )
         # The archiver stages files in tempfile.gettempdir()/model_name and deletes that folder:
         # give it a private temp dir so concurrent builds of one model name cannot collide.
