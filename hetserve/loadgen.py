@@ -527,6 +527,40 @@ def probe(target: Target, timeout: float = 30.0) -> tuple[int | str, float]:
         conn.close()
 
 
+def read_inference_key(path: str | Path) -> str:
+    """The inference token of TorchServe's key_file.json; one-line ValueError when it has none."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--key-file {path} does not exist") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--key-file {path} is not TorchServe's key_file.json ({str(exc).splitlines()[0]})") from None
+    key = data.get("inference", {}).get("key") if isinstance(data, dict) and isinstance(data.get("inference"), dict) else None
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"--key-file {path} has no inference key (expected {{\"inference\": {{\"key\": ...}}}})")
+    return key
+
+
+def check_reachable(target: Target, timeout: float = 10.0) -> float:
+    """One request before any measuring: a dead server or a refused token fails now, in one line.
+
+    Returns the request's seconds. A load generator that only counts errors would otherwise run
+    a whole sweep against nothing.
+    """
+    status, seconds = probe(target, timeout=timeout)
+    if status == "connect":
+        raise ValueError(f"cannot connect to {target.url}: is TorchServe running and is the port right?")
+    if status == "timeout":
+        raise ValueError(f"{target.url} did not answer one request within {timeout:g} s")
+    if status in (401, 403):
+        raise ValueError(f"{target.url} refused the request (HTTP {status}): give TorchServe's key_file.json as --key-file")
+    if status == 404:
+        raise ValueError(f"{target.url} answered 404: no such model (check the model name in the URL)")
+    if not 200 <= int(status) < 300:
+        raise ValueError(f"{target.url} answered HTTP {status} to the first request: check the body, --content-type and --header")
+    return seconds
+
+
 def idle_latency(target: Target, probes: int = 5) -> float:
     """Median latency of lone sequential requests: the server's unloaded service time."""
     return statistics.median(probe(target)[1] for _ in range(probes))
@@ -583,7 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     headers = dict(args.header)
     if args.key_file:
-        headers["Authorization"] = f"Bearer {json.loads(args.key_file.read_text())['inference']['key']}"
+        headers["Authorization"] = f"Bearer {read_inference_key(args.key_file)}"
     target = Target.create(args.url, [f.read_bytes() for f in args.body_file], headers, args.content_type)
     common = {"warmup": args.warmup, "timeout": args.timeout, "handle_signals": True}
     if args.rate is not None:
