@@ -34,8 +34,11 @@ def _run(cmd: list[str], cwd: Path, timeout: float, env: dict[str, str] | None =
 def installed(tmp_path_factory):
     """(venv python, a working directory outside the clone, an environment that cannot see it)."""
     root = tmp_path_factory.mktemp("install")
+    # setuptools builds in the source tree; its scratch folders go to tmp, not into the clone.
+    (root / "build.cfg").write_text(f"[build]\nbuild_base = {root / 'build'}\n[egg_info]\negg_base = {root}\n")
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-          "-w", str(root / "dist"), str(REPO)], cwd=root, timeout=300)
+          "-w", str(root / "dist"), str(REPO)], cwd=root, timeout=300,
+         env={**os.environ, "DIST_EXTRA_CONFIG": str(root / "build.cfg")})
     wheel = next((root / "dist").glob("hetserve-*.whl"))
     _run([sys.executable, "-m", "venv", str(root / "venv")], cwd=root, timeout=120)
     python = root / "venv" / "bin" / "python"
