@@ -184,7 +184,8 @@ def test_model_registration_api_is_off(server):
 
 
 def test_runtime_metrics_reach_prometheus(server):
-    server.predict("split", batch(4, 11).tobytes(), "application/octet-stream")
+    for model in ("split", "whole"):
+        assert server.predict(model, batch(4, 11).tobytes(), "application/octet-stream").status == 200
     text = server.request("GET", "/metrics", api="metrics").body.decode()
     # Histograms: one observation per stage run, in seconds, with buckets to take quantiles over.
     stages = set(re.findall(r'HetserveStageRunSeconds_bucket\{[^}]*Stage="(\w+)"', text))
