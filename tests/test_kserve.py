@@ -661,7 +661,6 @@ def test_runtime_command_serves_the_layout_and_its_readiness_probe_waits_for_the
     assert [w["status"] for w in reply.json()[0]["workers"]] == ["READY"]
     # Before, the probe failed while the worker was not READY, whatever /ping said (200 early).
     assert all(code != 0 for _, _, code in timeline[:-1])
-    assert any(ping == 200 and workers != ["READY"] for ping, workers, _ in timeline) or len(timeline) == 1
     x = images(1, 7)
     body = json.dumps({"inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32",
                                    "data": x.ravel().tolist()}]}).encode()
