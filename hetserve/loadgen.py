@@ -593,23 +593,24 @@ def _header(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hetserve.loadgen", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m hetserve.loadgen", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--url", required=True, help="e.g. http://127.0.0.1:8080/predictions/MODEL")
     p.add_argument("--body-file", action="append", required=True, type=Path,
                    help="request body; repeat to send several bodies round-robin")
-    p.add_argument("--content-type", default="application/octet-stream")
+    p.add_argument("--content-type", default="application/octet-stream", help="Content-Type of every request")
     p.add_argument("--header", action="append", type=_header, default=[], help="'Name: value', repeatable")
     p.add_argument("--key-file", type=Path, help="TorchServe key_file.json: sends its inference key as a Bearer token")
     load = p.add_mutually_exclusive_group(required=True)
     load.add_argument("--rate", type=float, help="open loop: requests per second")
     load.add_argument("--concurrency", type=int, help="closed loop: clients")
-    p.add_argument("--arrival", choices=ARRIVALS, default="constant")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arrival", choices=ARRIVALS, default="constant", help="open-loop arrival process")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
     p.add_argument("--duration", type=float, default=20.0, help="measured seconds (after warm-up)")
-    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
     p.add_argument("--timeout", type=float, default=10.0, help="per request, from its intended send time")
     p.add_argument("--connections", type=int, help="open loop: connections opened up front")
-    p.add_argument("--max-connections", type=int, default=256)
+    p.add_argument("--max-connections", type=int, default=256, help="cap on open connections")
     return p
 
 

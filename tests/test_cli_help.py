@@ -61,3 +61,12 @@ def test_version_flag():
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
     assert done.stdout.strip() == f"hetserve {__version__}"
+
+
+def test_the_load_generator_module_explains_its_flags_too():
+    from hetserve.loadgen import build_parser as loadgen_parser
+
+    parser = loadgen_parser()
+    missing = [a.option_strings for a in parser._actions if not (a.help or "").strip()]
+    assert not missing
+    assert "``" not in parser.format_help()
