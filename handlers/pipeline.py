@@ -67,13 +67,17 @@ class RuntimeStats:
     timeouts: Counter = field(default_factory=Counter)  # (stage, executor) -> missed deadlines
     quarantines: Counter = field(default_factory=Counter)  # executor -> times taken out
     probes: Counter = field(default_factory=Counter)  # (executor, "ok" | "failed") -> count
+    retries: Counter = field(default_factory=Counter)  # (stage, executor that failed) -> count
+    cpu_fallbacks: Counter = field(default_factory=Counter)  # (stage, GPU executor out of memory)
 
     def drain(self) -> RuntimeStats:
         snapshot = RuntimeStats(
             Counter(self.placements), list(self.run_ms), list(self.queue_ms), self.micro_batches,
             Counter(self.timeouts), Counter(self.quarantines), Counter(self.probes),
+            Counter(self.retries), Counter(self.cpu_fallbacks),
         )
-        for counter in (self.placements, self.timeouts, self.quarantines, self.probes):
+        for counter in (self.placements, self.timeouts, self.quarantines, self.probes,
+                        self.retries, self.cpu_fallbacks):
             counter.clear()
         self.run_ms.clear()
         self.queue_ms.clear()
@@ -295,6 +299,12 @@ class Runtime:
     def _retry_or_fail(self, attempt: _Attempt, exc: BaseException) -> None:
         with self._lock:
             retry = self._retry_set(attempt.stage, attempt.executor, exc, attempt.exclude)
+            if retry is not None:
+                key = (attempt.stage.name, attempt.executor)
+                self.stats.retries[key] += 1
+                if _is_out_of_memory(exc) and self.executors[attempt.executor].device != "cpu":
+                    # _retry_set kept only CPU executors: a GPU out of memory falls back to a CPU
+                    self.stats.cpu_fallbacks[key] += 1
         if retry is None:
             self._finish(attempt.flow, exc)
         else:

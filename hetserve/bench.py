@@ -24,7 +24,9 @@ from hetserve.loadgen import (
     ARRIVALS,
     LoadResult,
     Target,
+    check_reachable,
     idle_latency,
+    read_inference_key,
     run_closed_loop,
     run_open_loop,
     wait_until_idle,
@@ -42,8 +44,7 @@ def random_body(shape: Sequence[int], seed: int = 1) -> bytes:
 def build_target(args: argparse.Namespace) -> Target:
     headers = dict(args.header)
     if args.key_file:
-        key = json.loads(Path(args.key_file).read_text())["inference"]["key"]
-        headers["Authorization"] = f"Bearer {key}"
+        headers["Authorization"] = f"Bearer {read_inference_key(args.key_file)}"
     if args.shape:
         headers.setdefault("X-Tensor-Shape", ",".join(map(str, args.shape)))
         bodies = [random_body(args.shape)]
@@ -69,18 +70,26 @@ def point_runner(target: Target, *, duration: float, warmup: float, arrival: str
 
 
 def describe(r: LoadResult) -> str:
+    """One line per point. Latency is of successful requests only: a refused connect takes
+    microseconds and is a failure, never a fast answer."""
     load = f"{r.target_rate:7.1f} req/s offered" if r.mode == "open" else f"{r.concurrency:4d} clients"
-    return (f"  {load} -> {r.throughput_rps:6.1f} served, p50 {r.latency_all_ms.p50 or 0:7.1f} ms, "
-            f"p99 {r.latency_all_ms.p99 or 0:7.1f} ms, errors {r.errors or 0}, "
-            f"generator CPU {r.cpu_pct:.0f}%")
+    ok = r.latency_ms
+    latency = (f"p50 {ok.p50:7.1f} ms, p99 {ok.p99:7.1f} ms" if ok.count else "no successful request")
+    errors = ", ".join(f"{k}: {v}" for k, v in r.errors.items()) or "none"
+    return (f"  {load} -> {r.goodput_rps:6.1f} ok/s, {latency}, failed {r.offered - r.ok}/{r.offered} "
+            f"({errors}), generator CPU {r.cpu_pct:.0f}%")
 
 
 def run(args: argparse.Namespace, log=print) -> dict:
     """Measure, merge into args.out, redraw args.png; returns this label's curve entry."""
     if args.out:
         load_results(Path(args.out))  # a wrong --out fails now, not after minutes of measuring
+    if args.png:
+        _check_plotting()  # before minutes of measuring, not after
     target = build_target(args)
-    criteria = Criteria(p99_ms=args.p99_ms)
+    check_reachable(target, timeout=args.timeout)
+    # Failed requests count against the error share, never as latency.
+    criteria = Criteria(p99_ms=args.p99_ms, max_error_rate=args.max_error_rate, latency="ok")
     if args.jvm_warmup > 0:  # a fresh TorchServe JVM JIT-compiles for its first tens of seconds
         run_closed_loop(target, 8, args.jvm_warmup, warmup=0.0, timeout=args.timeout)
     entry: dict = {"url": args.url, "label": args.label, "arrival": args.arrival,
@@ -89,7 +98,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         result = run_closed_loop(target, args.concurrency, args.duration, warmup=args.warmup,
                                  timeout=args.timeout)
         log(describe(result))
-        entry.update(mode="closed", points=[asdict(result)])
+        entry.update(mode="closed", points=[asdict(result)], met=not closed_loop_shortfalls(result, criteria))
     else:
         at = point_runner(target, duration=args.duration, warmup=args.warmup, arrival=args.arrival,
                           timeout=args.timeout, drain=not args.no_drain, log=log)
@@ -100,13 +109,35 @@ def run(args: argparse.Namespace, log=print) -> dict:
             points = [at(rate) for rate in args.rate]
             sweep = Sweep(tuple(points), find_knee(points, criteria), criteria)
         entry.update(mode="open", **json.loads(sweep.to_json()))
-        log(f"  {args.label}: highest sustained rate {entry['knee_rate'] or 0:g} req/s "
-            f"(p99 <= {args.p99_ms:g} ms)")
+        entry["met"] = entry["knee_rate"] is not None
+        if entry["met"]:
+            log(f"  {args.label}: highest sustained rate {entry['knee_rate']:g} req/s "
+                f"(p99 <= {args.p99_ms:g} ms, errors <= {args.max_error_rate:.1%})")
+        else:
+            log(f"  {args.label}: no measured rate met p99 <= {args.p99_ms:g} ms with errors <= {args.max_error_rate:.1%}")
     if args.out:
         merged = merge_results(Path(args.out), entry, criteria)
         if args.png:
             draw(merged, Path(args.png))
     return entry
+
+
+def closed_loop_shortfalls(result: LoadResult, criteria: Criteria) -> list[str]:
+    """The criteria a closed loop can be held to: p99 of the successes and the error share."""
+    reasons = []
+    p99 = criteria.stats(result).p99
+    if p99 is None or p99 > criteria.p99_ms:
+        reasons.append(f"p99 {p99} ms > {criteria.p99_ms} ms")
+    if result.error_rate > criteria.max_error_rate:
+        reasons.append(f"error rate {result.error_rate:.2%} > {criteria.max_error_rate:.2%}")
+    return reasons
+
+
+def _check_plotting() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError("--png needs matplotlib: pip install 'hetserve[bench]' (or drop --png)") from None
 
 
 def load_results(path: Path) -> dict:
@@ -163,23 +194,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     body = p.add_mutually_exclusive_group(required=True)
     body.add_argument("--body-file", action="append", help="request body; repeat to send several round-robin")
     body.add_argument("--shape", type=_shape, help="send one random float32 tensor of this shape (raw bytes)")
-    p.add_argument("--content-type", default="application/octet-stream")
+    p.add_argument("--content-type", default="application/octet-stream", help="Content-Type of every request")
     p.add_argument("--header", action="append", type=_header, default=[], help="'Name: value', repeatable")
     p.add_argument("--key-file", help="TorchServe's key_file.json: sends its inference key as a Bearer token")
     load = p.add_mutually_exclusive_group(required=True)
     load.add_argument("--rate", type=float, action="append", help="open loop at this rate; repeatable")
     load.add_argument("--sweep", action="store_true", help="rising open-loop rates up to the congestion point")
     load.add_argument("--concurrency", type=int, help="closed loop with this many clients")
-    p.add_argument("--arrival", choices=ARRIVALS, default="poisson")
+    p.add_argument("--arrival", choices=ARRIVALS, default="poisson", help="open-loop arrival process")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per point")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds at the start of each point")
     p.add_argument("--timeout", type=float, default=10.0, help="per request, from its intended send time")
     p.add_argument("--jvm-warmup", type=float, default=0.0, help="seconds of closed-loop load first (fresh server)")
     p.add_argument("--no-drain", action="store_true", help="do not wait for an idle server between points")
-    p.add_argument("--p99-ms", type=float, default=500.0, help="latency target for the congestion point")
-    p.add_argument("--start-rate", type=float, default=5.0)
-    p.add_argument("--factor", type=float, default=1.3)
-    p.add_argument("--max-rate", type=float, default=1000.0)
+    p.add_argument("--p99-ms", type=float, default=500.0,
+                   help="p99 latency of successful requests a rate must keep (exit 1 if no rate does)")
+    p.add_argument("--max-error-rate", type=float, default=0.01,
+                   help="share of failed requests (non-2xx, timeouts, refused connects) a rate may have")
+    p.add_argument("--start-rate", type=float, default=5.0, help="first rate of --sweep, requests/s")
+    p.add_argument("--factor", type=float, default=1.3, help="rate multiplier between sweep steps")
+    p.add_argument("--max-rate", type=float, default=1000.0, help="highest rate --sweep tries")
     p.add_argument("--refine", type=int, default=2, help="bisection steps after the sweep")
     p.add_argument("--label", default="default", help="name of this configuration's curve")
     p.add_argument("--out", help="results JSON to merge into (one curve per label)")
@@ -189,5 +223,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.png and not args.out:
         raise ValueError("--png draws the curves of --out: give --out too")
-    run(args)
-    return 0
+    entry = run(args)
+    # Like k6's thresholds: a run whose criteria no point met is a failed run, for scripts and CI.
+    return 0 if entry["met"] else 1

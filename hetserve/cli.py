@@ -1,4 +1,4 @@
-"""``hetserve`` command line: one entry point, one subcommand per job.
+"""hetserve command line: one entry point, one subcommand per job.
 
 Subcommands import their heavy dependencies (torch, onnx) lazily so ``hetserve --help`` and the
 serving-side commands stay fast.
@@ -42,59 +42,114 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
 
 
+def _paths(text: str) -> tuple[Path, ...]:
+    return tuple(Path(x.strip()) for x in text.split(",") if x.strip())
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="zoo:NAME[?k=v&...], path/to/file.py:factory, or model.onnx")
     p.add_argument("--weights", help="weights for the model, .safetensors only (never pickle)")
     p.add_argument("--input-shape", type=_shape, help="sample shape without batch, e.g. 3,224,224 (factory returning a bare module)")
     p.add_argument("--ratios", type=_ratios, default=None, help="head shares of the cost, e.g. 0.75,0.8,0.85,0.9")
-    p.add_argument("--tolerance", type=float, default=0.03, help="accepted distance from each ratio (default 0.03)")
+    p.add_argument("--tolerance", type=float, default=0.03, help="accepted distance from each ratio")
     p.add_argument("--time-limit", type=float, default=10.0, help="seconds for the exact solver per cut")
     p.add_argument("--cost", choices=("profile", "flops"), default="profile", help="node cost source")
-    p.add_argument("--profile-device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--profile-batch", type=int, default=1)
-    p.add_argument("--profile-runs", type=int, default=10)
-    p.add_argument("--opset", type=int, default=18)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile-device", choices=("cpu", "cuda"), default="cpu", help="device the per-node profile runs on")
+    p.add_argument("--profile-batch", type=int, default=1, help="batch size of the profiling runs")
+    p.add_argument("--profile-runs", type=int, default=10, help="timed runs per node (the median is kept)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset of the export")
+    p.add_argument("--seed", type=int, default=0, help="seed of the partitioner (METIS) and the verification inputs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hetserve", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks and shows each flag's default (unless unset or in the help)."""
 
-    p = sub.add_parser("archive", help="export, profile, cut and pack a model into a .mar")
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or not action.option_strings or default is argparse.SUPPRESS
+                or default is None or default is False or default in ([], ())):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _command(sub, name: str, summary: str, description: str, examples: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=summary, description=f"{summary}.\n\n{description}",
+                          epilog=f"examples:\n{examples}", formatter_class=HelpFormatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hetserve import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="hetserve", formatter_class=HelpFormatter,
+        description="Serve one neural network across a GPU and the CPU cores of the same box, on TorchServe.",
+        epilog="run 'hetserve COMMAND -h' for a command's flags and examples")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"hetserve {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
+
+    p = _command(sub, "archive", "export, profile, cut and pack a model into a .mar",
+                 "Exports the model to ONNX, costs every node (profile or FLOPs), cuts it into a head\n"
+                 "and a tail at each ratio, verifies each pair against the whole model and packs\n"
+                 "them with the handler into a TorchServe archive. Inputs are checked first.",
+                 "  hetserve archive --model zoo:resnet18 --model-name resnet18 --export-path model_store\n"
+                 "  hetserve archive --model my_model.py:build --input-shape 3,224,224 --model-name mine \\\n"
+                 "      --ratios 0.8 --set batchSize=8 --set hetserve.micro_batch=2 -f")
     _add_model_args(p)
-    p.add_argument("--method", choices=("metis", "exact", "prefix"), default="metis")
-    p.add_argument("--model-name", required=True)
-    p.add_argument("--export-path", type=Path, default=Path("model_store"))
+    p.add_argument("--method", choices=("metis", "exact", "prefix"), default="metis", help="cut algorithm")
+    p.add_argument("--model-name", required=True, help="TorchServe model name (letters, digits, '_', '-', '.')")
+    p.add_argument("--export-path", type=Path, default=Path("model_store"), help="folder the .mar is written to")
     p.add_argument("--default-ratio", type=float, help="ratio the handler serves unless model-config says otherwise")
-    p.add_argument("--config", type=Path, help="model-config.yaml to start from (default: config/model-config.yaml)")
+    p.add_argument("--config-file", "--config", type=Path, dest="config",
+                   help="model-config.yaml to start from (default: the shipped config/model-config.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override model-config.yaml, e.g. --set batchSize=8 --set hetserve.micro_batch=2")
-    p.add_argument("--version", default="1.0", dest="model_version")
-    p.add_argument("--force", action="store_true", help="overwrite an existing .mar")
+    p.add_argument("--version", default="1.0", dest="model_version", help="model version recorded in the archive")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite an existing .mar")
+    p.add_argument("--extra-files", type=_paths, default=(), metavar="PATH[,PATH...]",
+                   help="files or folders to add to the archive's root (hashed in its manifest)")
+    p.add_argument("--requirements-file", type=Path,
+                   help="requirements.txt TorchServe installs when install_py_dep_per_model=true")
     p.set_defaults(run=cmd_archive)
 
-    p = sub.add_parser("partition", help="cut a model and report cut quality per ratio and method")
+    p = _command(sub, "partition", "cut a model and report cut quality per ratio and method",
+                 "Runs the archive's export, costing and cutting without packing: one report row per\n"
+                 "ratio and method (achieved ratio, cut size, validity, numerical error).",
+                 "  hetserve partition --model zoo:resnet18 --ratios 0.75,0.8,0.9 --method metis,exact \\\n"
+                 "      --report cuts.json")
     _add_model_args(p)
     p.add_argument("--method", default="metis", help="comma-separated: metis,exact,prefix")
     p.add_argument("--report", type=Path, required=True, help="JSON report path")
     p.add_argument("--out-dir", type=Path, help="keep the stages here (default: a temporary folder)")
     p.set_defaults(run=cmd_partition)
 
-    p = sub.add_parser("topology", help="show the physical cores and core groups the runtime would use")
+    p = _command(sub, "topology", "show the physical cores and core groups the runtime would use",
+                 "Reads /sys (sockets, NUMA nodes, SMT siblings) and prints the CPU groups the\n"
+                 "handler's executors would be pinned to under a hetserve.core_groups policy.",
+                 "  hetserve topology\n  hetserve topology --policy size:2")
     p.add_argument("--policy", default="numa", help="numa | socket | size:K")
-    p.add_argument("--sys-root", default="/sys")
+    p.add_argument("--sys-root", default="/sys", help="sysfs root to read (another path for tests)")
     p.set_defaults(run=cmd_topology)
 
     from hetserve import bench
 
-    p = sub.add_parser("bench", help="drive a running TorchServe: open/closed loop, rate sweep, JSON + PNG")
+    p = _command(sub, "bench", "drive a running TorchServe: open/closed loop, rate sweep, JSON + PNG",
+                 "Measures one server configuration (--label) at one rate, over a rate sweep up to\n"
+                 "the knee, or closed-loop. Exits 1 when no measured rate meets the criteria.",
+                 "  hetserve bench --url http://127.0.0.1:8080/predictions/resnet18 --shape 1,3,224,224 \\\n"
+                 "      --key-file key_file.json --sweep --p99-ms 500 --label default --out bench.json")
     bench.add_arguments(p)
     p.set_defaults(run=bench.main)
 
-    p = sub.add_parser("advise", help="batchSize/maxBatchDelay that minimise latency at a rate (performance history)")
+    p = _command(sub, "advise", "batchSize/maxBatchDelay that minimise latency at a rate (performance history)",
+                 "Reads the performance history the handler keeps for an archive and predicts, for\n"
+                 "each rate, the batching that minimises mean or p99 latency; --check compares the\n"
+                 "predictions with a measured serving_cpu.json.",
+                 "  hetserve advise --mar model_store/resnet18.mar --rate 20 --rate 40\n"
+                 "  hetserve advise --check benchmarks/results/serving_cpu.json")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--mar", type=Path, help="the served .mar: its history is read from --state-dir")
     source.add_argument("--history", type=Path, help="a performance history JSON (the runtime's state file)")
@@ -105,27 +160,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, action="append", help="requests/s to advise for; repeatable")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="the serving config the history was measured under, e.g. --set hetserve.core_groups=size:1")
-    p.add_argument("--p99-ms", type=float, default=500.0)
-    p.add_argument("--objective", choices=("mean", "p99"), default="mean")
-    p.add_argument("--arrival", choices=("poisson", "constant"), default="poisson")
+    p.add_argument("--p99-ms", type=float, default=500.0, help="p99 latency a candidate must keep")
+    p.add_argument("--objective", choices=("mean", "p99"), default="mean", help="latency to minimise")
+    p.add_argument("--arrival", choices=("poisson", "constant"), default="poisson", help="arrival process of the requests")
     p.add_argument("--overhead-ms", type=float, default=0.0, help="per-batch cost outside the model")
     p.add_argument("--batch-sizes", type=_ints, default=None, help="candidates, e.g. 1,2,4,8,16,32")
     p.add_argument("--delays-ms", type=_ints, default=None, help="candidates, e.g. 0,2,5,10,20,50")
     p.add_argument("--out", type=Path, help="write the advice (or the check) as JSON here")
     p.set_defaults(run=cmd_advise)
 
-    p = sub.add_parser("tune", help="Bayesian search (optuna) over serving knobs on live TorchServes")
+    p = _command(sub, "tune", "Bayesian search (optuna) over serving knobs on live TorchServes",
+                 "Serves archive variants (no re-cut) on local TorchServes and searches workers,\n"
+                 "batching, core groups and micro-batching for the highest sustained rate (or the\n"
+                 "lowest p99 at --rate); writes the report and the winning config files.",
+                 "  hetserve tune --mar model_store/resnet18.mar --out tune_resnet18 --trials 12\n"
+                 "  hetserve tune --mar model_store/resnet18.mar --out tune_resnet18 --compare")
     p.add_argument("--mar", type=Path, required=True, help="the archive to tune (variants never re-cut it)")
     p.add_argument("--out", type=Path, required=True, help="folder for the report and the winning config")
     p.add_argument("--compare", action="store_true",
                    help="instead of searching: re-measure the default and the winner of --out side by side")
-    p.add_argument("--trials", type=int, default=12)
-    p.add_argument("--objective", choices=("max-rate", "p99"), default="max-rate")
+    p.add_argument("--trials", type=int, default=12, help="configurations to try")
+    p.add_argument("--objective", choices=("max-rate", "p99"), default="max-rate",
+                   help="highest rate under --p99-ms, or lowest p99 at --rate")
     p.add_argument("--rate", type=float, help="with --objective p99: the fixed offered rate")
-    p.add_argument("--p99-ms", type=float, default=500.0)
-    p.add_argument("--start-rate", type=float, default=5.0)
-    p.add_argument("--factor", type=float, default=1.25)
-    p.add_argument("--max-rate", type=float, default=1000.0)
+    p.add_argument("--p99-ms", type=float, default=500.0, help="p99 latency a rate must keep to count")
+    p.add_argument("--start-rate", type=float, default=5.0, help="first rate of each sweep, requests/s")
+    p.add_argument("--factor", type=float, default=1.25, help="rate multiplier between sweep steps")
+    p.add_argument("--max-rate", type=float, default=1000.0, help="highest rate a sweep tries")
     p.add_argument("--refine", type=int, default=1, help="bisection steps after each trial's sweep")
     p.add_argument("--prune-fraction", type=float, default=0.8,
                    help="a trial starts at this share of the best rate so far and stops if it fails it")
@@ -134,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jvm-warmup", type=float, default=20.0, help="seconds of load after each TorchServe start")
     p.add_argument("--trial-warmup", type=float, default=3.0, help="seconds of load after each registration")
     p.add_argument("--fix", action="append", default=[], metavar="KNOB=VALUE", help="pin a knob, e.g. --fix workers=1")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "hetserve-tune")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search")
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "hetserve-tune",
+                   help="scratch folder for variants and server logs")
     p.set_defaults(run=cmd_tune)
     return parser
 
@@ -190,9 +252,12 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or not key:
+        if not sep or not key or "" in key.split("."):
             raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ValueError(f"--set {key}: {raw!r} is not a YAML value") from None
         node = out
         *parents, leaf = key.split(".")
         for part in parents:
@@ -202,27 +267,50 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
+    from hetserve import archive_checks as checks
     from partitioner.archive import copy_runtime, model_config, package
     from partitioner.build import DEFAULT_RATIOS, CutOptions, build_stage_directory
 
     started = time.perf_counter()
+    # Everything checkable is checked before the export: a typo must not cost a minute of work.
+    checks.check_model_name(args.model_name)
+    checks.check_target(args.export_path, args.model_name, args.force)
+    checks.check_extra_files(args.extra_files)
+    checks.check_requirements_file(args.requirements_file)
+    config = model_config(args.config, _overrides(args.set))
+    checks.check_model_config(config)
+    ratios = args.ratios or DEFAULT_RATIOS
+    checks.check_ratios(ratios, args.default_ratio, (config.get("hetserve") or {}).get("ratio"))
     options = CutOptions(
-        ratios=args.ratios or DEFAULT_RATIOS, methods=(args.method,), tolerance=args.tolerance,
+        ratios=ratios, methods=(args.method,), tolerance=args.tolerance,
         time_limit=args.time_limit, seed=args.seed,
     )
-    config = model_config(args.config, _overrides(args.set))
     model, costs, record = _prepare(args)
     with tempfile.TemporaryDirectory(prefix="hetserve-stage-") as tmp:
         stage_dir = Path(tmp) / args.model_name
         copy_runtime(stage_dir)
+        _stage_extras(stage_dir, args.extra_files, args.requirements_file)
         result = build_stage_directory(
             model, costs, stage_dir, args.model_name, options, profile_record=record,
             default_ratio=args.default_ratio, progress=not args.quiet, producer=_producer(),
         )
-        mar = package(stage_dir, args.model_name, args.export_path, config, version=args.model_version, force=args.force)
+        requirements = stage_dir / args.requirements_file.name if args.requirements_file else None
+        mar = package(stage_dir, args.model_name, args.export_path, config, version=args.model_version,
+                      force=args.force, requirements_file=requirements)
     _print_rows(result.rows)
     print(f"wrote {mar} ({mar.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s")
     return 0
+
+
+def _stage_extras(stage_dir: Path, extras, requirements: Path | None) -> None:
+    """Copy --extra-files and the requirements file into the stage folder, before it is hashed."""
+    import shutil
+
+    for path in [*extras, *([requirements] if requirements else [])]:
+        if path.is_dir():
+            shutil.copytree(path, stage_dir / path.name)
+        else:
+            shutil.copy2(path, stage_dir / path.name)
 
 
 def cmd_partition(args: argparse.Namespace) -> int:

@@ -527,6 +527,40 @@ def probe(target: Target, timeout: float = 30.0) -> tuple[int | str, float]:
         conn.close()
 
 
+def read_inference_key(path: str | Path) -> str:
+    """The inference token of TorchServe's key_file.json; one-line ValueError when it has none."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--key-file {path} does not exist") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--key-file {path} is not TorchServe's key_file.json ({str(exc).splitlines()[0]})") from None
+    key = data.get("inference", {}).get("key") if isinstance(data, dict) and isinstance(data.get("inference"), dict) else None
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"--key-file {path} has no inference key (expected {{\"inference\": {{\"key\": ...}}}})")
+    return key
+
+
+def check_reachable(target: Target, timeout: float = 10.0) -> float:
+    """One request before any measuring: a dead server or a refused token fails now, in one line.
+
+    Returns the request's seconds. A load generator that only counts errors would otherwise run
+    a whole sweep against nothing.
+    """
+    status, seconds = probe(target, timeout=timeout)
+    if status == "connect":
+        raise ValueError(f"cannot connect to {target.url}: is TorchServe running and is the port right?")
+    if status == "timeout":
+        raise ValueError(f"{target.url} did not answer one request within {timeout:g} s")
+    if status in (401, 403):
+        raise ValueError(f"{target.url} refused the request (HTTP {status}): give TorchServe's key_file.json as --key-file")
+    if status == 404:
+        raise ValueError(f"{target.url} answered 404: no such model (check the model name in the URL)")
+    if not 200 <= int(status) < 300:
+        raise ValueError(f"{target.url} answered HTTP {status} to the first request: check the body, --content-type and --header")
+    return seconds
+
+
 def idle_latency(target: Target, probes: int = 5) -> float:
     """Median latency of lone sequential requests: the server's unloaded service time."""
     return statistics.median(probe(target)[1] for _ in range(probes))
@@ -559,23 +593,24 @@ def _header(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hetserve.loadgen", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m hetserve.loadgen", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--url", required=True, help="e.g. http://127.0.0.1:8080/predictions/MODEL")
     p.add_argument("--body-file", action="append", required=True, type=Path,
                    help="request body; repeat to send several bodies round-robin")
-    p.add_argument("--content-type", default="application/octet-stream")
+    p.add_argument("--content-type", default="application/octet-stream", help="Content-Type of every request")
     p.add_argument("--header", action="append", type=_header, default=[], help="'Name: value', repeatable")
     p.add_argument("--key-file", type=Path, help="TorchServe key_file.json: sends its inference key as a Bearer token")
     load = p.add_mutually_exclusive_group(required=True)
     load.add_argument("--rate", type=float, help="open loop: requests per second")
     load.add_argument("--concurrency", type=int, help="closed loop: clients")
-    p.add_argument("--arrival", choices=ARRIVALS, default="constant")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arrival", choices=ARRIVALS, default="constant", help="open-loop arrival process")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
     p.add_argument("--duration", type=float, default=20.0, help="measured seconds (after warm-up)")
-    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
     p.add_argument("--timeout", type=float, default=10.0, help="per request, from its intended send time")
     p.add_argument("--connections", type=int, help="open loop: connections opened up front")
-    p.add_argument("--max-connections", type=int, default=256)
+    p.add_argument("--max-connections", type=int, default=256, help="cap on open connections")
     return p
 
 
@@ -583,7 +618,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     headers = dict(args.header)
     if args.key_file:
-        headers["Authorization"] = f"Bearer {json.loads(args.key_file.read_text())['inference']['key']}"
+        headers["Authorization"] = f"Bearer {read_inference_key(args.key_file)}"
     target = Target.create(args.url, [f.read_bytes() for f in args.body_file], headers, args.content_type)
     common = {"warmup": args.warmup, "timeout": args.timeout, "handle_signals": True}
     if args.rate is not None:

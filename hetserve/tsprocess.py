@@ -20,9 +20,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BASE_CONFIG = REPO / "config" / "config.properties"
-LOG_CONFIG = REPO / "config" / "log4j2.xml"
+from hetserve.defaults import CONFIG_PROPERTIES, default_file
+from hetserve.defaults import LOG_CONFIG as _LOG_CONFIG_NAME
+
+REPO = Path(__file__).resolve().parent.parent  # the clone, when run from one (tests scan it)
+BASE_CONFIG = default_file(CONFIG_PROPERTIES)
+LOG_CONFIG = default_file(_LOG_CONFIG_NAME)
 
 
 def free_port() -> int:
@@ -160,6 +163,8 @@ def start_torchserve(workdir: Path, model_store: Path, models: dict[str, str],
                      overrides: dict[str, str] | None = None, timeout: float = 240.0,
                      env: dict[str, str] | None = None, base_config: Path = BASE_CONFIG,
                      log_config: Path = LOG_CONFIG) -> TorchServe:
+    # TorchServe runs with cwd=workdir and rejects a relative TEMP: absolute paths throughout.
+    workdir, model_store = Path(workdir).resolve(), Path(model_store).resolve()
     pinned = {**os.environ, **(env or {})}.get("HETSERVE_ARCHIVE_SHA256", "")
     if pinned.strip():  # checked before TorchServe imports the archives' entry handlers
         from hetserve.pinned_archives import verify_mar

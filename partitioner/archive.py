@@ -26,7 +26,6 @@ from handlers.manifest import MANIFEST_NAME
 
 HANDLER_ENTRY = "hetserve_handler.py"
 MODEL_CONFIG_FILE = "model-config.yaml"
-DEFAULT_MODEL_CONFIG = Path(__file__).resolve().parent.parent / "config" / MODEL_CONFIG_FILE
 
 
 def copy_runtime(dest: Path) -> None:
@@ -40,8 +39,17 @@ def copy_runtime(dest: Path) -> None:
 
 def model_config(base: Path | None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The archive's model-config.yaml: the project's defaults, then the caller's overrides."""
-    path = base if base is not None else DEFAULT_MODEL_CONFIG
-    config = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    from hetserve.defaults import MODEL_CONFIG, default_file
+
+    path = base if base is not None else default_file(MODEL_CONFIG)
+    if not path.is_file():
+        raise FileNotFoundError(f"model config {path} does not exist")
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{path} must hold a mapping of model-config keys")
     merged = merge_config(config, overrides or {})
     warnings, errors = batching_problems(merged)  # before any cutting: fail early
     if errors:
@@ -70,6 +78,7 @@ def package(
     version: str = "1.0",
     force: bool = False,
     archive_format: str = "zip-store",
+    requirements_file: Path | None = None,
 ) -> Path:
     """Build ``export_path/model_name.mar`` from ``stage_dir`` (which already holds ``handlers/``)."""
     from model_archiver.model_archiver_config import ModelArchiverConfig
@@ -98,6 +107,7 @@ def package(
             archive_format=archive_format,  # zip-store: weights do not compress, deflate only costs time
             force=True,
             config_file=str(config_path),
+            requirements_file=str(requirements_file) if requirements_file else None,
         )
         # The archiver stages files in tempfile.gettempdir()/model_name and deletes that folder:
         # give it a private temp dir so concurrent builds of one model name cannot collide.

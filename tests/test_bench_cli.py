@@ -86,16 +86,19 @@ def test_sweep_finds_the_knee_below_capacity_and_merges_labels(server, tmp_path)
     assert data["curves"]["one"]["knee_rate"] == curve["knee_rate"]
 
 
-def test_errors_are_counted_by_http_code_and_block_the_knee(server, tmp_path):
+def test_errors_are_counted_by_http_code_and_block_the_knee(server, tmp_path, capsys):
     good, bad = tmp_path / "good.bin", tmp_path / "bad.bin"
     good.write_bytes(b"{}")
     bad.write_bytes(b"503")
     out = tmp_path / "r.json"
+    # No rate met the criteria: a failed run, like k6's thresholds.
     assert bench("--url", server.url, "--body-file", str(good), "--body-file", str(bad), "--rate", "10",
-                 "--out", str(out)) == 0
+                 "--out", str(out)) == 1
     point = json.loads(out.read_text())["curves"]["default"]["points"][0]
     assert point["errors"]["503"] >= 4 and point["ok"] >= 4
     assert json.loads(out.read_text())["curves"]["default"]["knee_rate"] is None
+    line = next(x for x in capsys.readouterr().out.splitlines() if "offered" in x)
+    assert f"failed {point['offered'] - point['ok']}/{point['offered']}" in line and "503:" in line
 
 
 def test_key_file_and_shape_make_an_authorized_raw_tensor_request(server, tmp_path):
@@ -123,3 +126,56 @@ def test_usage_errors_say_what_is_wrong(server, tmp_path, capsys):
         bench("--url", server.url, "--shape", "a,b", "--rate", "5")
     assert "shape must look like 1,3,224,224" in capsys.readouterr().err
     assert not server.seen, "no request is sent when the command line is wrong"
+
+
+def test_unreachable_server_fails_at_once_with_one_line(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    code = bench("--url", f"http://127.0.0.1:{port}/predictions/m", "--shape", "1,2", "--sweep", "--no-drain")
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot connect to" in err and len(err.strip().splitlines()) == 1
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (None, "does not exist"),
+    ("not json", "is not TorchServe's key_file.json"),
+    (json.dumps({"management": {"key": "m"}}), "has no inference key"),
+])
+def test_bad_key_file_is_one_line_before_any_request(server, tmp_path, capsys, content, expected):
+    keys = tmp_path / "key_file.json"
+    if content is not None:
+        keys.write_text(content)
+    assert bench("--url", server.url, "--shape", "1,2", "--rate", "5", "--key-file", str(keys)) == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1
+    assert not server.seen
+
+
+def test_a_refused_first_request_stops_before_measuring(server, tmp_path, capsys):
+    body = tmp_path / "401.bin"
+    body.write_bytes(b"401")
+    assert bench("--url", server.url, "--body-file", str(body), "--sweep") == 2
+    assert "refused the request (HTTP 401)" in capsys.readouterr().err
+    assert len(server.seen) == 1, "one probe, no sweep"
+
+
+def test_png_without_matplotlib_fails_before_measuring(server, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    assert bench("--url", server.url, "--shape", "1,2", "--rate", "5", "--out", str(tmp_path / "r.json"),
+                 "--png", str(tmp_path / "r.png")) == 2
+    assert "--png needs matplotlib" in capsys.readouterr().err
+    assert not server.seen
+
+
+def test_closed_loop_that_misses_the_p99_exits_1(server, tmp_path):
+    out = tmp_path / "r.json"
+    # One service slot of 20 ms and 8 clients: p99 is well above 5 ms.
+    assert bench("--url", server.url, "--shape", "1,2", "--concurrency", "8", "--p99-ms", "5", "--out", str(out)) == 1
+    assert json.loads(out.read_text())["curves"]["default"]["met"] is False

@@ -17,10 +17,15 @@ REPORT_FIELDS = {"method", "ratio", "achieved_ratio", "cut_bytes", "valid", "max
 @pytest.fixture(scope="module")
 def built_mar(tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
+    extras = tmp_path_factory.mktemp("extras")
+    (extras / "labels.json").write_text('["cat", "dog"]')
+    (extras / "requirements.txt").write_text("numpy\n")
+    (store / "tiny.mar").write_bytes(b"stale")  # -f replaces it
     code = main([
         "archive", "--model", "zoo:resnet18-tiny", "--model-name", "tiny", "--export-path", str(store),
         "--ratios", "0.6,0.8", "--cost", "flops", "--quiet", "--set", "batchSize=2",
-        "--set", "hetserve.micro_batch=1",
+        "--set", "hetserve.micro_batch=1", "-f", "--extra-files", str(extras / "labels.json"),
+        "--requirements-file", str(extras / "requirements.txt"),
     ])
     assert code == 0
     return store / "tiny.mar"
@@ -37,6 +42,10 @@ def test_mar_holds_exactly_the_files_the_manifest_lists_with_their_hashes(built_
         assert (tmp_path / path).stat().st_size == entry["size"]
     listed = set(manifest["files"]) | {MANIFEST_NAME, "MAR-INF/MANIFEST.json", "model-config.yaml", "hetserve_handler.py"}
     assert names == listed, "the archive holds files the manifest does not vouch for"
+    assert {"labels.json", "requirements.txt"} <= set(manifest["files"]), "extra files must be hashed too"
+    assert (tmp_path / "labels.json").read_text() == '["cat", "dog"]'
+    ts_manifest = json.loads((tmp_path / "MAR-INF" / "MANIFEST.json").read_text())
+    assert ts_manifest["model"]["requirementsFile"] == "requirements.txt"
     assert {p["ratio"] for p in manifest["partitions"]} == {0.6, 0.8}
     assert manifest["inputs"] == [{"name": "image", "dtype": "float32", "shape": [None, 3, 64, 64]}]
 

@@ -43,6 +43,8 @@ from partitioner.archive import with_config
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy" / "kserve"
 MANIFESTS = sorted(DEPLOY.glob("inferenceservice-*.yaml"))
+RUNTIME = DEPLOY / "clusterservingruntime.yaml"
+MOUNT = "/mnt/models"  # where KServe mounts an InferenceService's storageUri
 MODEL = "resnet18"  # the name the committed manifests and config.properties serve
 SAMPLE = (3, 64, 64)  # resnet18-tiny
 
@@ -133,7 +135,7 @@ def inference_service(document: dict, sdk):
 
 
 def read_properties(path: Path) -> dict[str, str]:
-    """config.properties as kserve_wrapper's parse_config reads it (first '=' splits, no comments)."""
+    """config.properties as Java and kserve_wrapper's parse_config read it (first '=' splits, no comments)."""
     pairs = {}
     for line in path.read_text().splitlines():
         if "=" in line and not line.lstrip().startswith("#"):
@@ -148,7 +150,10 @@ def test_manifest_is_a_valid_inference_service(path, sdk):
     assert (isvc.api_version, isvc.kind) == ("serving.kserve.io/v1beta1", "InferenceService")
     predictor = isvc.spec.predictor
     model = predictor.model
-    assert model.model_format.name == "pytorch" and model.runtime == "kserve-torchserve"
+    # hetserve's own runtime, not KServe's kserve-torchserve (planned for removal, kserve#5638).
+    runtime = yaml.safe_load(RUNTIME.read_text())
+    assert model.runtime == runtime["metadata"]["name"]
+    assert model.model_format.name in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
     assert model.protocol_version == "v2" and model.storage_uri
     # Core pinning needs a Guaranteed pod with whole CPUs: requests == limits, no millicores.
     resources = model.resources
@@ -159,17 +164,41 @@ def test_manifest_is_a_valid_inference_service(path, sdk):
     assert predictor.scale_metric == "concurrency" and predictor.scale_target >= 1
     assert 1 <= predictor.min_replicas <= predictor.max_replicas
     assert predictor.container_concurrency >= predictor.scale_target
-    # Probes go to the kserve_wrapper (8080) and name the model config.properties serves.
-    snapshot = json.loads(read_properties(DEPLOY / "config" / "config.properties")["model_snapshot"])
-    assert list(snapshot["models"]) == [MODEL]
-    assert model.readiness_probe.http_get.path == f"/v2/models/{MODEL}/ready"
-    assert model.liveness_probe.http_get.path == "/v2/health/live"
-    assert model.readiness_probe.http_get.port == model.liveness_probe.http_get.port == 8080
+    # Probes come from the runtime (readiness: hetserve.ready); a manifest may only lengthen liveness.
+    props = read_properties(DEPLOY / "config" / "config.properties")
+    assert list(json.loads(props["model_snapshot"])["models"]) == [MODEL]
+    assert model.readiness_probe is None
+    if model.liveness_probe is not None:
+        assert model.liveness_probe.tcp_socket.port == int(props["inference_address"].rsplit(":", 1)[1])
     # The performance history lives on the volume mounted where HETSERVE_STATE_DIR points.
     state_dir = {e.name: e.value for e in model.env}["HETSERVE_STATE_DIR"]
     mounts = {m.mount_path: m.name for m in model.volume_mounts}
     assert mounts[state_dir] in {v.name for v in predictor.volumes}
     assert isvc.metadata.annotations["prometheus.kserve.io/port"] == "8082"
+
+
+def test_runtime_is_a_valid_cluster_serving_runtime_that_runs_the_mounted_config(sdk):
+    runtime = build_sdk(yaml.safe_load(RUNTIME.read_text()), "V1alpha1ClusterServingRuntime", "ClusterServingRuntime", sdk)
+    assert (runtime.api_version, runtime.kind) == ("serving.kserve.io/v1alpha1", "ClusterServingRuntime")
+    spec = runtime.spec
+    assert {"v1", "v2"} <= set(spec.protocol_versions)
+    assert [f.name for f in spec.supported_model_formats] == ["hetserve"]
+    (container,) = spec.containers
+    assert container.name == "kserve-container"
+    assert container.command == ["torchserve"]
+    args = container.args
+    assert args[:2] == ["--start", "--foreground"], "TorchServe must stay the container's main process"
+    props = read_properties(DEPLOY / "config" / "config.properties")
+    assert args[args.index("--ts-config") + 1] == f"{MOUNT}/config/config.properties"
+    assert args[args.index("--model-store") + 1] == props["model_store"]
+    (port,) = container.ports
+    assert port.container_port == int(props["inference_address"].rsplit(":", 1)[1])
+    # /ping is 200 before the worker is READY: readiness asks the management API (hetserve.ready).
+    assert container.readiness_probe.var_exec.command == ["python", "-m", "hetserve.ready", f"{MOUNT}/config/config.properties"]
+    assert container.liveness_probe.tcp_socket.port == port.container_port
+    assert spec.annotations["prometheus.kserve.io/port"] == props["metrics_address"].rsplit(":", 1)[1]
+    # Guaranteed by default too: requests equal limits in whole CPUs.
+    assert container.resources.requests == container.resources.limits
 
 
 def _set(path: str, value):
@@ -194,7 +223,7 @@ _DELETE = object()
     [
         (_set("spec.predictor.scaleMetrik", "concurrency"), "no field scaleMetrik"),
         (_set("spec.predictor.model.resources.limits.cpu", 4), "limits.cpu"),
-        (_set("spec.predictor.model.readinessProbe.httpGet.paht", "/"), "paht"),
+        (_set("spec.predictor.model.livenessProbe.tcpSocket.prot", 8080), "prot"),
         (_set("spec.predictor.model.modelFormat", _DELETE), "model_format"),
         (_set("spec.predictor.minReplicas", "1"), "expected int"),
     ],
@@ -209,11 +238,14 @@ def test_validation_rejects_what_kubernetes_would(sdk, edit, fragment):
 
 def test_deploy_config_fits_kserve_and_the_handler():
     props = read_properties(DEPLOY / "config" / "config.properties")
-    # kserve_wrapper reads these keys unconditionally.
     for key in ("inference_address", "management_address", "grpc_inference_port", "model_store"):
         assert props[key], key
-    assert props["model_store"] == "/mnt/models/model-store"
-    assert re.fullmatch(r"http://127\.0\.0\.1:\d+", props["inference_address"])
+    assert props["model_store"] == f"{MOUNT}/model-store"
+    # The inference API is the pod's serving port; management and gRPC stay on loopback.
+    assert re.fullmatch(r"http://0\.0\.0\.0:\d+", props["inference_address"])
+    assert props["management_address"].startswith("http://127.0.0.1:")
+    assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
+    assert props["enable_model_api"] == "false" and props["allowed_urls"] == "(?!)"
     assert "service_envelope" not in props and props["enable_envvars_config"] == "false"
     assert props["decode_input_request"] == "false" and props["cpu_launcher_enable"] == "false"
 
@@ -554,3 +586,85 @@ def test_stock_kservev2_envelope_fails_every_request_with_a_clear_message(envelo
         assert "service_envelope" in resp.json()["message"]
     assert envelope_server.worker_pids(), "the worker stays up"
     assert "service_envelope" in envelope_server.log_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# hetserve's runtime: TorchServe started with exactly the ClusterServingRuntime's command
+
+
+@pytest.fixture(scope="module")
+def runtime_server(layout, tmp_path_factory):
+    """The runtime container's command and args, the storage layout standing in for /mnt/models.
+
+    Only the ports differ from the pod (free ones, so the test can run beside other servers); token
+    auth stays off as in the pod, so nothing below sends a token.
+    """
+    import os
+
+    from hetserve.tsprocess import TorchServe, free_port, write_config
+
+    work = tmp_path_factory.mktemp("ts-runtime")
+    (work / "tmp").mkdir()
+    ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
+    config = write_config(work, layout / "model-store", ports, {"initial_worker_port": str(free_port())},
+                          base_config=layout / "config" / "config.properties")
+    assert read_properties(config)["disable_token_authorization"] == "true"
+    (container,) = yaml.safe_load(RUNTIME.read_text())["spec"]["containers"]
+    args = [str(config) if a == f"{MOUNT}/config/config.properties" else a.replace(MOUNT, str(layout))
+            for a in container["args"]]
+    venv_bin = Path(sys.executable).parent
+    command = [str(venv_bin / container["command"][0]), *args]
+    env = {**os.environ, "TMPDIR": str(work / "tmp"), "TEMP": str(work / "tmp"),
+           "LOG_LOCATION": str(work / "logs"), "METRICS_LOCATION": str(work / "logs"),
+           "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with open(work / "torchserve.out", "wb") as out:
+        process = subprocess.Popen(command, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    server = TorchServe(work, ports, process)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _probe(command: list[str], config: Path) -> int:
+    argv = [sys.executable if c == "python" else str(config) if c.endswith("config.properties") else c for c in command]
+    return subprocess.run(argv, capture_output=True, timeout=30).returncode
+
+
+@pytest.mark.server
+def test_runtime_command_serves_the_layout_and_its_readiness_probe_waits_for_the_worker(runtime_server):
+    import time
+
+    (container,) = yaml.safe_load(RUNTIME.read_text())["spec"]["containers"]
+    probe = container["readinessProbe"]["exec"]["command"]
+    config = runtime_server.workdir / "config.properties"
+    deadline, timeline = time.monotonic() + 300, []
+    while time.monotonic() < deadline:
+        assert runtime_server.process.poll() is None, (runtime_server.workdir / "torchserve.out").read_text()[-3000:]
+        try:
+            ping = runtime_server.request("GET", "/ping", token=False, timeout=5).status
+        except OSError:
+            ping = None
+        workers = []
+        if ping is not None:
+            reply = runtime_server.request("GET", f"/models/{MODEL}", api="management", token=False, timeout=5)
+            workers = [w["status"] for w in reply.json()[0]["workers"]] if reply.status == 200 else []
+        # The probe runs after the state was read: a worker READY before stays READY.
+        timeline.append((ping, workers, _probe(probe, config)))
+        if timeline[-1][2] == 0:
+            break
+        time.sleep(0.5)
+    assert timeline[-1][2] == 0, f"never ready: {timeline[-5:]}\n{runtime_server.log_text()[-3000:]}"
+    # Ready means READY: read after the probe passed (a READY worker stays READY).
+    reply = runtime_server.request("GET", f"/models/{MODEL}", api="management", token=False)
+    assert [w["status"] for w in reply.json()[0]["workers"]] == ["READY"]
+    # Before, the probe failed while the worker was not READY, whatever /ping said (200 early).
+    assert all(code != 0 for _, _, code in timeline[:-1])
+    x = images(1, 7)
+    body = json.dumps({"inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}).encode()
+    resp = runtime_server.request("POST", f"/v2/models/{MODEL}/infer", body,
+                                  {"Content-Type": "application/json"}, token=False)
+    assert resp.status == 200, resp.body
+    assert resp.json()["outputs"][0]["shape"][0] == 1

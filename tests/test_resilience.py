@@ -112,6 +112,12 @@ def test_a_hung_tail_is_cancelled_retried_quarantined_and_reprobed(server, execu
     assert any("missed the 2 s stage deadline" in line for line in quarantined), quarantined
     assert wait_for(lambda: model_lines(server, "faulty", f"executor {executors[-1]} back in service"), 30)
     assert soak.model_worker_pid(server, "faulty") == pid, "the worker survived the hang"
+    # The events reach Prometheus as counters (sent with the next batch's metrics).
+    assert server.predict("faulty", *raw(sample(99, 2))).status == 200
+    text = server.request("GET", "/metrics", api="metrics").body.decode()
+    for name in ("HetserveStageTimeouts", "HetserveQuarantines", "HetserveRetries", "HetserveProbes"):
+        values = re.findall(name + r'\{[^}]*ModelName="faulty"[^}]*\} ([\d.]+)', text)
+        assert values and sum(float(v) for v in values) >= 1, f"{name} not exported"
 
 
 @pytest.mark.parametrize("n", [1000, pytest.param(20_000, marks=pytest.mark.slow)])

@@ -184,10 +184,15 @@ def test_model_registration_api_is_off(server):
 
 
 def test_runtime_metrics_reach_prometheus(server):
-    server.predict("split", batch(4, 11).tobytes(), "application/octet-stream")
+    for model in ("split", "whole"):
+        assert server.predict(model, batch(4, 11).tobytes(), "application/octet-stream").status == 200
     text = server.request("GET", "/metrics", api="metrics").body.decode()
-    stages = set(re.findall(r'HetserveStageRunMs\{[^}]*Stage="(\w+)"', text))
+    # Histograms: one observation per stage run, in seconds, with buckets to take quantiles over.
+    stages = set(re.findall(r'HetserveStageRunSeconds_bucket\{[^}]*Stage="(\w+)"', text))
     assert {"head", "tail", "whole"} <= stages
+    counts = re.findall(r'HetserveStageRunSeconds_count\{[^}]*\} ([\d.]+)', text)
+    assert counts and all(float(v) >= 1 for v in counts)
+    assert re.search(r'HetserveQueueWaitSeconds_bucket\{[^}]*le="\+Inf"', text)
     placements = re.findall(r'HetservePlacements\{[^}]*Executor="([\w-]+)"[^}]*\} ([\d.]+)', text)
     assert placements and all(float(v) > 0 for _, v in placements)
-    assert "HetserveMicroBatches" in text and "HetserveQueueWaitMs" in text
+    assert "HetserveMicroBatches" in text

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Lay a hetserve .mar out the way KServe's TorchServe runtime expects its storage.
+"""Lay a hetserve .mar out the way hetserve's KServe runtime (and KServe's TorchServe runtime) mount it.
 
     python deploy/kserve/build_storage.py model_store/resnet18.mar build/kserve/resnet18
     aws s3 cp --recursive build/kserve/resnet18 s3://BUCKET/hetserve/resnet18   # = storageUri
@@ -8,9 +8,9 @@ gives
     OUT/config/config.properties   deploy/kserve/config/config.properties, model_snapshot for this .mar
     OUT/model-store/NAME.mar       the archive, byte for byte
 
-KServe mounts the storageUri at /mnt/models and its runtime runs
-``torchserve --model-store=/mnt/models/model-store --ts-config=/mnt/models/config/config.properties``;
-the runtime's kserve_wrapper takes the model names from ``model_snapshot``. The snapshot's batch
+KServe mounts the storageUri at /mnt/models and hetserve's runtime (clusterservingruntime.yaml) runs
+``torchserve --start --foreground --ncs --model-store /mnt/models/model-store --ts-config /mnt/models/config/config.properties``;
+TorchServe loads the models ``model_snapshot`` names. The snapshot's batch
 and timeout values are copied from the archive's model-config.yaml, so the .mar stays the one
 place where they (and the whole ``hetserve:`` section) are set.
 """
