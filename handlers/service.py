@@ -29,6 +29,7 @@ from handlers.manifest import MANIFEST_NAME, Manifest, load_verified_manifest
 from handlers.perf_model import PerfHistory
 from handlers.pipeline import MicroBatchOutcome, Runtime, RuntimeStats, StageTimeout
 from handlers.plan import build_runtime
+from handlers.processors import Processors
 from handlers.runtime_config import RuntimeConfig
 from handlers.timeline import HOST, Span, Timeline
 from handlers.validation import RequestError
@@ -44,6 +45,7 @@ class RawRequest:
     body: Any
     content_type: str | None
     headers: Mapping[str, str] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)  # query parameters (?raw=1)
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,10 @@ class InferenceService:
         config: RuntimeConfig,
         state_path: Path | None,
         model_version: str = "1.0",
+        processors: Processors | None = None,
     ) -> None:
         self.manifest = manifest
+        self.processors = processors
         self.runtime = runtime
         self.config = config
         self.state_path = state_path
@@ -94,7 +98,8 @@ class InferenceService:
         state_path = config.state_path(manifest.model_name, digest)
         history = PerfHistory.load(state_path, alpha=config.ewma_alpha)
         runtime = build_runtime(manifest, model_dir, config, history)
-        service = cls(manifest, runtime, config, state_path, model_version)
+        processors = Processors.load(config.processors, model_dir, manifest)
+        service = cls(manifest, runtime, config, state_path, model_version, processors)
         service.save_history()
         return service
 
@@ -111,6 +116,8 @@ class InferenceService:
             except Exception:  # noqa: BLE001 - a decoder bug fails this request, not the batch
                 log.exception("request %d could not be decoded", i)
                 replies[i] = _error_reply(RequestError(500, "internal error decoding the request"), None)
+        if self.processors is not None:
+            decoded = self.processors.pad_texts(decoded)
         self._trace("decode", started, len(requests))
         for group in _groups_by_shape(decoded):
             self._run_group(group, replies)
@@ -118,6 +125,12 @@ class InferenceService:
         return [r if r is not None else _internal_error() for r in replies]
 
     def _decode(self, request: RawRequest) -> DecodedRequest:
+        if self.processors is not None:
+            processed = self.processors.decode(
+                request.body, request.content_type, request.headers, request.params, self.config.limits
+            )
+            if processed is not None:
+                return processed
         return decode_request(
             request.body,
             request.content_type,
@@ -154,7 +167,8 @@ class InferenceService:
                 replies[index] = _error_reply(failure_error(mine), request.format)
                 continue
             try:
-                encoded = encode_response(
+                encoded = self.processors.encode(mine, request) if self.processors else None
+                encoded = encoded or encode_response(
                     mine,
                     request,
                     self.manifest.outputs,
