@@ -104,7 +104,10 @@ class RuntimeConfig:
         try:
             limits = RequestLimits.from_mapping(section.pop("limits", None) or {})
             faults = parse_faults(section.pop("faults", None))
-            processors = ProcessorsConfig.from_mapping(section.pop("processors", None))
+            try:
+                processors = ProcessorsConfig.from_mapping(section.pop("processors", None))
+            except ProcessorConfigError as exc:
+                raise ConfigError(str(exc)) from None
             response_s = float((model_yaml or {}).get("responseTimeout") or TORCHSERVE_RESPONSE_TIMEOUT_S)
             section.setdefault("batch_size", int((model_yaml or {}).get("batchSize") or 1))
             if section.get("request_timeout_s") is None:
@@ -117,7 +120,7 @@ class RuntimeConfig:
                 )
             return cls(**section, limits=limits, faults=faults, processors=processors)
         except (TypeError, ValueError) as exc:
-            if isinstance(exc, ConfigError | ProcessorConfigError):
+            if isinstance(exc, ConfigError):
                 raise
             raise ConfigError(f"bad hetserve option: {exc}") from None
 
