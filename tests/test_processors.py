@@ -197,8 +197,9 @@ def test_processors_decode_images_text_and_fall_back_to_tensors(tmp_path):
     procs = Processors.load(config, tmp_path, manifest)
     got = procs.decode(jpeg(seed=5), None, {}, {}, LIMITS)  # curl -T: no content type
     assert got.format == FORMAT_LABELS and got.arrays["image"].shape == (1, 3, 32, 32) and not got.had_batch_dim
-    raw = procs.decode(jpeg(seed=5), "image/jpeg", {}, {"raw": b"1"}, LIMITS)
+    raw = procs.decode(jpeg(seed=5), "image/jpeg", {}, {"raw": b"1"}, LIMITS)  # a form field
     assert raw.format == "json"
+    assert procs.decode(jpeg(seed=5), "image/jpeg", {"x-hetserve-raw": "1"}, {}, LIMITS).format == "json"
     assert procs.decode(jpeg(seed=5), "image/jpeg", {"Accept": "application/x-npy"}, {}, LIMITS).format == "npy"
     tensors = procs.decode(json.dumps({"image": np.zeros((3, 32, 32)).tolist()}).encode(), "application/json", {}, {}, LIMITS)
     assert tensors.format == "json" and tensors.arrays["image"].shape == (1, 3, 32, 32)

@@ -4,7 +4,9 @@
 the archive's verified files; per request, ``decode`` turns an image or text body into the
 model's tensors (or returns None: not a processor body, the tensor codecs take it), ``pad_texts``
 pads a batch's text requests to its longest sequence, and ``encode`` answers ``{"label": score}``
-JSON unless the client asked for tensors (``?raw=1``, or an Accept header naming a tensor format).
+JSON unless the client asked for tensors: ``X-Hetserve-Raw: 1`` (JSON tensors), an Accept header
+naming a tensor format (.npy, .npz, raw), or a ``raw=1`` form field. TorchServe 0.12 does not hand
+a URL's query string (``?raw=1``) to the handler, so the header is the way on /predictions.
 Everything here is a pure function of the request and the archive; no TorchServe types.
 """
 
@@ -58,6 +60,7 @@ __all__ = ["FORMAT_LABELS", "ProcessedRequest", "Processors", "ProcessorConfigEr
 
 FORMAT_LABELS = "labels"
 RAW_PARAM = "raw"
+RAW_HEADER = "X-Hetserve-Raw"
 # Leading bytes of the image formats Pillow reads: a body without a content type (curl -T)
 # or sent as octet-stream is an image when it starts like one.
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
@@ -186,7 +189,7 @@ class Processors:
         return webp or start.startswith(_IMAGE_MAGIC)
 
     def _answer_format(self, headers, params) -> str:
-        raw = params.get(RAW_PARAM)
+        raw = params.get(RAW_PARAM, header(headers, RAW_HEADER))
         if isinstance(raw, bytes | bytearray):
             raw = raw.decode("latin-1")
         accept = (_media_type(header(headers, "accept")) or "").strip()
