@@ -173,17 +173,14 @@ def test_bad_images_fail_alone_inside_a_mixed_batch(server, vit_reference):
 
     with ThreadPoolExecutor(len(cases)) as pool:
         responses = list(pool.map(send, cases))
-    batched = 0
     for (name, data, _, status, words), resp in zip(cases, responses, strict=True):
         assert resp.status == status, (name, resp.body)
         if status == 200:
             body = resp.json()
             want = softmax(vit_reference(data))
             assert body[EXPRESSIONS[int(want.argmax())]] == pytest.approx(float(want.max()), abs=1e-4)
-            batched = max(batched, int(resp.headers["x-hetserve-batch"]))
         else:
             assert words in resp.json()["message"], (name, resp.body)
-    assert batched >= 1
 
 
 def test_bert_answers_text(server, bert_reference):
