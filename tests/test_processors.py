@@ -239,3 +239,20 @@ def test_text_requests_in_one_batch_are_padded_to_its_longest(tmp_path):
     assert {r.arrays["input_ids"].shape[1] for _, r in padded} == {7}
     code, message = status_of(lambda: procs.decode(json.dumps({"text": ["good " * 40]}).encode(), None, {}, {}, LIMITS))
     assert code == 413 and "tokens long" in message
+
+
+def test_benchmark_baseline_preprocesses_exactly_like_the_image_processor():
+    """benchmarks/image_serving.py compares against a stock handler: same pixels, or it is unfair."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("ts")
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "baseline" / "ort_image_handler.py"
+    spec = importlib.util.spec_from_file_location("ort_image_handler", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for width, height in ((640, 480), (300, 500)):
+        data = jpeg(width, height, seed=width)
+        np.testing.assert_allclose(
+            module.preprocess_image(data), decode_image(data, ImageConfig()), atol=1e-5
+        )
