@@ -256,3 +256,40 @@ def test_benchmark_baseline_preprocesses_exactly_like_the_image_processor():
         np.testing.assert_allclose(
             module.preprocess_image(data), decode_image(data, ImageConfig()), atol=1e-5
         )
+
+
+# ---- archive side: hf: directories and processor flags ---------------------------------------
+
+def test_hf_dir_refuses_what_it_cannot_trust_or_build(tmp_path):
+    from partitioner.loading import ModelLoadError, load_model
+
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(f"hf:{tmp_path}", task="text-classification")
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ModelLoadError, match="never unpickles"):
+        load_model(f"hf:{tmp_path}", task="text-classification")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="give --task"):
+        load_model(f"hf:{tmp_path}")
+
+
+def test_processor_flags_declare_processors_and_files(tmp_path):
+    from partitioner.processor_files import declared
+
+    (tmp_path / "labels.txt").write_text("a\nb\n")
+    write_tokenizer(tmp_path / "tok.json")
+    hf = tmp_path / "preprocessor_config.json"
+    hf.write_text(json.dumps({"do_resize": True, "size": {"shortest_edge": 72}, "do_center_crop": True,
+                              "crop_size": {"height": 64, "width": 64}, "resample": 3,
+                              "image_mean": [0.1, 0.2, 0.3], "image_std": [0.5, 0.5, 0.5]}))
+    section, files = declared({}, {}, labels=tmp_path / "labels.txt", image_processor=str(hf), top_k=2)
+    assert set(files) == {"labels.txt"} and section["labels"] == {"labels": "labels.txt", "top_k": 2}
+    image = ImageConfig.from_mapping(section["image"])
+    assert (image.size, image.crop, image.resample, image.mean) == (72, (64, 64), "bicubic", (0.1, 0.2, 0.3))
+    section, files = declared({"labels": {"top_k": 5}}, {"labels.json": b"[]"}, tokenizer=tmp_path / "tok.json",
+                              image_processor="imagenet")
+    assert set(files) == {"labels.json", "tokenizer.json"} and section["text"] == {"tokenizer": "tokenizer.json"}
+    assert ImageConfig.from_mapping(section["image"]) == ImageConfig()
+    with pytest.raises(ValueError, match="imagenet"):
+        declared({}, {}, image_processor="nope.json")
