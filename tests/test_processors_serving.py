@@ -257,3 +257,22 @@ def test_resnet_answers_curl_upload_with_top5_names(server, store, tmp_path):
     top5 = np.argsort(-want)[:5]
     assert list(body) == [RESNET_LABELS[i] for i in top5]
     np.testing.assert_allclose(list(body.values()), want[top5], atol=1e-4)
+
+
+def test_examples_predict_sends_images_and_text(server, tmp_path):
+    import subprocess
+    import sys
+
+    image = tmp_path / "face.jpg"
+    image.write_bytes(jpeg(90, 90, seed=41))
+    script = Path(__file__).resolve().parent.parent / "examples" / "predict.py"
+    common = [sys.executable, str(script), "--key-file", str(server.workdir / "key_file.json"),
+              "--port", str(server.ports["inference"]), "--management-port", str(server.ports["management"])]
+    done = subprocess.run([*common, "--model", "vit", "--image", str(image)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "(as curl -T)" in done.stdout and "-> 200" in done.stdout and '"happy"' in done.stdout
+    assert '"outputs"' in done.stdout  # the tensors-out request
+    done = subprocess.run([*common, "--model", "bert", "--text", "great movie", "--text", "boring"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("-> 200") == 3 and '"positive"' in done.stdout

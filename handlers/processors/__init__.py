@@ -40,7 +40,7 @@ from handlers.codecs import (
 )
 from handlers.manifest import Manifest, resolve_inside
 from handlers.npz_codec import FORMAT_NPZ, NPZ_CONTENT_TYPE
-from handlers.v2_codec import FORMAT_V2, is_v2_document
+from handlers.v2_codec import FORMAT_V2, V2_BINARY_HEADER, is_v2_document
 from handlers.validation import (
     BAD_REQUEST,
     PAYLOAD_TOO_LARGE,
@@ -166,7 +166,11 @@ class Processors:
             return self._texts([text], answer, had_batch_dim=False)
         if media not in (None, JSON_CONTENT_TYPE, "text/json") and not (media or "").endswith("+json"):
             return None
-        if not _JSON_START.match(body) or len(body) > limits.max_body_bytes:
+        if (
+            not _JSON_START.match(body)
+            or len(body) > limits.max_body_bytes
+            or header(headers, V2_BINARY_HEADER) is not None  # binary tensors: the codecs' call
+        ):
             return None
         value = _parse_json(body, limits)
         if is_v2_document(value) and _has_bytes_input(value):
