@@ -63,7 +63,8 @@ RAW_PARAM = "raw"
 RAW_HEADER = "X-Hetserve-Raw"
 # Leading bytes of the image formats Pillow reads: a body without a content type (curl -T)
 # or sent as octet-stream is an image when it starts like one.
-_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+# Only signatures of 3+ bytes: a raw float tensor could start with a 2-byte one (BMP's "BM").
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 
 
@@ -186,7 +187,11 @@ class Processors:
         return decode_request(value, None, headers, self.manifest.inputs, limits, outputs=self.manifest.outputs)
 
     def _sniffed_image(self, body, media, headers) -> bool:
-        if media not in (None, RAW_CONTENT_TYPE) or header(headers, "X-Tensor-Shape") is not None:
+        if (
+            self.image_input is None
+            or media not in (None, RAW_CONTENT_TYPE)
+            or header(headers, "X-Tensor-Shape") is not None
+        ):
             return False
         start = bytes(body[:16])
         webp = start[:4] == b"RIFF" and start[8:12] == b"WEBP"
