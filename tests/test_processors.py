@@ -294,3 +294,16 @@ def test_processor_flags_declare_processors_and_files(tmp_path):
     assert ImageConfig.from_mapping(section["image"]) == ImageConfig()
     with pytest.raises(ValueError, match="imagenet"):
         declared({}, {}, image_processor="nope.json")
+
+
+def test_archive_fails_early_when_processors_do_not_fit_the_model(tmp_path, capsys):
+    from hetserve.cli import main
+
+    args = ["archive", "--model", "zoo:resnet18-tiny", "--model-name", "r", "--export-path", str(tmp_path),
+            "--ratios", "0.5", "--cost", "flops", "--quiet"]
+    # resnet18-tiny takes 64x64; the imagenet preset crops 224x224.
+    assert main([*args, "--image-processor", "imagenet"]) == 2
+    assert "input 'image' takes [3, 64, 64]" in capsys.readouterr().err
+    assert not (tmp_path / "r.mar").exists()
+    assert main([*args, "--set", "hetserve.processors.labels.top_k=0"]) == 2
+    assert "hetserve.processors.labels.top_k must be an integer >= 1" in capsys.readouterr().err
