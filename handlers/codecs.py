@@ -1,6 +1,7 @@
 """Request bodies in, validated numpy arrays out; model outputs back into response bodies.
 
 Body formats (``DecodedRequest.format``), told apart by the body first and the content type next:
+  "npz"       a .npz file (zip magic or application/x-npz): one member per input, named by it
   "npy"       a .npy file (starts with the NumPy magic), whatever the content type
   "raw"       ``application/octet-stream``: little-endian tensor bytes, described by the headers
               X-Tensor-Shape ("1,3,224,224"), X-Tensor-Dtype (default: the spec's) and
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .npz_codec import FORMAT_NPZ, NPZ_CONTENT_TYPE, ZIP_MAGIC, decode_npz, encode_npz
 from .v2_codec import (
     FORMAT_V2,
     MAX_RANK,
@@ -194,6 +196,9 @@ def _decode_body(body, content_type, headers, inputs, limits, outputs) -> Decode
     explicit_raw = media == RAW_CONTENT_TYPE and (
         header(headers, SHAPE_HEADER) is not None or header(headers, DTYPE_HEADER) is not None
     )
+    if (body.startswith(ZIP_MAGIC) and not explicit_raw) or media == NPZ_CONTENT_TYPE:
+        arrays, batch, had_batch_dim = decode_npz(bytes(body), inputs, limits)
+        return DecodedRequest(arrays, batch, FORMAT_NPZ, had_batch_dim, None, _npz_outputs(headers, outputs))
     if body.startswith(NPY_MAGIC) and not explicit_raw:
         return _decode_npy(body, headers, inputs, limits, outputs)
     if media == RAW_CONTENT_TYPE:
@@ -206,7 +211,7 @@ def _decode_body(body, content_type, headers, inputs, limits, outputs) -> Decode
     raise RequestError(
         UNSUPPORTED_MEDIA_TYPE,
         f"unsupported content type ({shown}) for a non-JSON body; send application/json, "
-        f"{RAW_CONTENT_TYPE} (raw tensor) or {NPY_CONTENT_TYPE}",
+        f"{RAW_CONTENT_TYPE} (raw tensor), {NPY_CONTENT_TYPE} or {NPZ_CONTENT_TYPE}",
     )
 
 
@@ -421,7 +426,15 @@ def _single_output(headers, outputs: Sequence[TensorSpec] | None) -> tuple[str, 
     return None
 
 
-_ONE_TENSOR_NOTE = " (raw and .npy bodies carry one tensor: use JSON or KServe v2 for several)"
+_ONE_TENSOR_NOTE = " (raw and .npy bodies carry one tensor: use .npz, JSON or KServe v2 for several)"
+
+
+def _npz_outputs(headers, outputs) -> tuple[str, ...] | None:
+    name = header(headers, OUTPUT_HEADER)
+    if name is None:
+        return None
+    check_output_name(name, outputs)
+    return (name,)
 
 
 def _target_input(headers, inputs: tuple[TensorSpec, ...]) -> TensorSpec:
@@ -611,6 +624,8 @@ def encode_response(
             request_id=request.request_id if request.request_id is not None else request_id,
         )
         return EncodedResponse(_dumps(response), JSON_CONTENT_TYPE)
+    if request.format == FORMAT_NPZ:
+        return encode_npz(arrays, had_batch_dim=True)  # already this request's (unbatched) rows
     ((name, array),) = arrays.items()
     array = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
     tensor_headers = {

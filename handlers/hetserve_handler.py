@@ -98,8 +98,11 @@ def _raw_request(item: dict[str, Any], context: Any, index: int) -> RawRequest:
     content_type = (
         part.get("content-type") if isinstance(part, dict) else headers.get("content-type")
     )
+    # TorchServe passes each query parameter (?raw=1) as its own entry next to the body.
+    params = {k: v for k, v in item.items() if k != name and isinstance(k, str)}
     return RawRequest(
-        body=item.get(name) if name else None, content_type=content_type, headers=headers
+        body=item.get(name) if name else None, content_type=content_type, headers=headers,
+        params=params,
     )
 
 

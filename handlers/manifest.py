@@ -85,7 +85,8 @@ def random_batch(spec: TensorSpec, batch: int, rng: np.random.Generator) -> np.n
         return rng.standard_normal(shape).astype(spec.dtype)
     if spec.dtype == "bool":
         return rng.integers(0, 2, shape).astype(bool)
-    return rng.integers(0, 8, shape).astype(spec.dtype)
+    # 0 and 1 index every table: token type embeddings (BERT's has 2 rows) take indices too.
+    return rng.integers(0, 2, shape).astype(spec.dtype)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 from handlers.faults import FaultSpec, parse_faults
 from handlers.state_dir import resolve_state_dir
+from handlers.processors.config import ProcessorConfigError, ProcessorsConfig
 from handlers.validation import RequestLimits
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -51,6 +52,8 @@ class RuntimeConfig:
     # Pad GPU runs to the largest micro-batch: one input shape per CUDA session (see plan).
     cuda_fixed_batch: bool = True
     limits: RequestLimits = field(default_factory=RequestLimits)
+    # Image/text in, labels out (handlers/processors); none declared: tensors in and out.
+    processors: ProcessorsConfig = field(default_factory=ProcessorsConfig)
     faults: tuple[FaultSpec, ...] = ()  # tests only: needs HETSERVE_ENABLE_FAULTS=1
 
     def __post_init__(self) -> None:
@@ -102,6 +105,10 @@ class RuntimeConfig:
         try:
             limits = RequestLimits.from_mapping(section.pop("limits", None) or {})
             faults = parse_faults(section.pop("faults", None))
+            try:
+                processors = ProcessorsConfig.from_mapping(section.pop("processors", None))
+            except ProcessorConfigError as exc:
+                raise ConfigError(str(exc)) from None
             response_s = float((model_yaml or {}).get("responseTimeout") or TORCHSERVE_RESPONSE_TIMEOUT_S)
             section.setdefault("batch_size", int((model_yaml or {}).get("batchSize") or 1))
             if section.get("request_timeout_s") is None:
@@ -112,7 +119,7 @@ class RuntimeConfig:
                     f"than responseTimeout ({response_s:g} s): TorchServe kills a worker that "
                     "answers later"
                 )
-            return cls(**section, limits=limits, faults=faults)
+            return cls(**section, limits=limits, faults=faults, processors=processors)
         except (TypeError, ValueError) as exc:
             if isinstance(exc, ConfigError):
                 raise

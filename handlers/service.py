@@ -32,6 +32,7 @@ from handlers.perf_model import PerfHistory
 from handlers.pipeline import MicroBatchOutcome, Runtime, RuntimeStats, StageTimeout
 from handlers.plan import build_runtime
 from handlers.response_size import body_size, min_response_bytes, too_large_message
+from handlers.processors import Processors
 from handlers.runtime_config import RuntimeConfig
 from handlers.timeline import HOST, Span, Timeline
 from handlers.validation import RequestError
@@ -47,6 +48,7 @@ class RawRequest:
     body: Any
     content_type: str | None
     headers: Mapping[str, str] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)  # query parameters (?raw=1)
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,10 @@ class InferenceService:
         config: RuntimeConfig,
         state_path: Path | None,
         model_version: str = "1.0",
+        processors: Processors | None = None,
     ) -> None:
         self.manifest = manifest
+        self.processors = processors
         self.runtime = runtime
         self.config = config
         self.state_path = state_path
@@ -99,7 +103,8 @@ class InferenceService:
         state_path = config.state_path(manifest.model_name, digest, model_dir, key)
         history = PerfHistory.load(state_path, alpha=config.ewma_alpha)
         runtime = build_runtime(manifest, model_dir, config, history)
-        service = cls(manifest, runtime, config, state_path, model_version)
+        processors = Processors.load(config.processors, model_dir, manifest)
+        service = cls(manifest, runtime, config, state_path, model_version, processors)
         service.save_history()
         return service
 
@@ -116,6 +121,8 @@ class InferenceService:
             except Exception:  # noqa: BLE001 - a decoder bug fails this request, not the batch
                 log.exception("request %d could not be decoded", i)
                 replies[i] = _error_reply(RequestError(500, "internal error decoding the request"), None)
+        if self.processors is not None:
+            decoded = self.processors.pad_texts(decoded)
         self._trace("decode", started, len(requests))
         decoded = [(i, d) for i, d in decoded if not self._refuse_oversized(i, d, replies)]
         for group in _groups_by_shape(decoded):
@@ -133,6 +140,12 @@ class InferenceService:
         return True
 
     def _decode(self, request: RawRequest) -> DecodedRequest:
+        if self.processors is not None:
+            processed = self.processors.decode(
+                request.body, request.content_type, request.headers, request.params, self.config.limits
+            )
+            if processed is not None:
+                return processed
         return decode_request(
             request.body,
             request.content_type,
@@ -169,7 +182,8 @@ class InferenceService:
                 replies[index] = _error_reply(failure_error(mine), request.format)
                 continue
             try:
-                encoded = encode_response(
+                encoded = self.processors.encode(mine, request) if self.processors else None
+                encoded = encoded or encode_response(
                     mine,
                     request,
                     self.manifest.outputs,

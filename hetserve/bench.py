@@ -8,6 +8,10 @@ running bench once per server configuration builds the paper's Fig. 7/9 side by 
     hetserve bench --url http://127.0.0.1:8080/predictions/resnet18 --shape 1,3,224,224 \\
         --key-file key_file.json --sweep --p99-ms 500 --label default \\
         --out benchmarks/results/bench.json --png benchmarks/results/bench.png
+
+Archives with processors take images (``--image a.jpg --image b.png``, sent as image/*) or
+text (``--text "a sentence"``, repeatable, or ``--text-file sentences.txt``: one text/plain
+request per line).
 """
 
 from __future__ import annotations
@@ -45,12 +49,36 @@ def build_target(args: argparse.Namespace) -> Target:
     headers = dict(args.header)
     if args.key_file:
         headers["Authorization"] = f"Bearer {read_inference_key(args.key_file)}"
+    content_type = args.content_type
     if args.shape:
         headers.setdefault("X-Tensor-Shape", ",".join(map(str, args.shape)))
         bodies = [random_body(args.shape)]
+    elif args.image:
+        bodies, content_type = image_bodies(args.image)
+    elif args.text or args.text_file:
+        bodies, content_type = text_bodies(args.text or [], args.text_file)
     else:
         bodies = [Path(f).read_bytes() for f in args.body_file]
-    return Target.create(args.url, bodies, headers, args.content_type)
+    return Target.create(args.url, bodies, headers, content_type)
+
+
+def image_bodies(paths: Sequence[str]) -> tuple[list[bytes], str]:
+    """Encoded images sent as they are; one content type for all, from the files' suffixes."""
+    import mimetypes
+
+    kinds = {mimetypes.guess_type(p)[0] for p in paths}
+    if len(kinds) != 1 or not str(next(iter(kinds))).startswith("image/"):
+        raise ValueError(f"--image files must be images of one kind (found {sorted(map(str, kinds))})")
+    return [Path(p).read_bytes() for p in paths], str(next(iter(kinds)))
+
+
+def text_bodies(texts: Sequence[str], text_file: str | None) -> tuple[list[bytes], str]:
+    lines = list(texts)
+    if text_file:
+        lines += [line for line in Path(text_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise ValueError("--text-file holds no text")
+    return [line.encode("utf-8") for line in lines], "text/plain; charset=utf-8"
 
 
 def point_runner(target: Target, *, duration: float, warmup: float, arrival: str, timeout: float,
@@ -194,6 +222,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     body = p.add_mutually_exclusive_group(required=True)
     body.add_argument("--body-file", action="append", help="request body; repeat to send several round-robin")
     body.add_argument("--shape", type=_shape, help="send one random float32 tensor of this shape (raw bytes)")
+    body.add_argument("--image", action="append", help="an image file (archives with an image processor); repeat to round-robin")
+    body.add_argument("--text", action="append", help="a sentence sent as text/plain (archives with a text processor); repeatable")
+    body.add_argument("--text-file", help="one text/plain request per non-empty line")
     p.add_argument("--content-type", default="application/octet-stream", help="Content-Type of every request")
     p.add_argument("--header", action="append", type=_header, default=[], help="'Name: value', repeatable")
     p.add_argument("--key-file", help="TorchServe's key_file.json: sends its inference key as a Bearer token")

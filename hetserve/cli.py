@@ -60,6 +60,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset of the export")
     p.add_argument("--seed", type=int, default=0, help="seed of the partitioner (METIS) and the verification inputs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--task", choices=("image-classification", "text-classification"),
+                   help="with --model hf:DIR: the transformers Auto class to build the directory's model with")
+    p.add_argument("--max-length", type=int,
+                   help="text models: the longest tokenized input served (and the exported sequence length)")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -113,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="files or folders to add to the archive's root (hashed in its manifest)")
     p.add_argument("--requirements-file", type=Path,
                    help="requirements.txt TorchServe installs when install_py_dep_per_model=true")
+    p.add_argument("--labels", type=Path, help="class names to pack (labels.json list or {index: name}, or .txt one per line); "
+                   "answers {name: score} JSON")
+    p.add_argument("--tokenizer", type=Path, help="a tokenizer.json to pack: the archive then takes text")
+    p.add_argument("--image-processor", metavar="imagenet|FILE.json",
+                   help="take JPEG/PNG/WebP: 'imagenet' (resize 256, crop 224, ImageNet mean/std) or a "
+                   "Hugging Face preprocessor_config.json")
+    p.add_argument("--top-k", type=int, help="how many labels an answer names (default 5)")
     p.set_defaults(run=cmd_archive)
 
     p = _command(sub, "partition", "cut a model and report cut quality per ratio and method",
@@ -220,7 +231,8 @@ def _prepare(args: argparse.Namespace):
     from partitioner.profile import flops_costs, profile_nodes
 
     started = time.perf_counter()
-    loaded = load_model(args.model, weights=args.weights, input_shape=args.input_shape)
+    loaded = load_model(args.model, weights=args.weights, input_shape=args.input_shape,
+                        task=args.task, max_length=args.max_length)
     model = export_onnx(loaded, opset=args.opset)
     log.info("exported %d nodes in %.1f s", len(model.graph.node), time.perf_counter() - started)
     if args.cost == "flops":
@@ -233,7 +245,7 @@ def _prepare(args: argparse.Namespace):
         )
         costs = profile.costs
         record = {"source": "profile", **profile.to_json()}
-    return model, costs, record
+    return model, costs, record, loaded
 
 
 def _producer() -> dict[str, Any]:
@@ -285,15 +297,30 @@ def cmd_archive(args: argparse.Namespace) -> int:
         ratios=ratios, methods=(args.method,), tolerance=args.tolerance,
         time_limit=args.time_limit, seed=args.seed,
     )
-    model, costs, record = _prepare(args)
+    from partitioner import processor_files
+
+    overrides = _overrides(args.set)
+    model, costs, record, loaded = _prepare(args)
+    processors, files = processor_files.declared(
+        loaded.processors, loaded.files, labels=args.labels, tokenizer=args.tokenizer,
+        image_processor=args.image_processor, top_k=args.top_k,
+    )
+    if processors:  # the model's and the flags' processors, under any --set of the user's
+        user = overrides.get("hetserve", {}).get("processors", {})
+        merged = {k: {**processors.get(k, {}), **(user.get(k) or {})} for k in {*processors, *user}}
+        overrides = {**overrides, "hetserve": {**overrides.get("hetserve", {}), "processors": merged}}
+        config = model_config(args.config, overrides)
+        checks.check_model_config(config)
     with tempfile.TemporaryDirectory(prefix="hetserve-stage-") as tmp:
         stage_dir = Path(tmp) / args.model_name
         copy_runtime(stage_dir)
         _stage_extras(stage_dir, args.extra_files, args.requirements_file)
+        processor_files.write(stage_dir, files)  # before the manifest hashes the directory
         result = build_stage_directory(
             model, costs, stage_dir, args.model_name, options, profile_record=record,
             default_ratio=args.default_ratio, progress=not args.quiet, producer=_producer(),
         )
+        processor_files.check((config.get("hetserve") or {}).get("processors"), stage_dir, result.manifest)
         requirements = stage_dir / args.requirements_file.name if args.requirements_file else None
         mar = package(stage_dir, args.model_name, args.export_path, config, version=args.model_version,
                       force=args.force, requirements_file=requirements)
@@ -321,7 +348,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
         ratios=args.ratios or DEFAULT_RATIOS, methods=methods, tolerance=args.tolerance,
         time_limit=args.time_limit, seed=args.seed,
     )
-    model, costs, record = _prepare(args)
+    model, costs, record, _ = _prepare(args)
     with tempfile.TemporaryDirectory(prefix="hetserve-partition-") as tmp:
         out_dir = args.out_dir or Path(tmp) / "stages"
         result = build_stage_directory(

@@ -29,12 +29,15 @@ MODEL_CONFIG_FILE = "model-config.yaml"
 
 
 def copy_runtime(dest: Path) -> None:
-    """Copy the ``handlers`` package (sources only) into ``dest/handlers``."""
+    """Copy the ``handlers`` package (sources only, subpackages too) into ``dest/handlers``."""
     src = Path(handlers.__file__).resolve().parent
     target = dest / "handlers"
-    target.mkdir(parents=True, exist_ok=True)
-    for path in sorted(src.glob("*.py")):
-        shutil.copy2(path, target / path.name)
+    for path in sorted(src.rglob("*.py")):
+        rel = path.relative_to(src)
+        if "__pycache__" in rel.parts:
+            continue
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target / rel)
 
 
 def model_config(base: Path | None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:

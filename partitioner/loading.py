@@ -5,7 +5,9 @@ A spec is one of:
 * ``zoo:NAME`` or ``zoo:NAME?key=value&key=value`` -- a built-in model with size overrides;
 * ``path/to/file.py:factory`` -- a Python file whose ``factory()`` returns an ``nn.Module`` or
   ``(module, example_inputs)``; a bare module needs ``input_shape`` to build its example input;
-* ``path/to/model.onnx`` -- an already exported model.
+* ``path/to/model.onnx`` -- an already exported model;
+* ``hf:DIR`` -- a local Hugging Face ``save_pretrained`` directory, built for ``task``
+  (``partitioner.hf_dir``; its processors and their files travel in ``LoadedModel``).
 
 Weights only ever come from ``.safetensors`` files: anything torch would unpickle is refused.
 """
@@ -15,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -41,6 +43,9 @@ class LoadedModel:
     input_names: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ()  # empty: the exporter names them output_0, output_1...
     onnx_path: Path | None = None
+    # hetserve.processors section and the files it reads (archive name -> bytes), e.g. hf:DIR's
+    processors: Mapping[str, Any] = field(default_factory=dict)
+    files: Mapping[str, bytes] = field(default_factory=dict)
 
     @property
     def is_onnx(self) -> bool:
@@ -48,7 +53,11 @@ class LoadedModel:
 
 
 def load_model(
-    spec: str, weights: str | None = None, input_shape: tuple[int, ...] | None = None
+    spec: str,
+    weights: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    task: str | None = None,
+    max_length: int | None = None,
 ) -> LoadedModel:
     """Load the model ``spec`` names (see the module docstring); raises ``ModelLoadError``.
 
@@ -57,7 +66,11 @@ def load_model(
     """
     if input_shape is not None:
         input_shape = _check_input_shape(input_shape)
-    if spec.startswith("zoo:"):
+    if spec.startswith("hf:"):
+        from partitioner.hf_dir import load_hf_dir
+
+        loaded = load_hf_dir(spec, task, max_length)
+    elif spec.startswith("zoo:"):
         loaded = _load_zoo(spec, input_shape)
     elif spec.lower().endswith(".onnx"):
         loaded = _load_onnx(spec, weights, input_shape)
@@ -66,7 +79,7 @@ def load_model(
     else:
         raise ModelLoadError(
             f"cannot tell what kind of model {spec!r} is: give zoo:NAME (e.g. zoo:resnet18), "
-            "path/to/file.py:factory_function, or path/to/model.onnx"
+            "path/to/file.py:factory_function, path/to/model.onnx or hf:DIR"
         )
     if weights is not None and loaded.module is not None:
         load_weights(loaded.module, weights)

@@ -179,3 +179,22 @@ def test_closed_loop_that_misses_the_p99_exits_1(server, tmp_path):
     # One service slot of 20 ms and 8 clients: p99 is well above 5 ms.
     assert bench("--url", server.url, "--shape", "1,2", "--concurrency", "8", "--p99-ms", "5", "--out", str(out)) == 1
     assert json.loads(out.read_text())["curves"]["default"]["met"] is False
+def test_images_and_texts_are_sent_with_their_content_types(server, tmp_path):
+    from tests.hf_fixtures import jpeg
+
+    images = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
+    for i, path in enumerate(images):
+        path.write_bytes(jpeg(seed=i))
+    assert bench("--url", server.url, "--image", str(images[0]), "--image", str(images[1]), "--concurrency", "1") == 0
+    sizes = {size for headers, size in server.seen if headers["Content-Type"] == "image/jpeg"}
+    assert sizes == {len(p.read_bytes()) for p in images}
+    server.seen.clear()
+    lines = tmp_path / "texts.txt"
+    lines.write_text("great movie\n\nthe plot was boring\n")
+    assert bench("--url", server.url, "--text-file", str(lines), "--concurrency", "1") == 0
+    assert bench("--url", server.url, "--text", "fun", "--concurrency", "1") == 0
+    assert {size for _, size in server.seen} == {3, 11, 19}
+    assert all(h["Content-Type"] == "text/plain; charset=utf-8" for h, _ in server.seen)
+    mixed = tmp_path / "c.png"
+    mixed.write_bytes(jpeg(fmt="PNG"))
+    assert bench("--url", server.url, "--image", str(images[0]), "--image", str(mixed), "--rate", "5") == 2

@@ -1,0 +1,93 @@
+"""``.npz`` bodies: several named tensors in one binary body, for multi-input models.
+
+Read with ``np.load(allow_pickle=False)``: an object array is refused, never unpickled. Every
+member's uncompressed size is checked against the body limit before it is read (a zip bomb
+stays a 413), and each array goes through the same validation as every other format.
+The response is an ``.npz`` of the model's outputs (or those named in X-Output-Name).
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .validation import (
+    BAD_REQUEST,
+    PAYLOAD_TOO_LARGE,
+    RequestError,
+    RequestLimits,
+    check_cast,
+    check_element_budget,
+    check_names,
+    clip,
+    validate_inputs,
+)
+
+if TYPE_CHECKING:
+    from .manifest import TensorSpec
+
+FORMAT_NPZ = "npz"
+NPZ_CONTENT_TYPE = "application/x-npz"
+ZIP_MAGIC = b"PK\x03\x04"
+MAX_MEMBERS = 64
+
+
+def decode_npz(
+    body: bytes, inputs: Sequence[TensorSpec], limits: RequestLimits
+) -> tuple[dict[str, np.ndarray], int, bool]:
+    """(arrays, batch, had_batch_dim) from an .npz body; raises only ``RequestError``."""
+    try:
+        return _decode(body, tuple(inputs), limits)
+    except RequestError as err:
+        err.request_format = err.request_format or FORMAT_NPZ
+        raise
+
+
+def _decode(body, inputs, limits):
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(body))
+        members = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise RequestError(BAD_REQUEST, f"body is not a readable .npz file: {clip(str(exc))}") from None
+    if len(members) > MAX_MEMBERS:
+        raise RequestError(BAD_REQUEST, f".npz holds {len(members)} files; at most {MAX_MEMBERS}")
+    total = sum(m.file_size for m in members)
+    if total > limits.max_body_bytes:
+        raise RequestError(
+            PAYLOAD_TOO_LARGE,
+            f".npz unpacks to {total} bytes, over the limit of {limits.max_body_bytes}",
+        )
+    names = [m.filename.removesuffix(".npy") for m in members]
+    check_names(names, inputs, " (name each .npz member after a model input)")
+    specs = {spec.name: spec for spec in inputs}
+    budget = limits.max_elements
+    arrays = {}
+    try:
+        with np.load(io.BytesIO(body), allow_pickle=False) as npz:
+            for name in names:
+                array = npz[name]
+                if array.dtype.hasobject or array.dtype.names is not None:
+                    raise RequestError(BAD_REQUEST, f"input {name!r}: only numeric dtypes are accepted")
+                check_cast(name, array.dtype, np.dtype(specs[name].dtype))
+                check_element_budget(name, array.size, budget)
+                budget -= array.size
+                arrays[name] = array
+    except RequestError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - numpy's failures on hostile members have no closed list
+        raise RequestError(BAD_REQUEST, f"an .npz member is not a valid .npy array: {clip(str(exc))}") from None
+    return validate_inputs(arrays, inputs, limits)
+
+
+def encode_npz(outputs: Mapping[str, np.ndarray], had_batch_dim: bool):
+    """The outputs (this request's rows) as one .npz body."""
+    from .codecs import EncodedResponse
+
+    buffer = io.BytesIO()
+    arrays = {name: np.asarray(a) if had_batch_dim else np.asarray(a)[0] for name, a in outputs.items()}
+    np.savez(buffer, **arrays)
+    return EncodedResponse(buffer.getvalue(), NPZ_CONTENT_TYPE)
