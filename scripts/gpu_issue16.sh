@@ -123,7 +123,7 @@ knobs() {
 # handler's median batch time by 3% or more without errors.
 choose_graph() {
     [[ "$dry" == 1 ]] && return 0
-    python3 - "$out/gpu-ceiling-host-$model.json" "$model" > "$work/graph-choice" <<'EOF' || echo 0 > "$work/graph-choice"
+    python3 - "$out/gpu-ceiling-host-$model.json" "$model" > "$work/graph-choice" 2>> "$log" <<'EOF' || echo 0 > "$work/graph-choice"
 import json, sys
 rows = json.load(open(sys.argv[1]))["rows"][sys.argv[2]]
 off, on = rows["service_graph_off"], rows["service_graph_on"]
@@ -144,41 +144,41 @@ case "$phase" in
     fi
     # The first step that needs the model builds its directory (export, GPU profile, METIS cut).
     step 90 240 python3 benchmarks/gpu_ceilings.py host --device "$device" --models "$model" \
-        --ratio "$ratio" --runs 200 --work "$work" --out "$out" --tag "-$model"
+        --ratio "$ratio" --runs 200 --work "$work" --out "$out" --tag="-$model"
     choose_graph
     step 15 60 python3 benchmarks/gpu_ceilings.py device --device "$device" --models "$model" \
-        --ratio "$ratio" --seconds 2 --work "$work" --out "$out" --tag "-$model"
+        --ratio "$ratio" --seconds 2 --work "$work" --out "$out" --tag="-$model"
     cotenant_start "$model-sweep"
     gpu_step 60 120 python3 benchmarks/gpu_serving.py --models "$model" --rows a,c1 --ratio "$ratio" \
-        --knobs "$(knobs co)" --tag "-co$duty-r$ratio" --work "$work" --out "$out" "${sweep[@]}"
+        --knobs "$(knobs co)" --tag="-co$duty-r$ratio" --work "$work" --out "$out" "${sweep[@]}"
     cotenant_stop
     gpu_step 60 120 python3 benchmarks/gpu_serving.py --models "$model" --rows a,c1 --ratio "$ratio" \
-        --knobs "$(knobs idle)" --tag "-idle-r$ratio" --work "$work" --out "$out" "${sweep[@]}"
+        --knobs "$(knobs idle)" --tag="-idle-r$ratio" --work "$work" --out "$out" "${sweep[@]}"
     rate="${RATE:-600}"
     [[ "$device" == cpu ]] && rate=10
     cotenant_start "$model-timeline"
     for row in c1 d; do
         gpu_step 15 45 python3 benchmarks/timeline.py --model "$model" --row "$row" --rate "$rate" \
-            --ratio "$ratio" --knobs "$(knobs "tl-$row")" --tag "-co$duty" --duration 2 \
+            --ratio "$ratio" --knobs "$(knobs "tl-$row")" --tag="-co$duty" --duration 2 \
             --warmup 0.5 --window-ms 40 --work "$work" --out "$out"
     done
     cotenant_stop
-    gpu_step 5 30 python3 benchmarks/offload_bound.py --model "$model" --tag "-co$duty" --results "$out"
+    gpu_step 5 30 python3 benchmarks/offload_bound.py --model "$model" --tag="-co$duty" --results "$out"
     ;;
 2)
     step 70 150 python3 benchmarks/gpu_ceilings.py frontend --device "$device" --workers "1,$workers" \
         --work "$work" --out "$out" "${sweep[@]}"
     step 200 420 python3 benchmarks/gpu_torchserve.py --models "$model" --rows s,a --ratio "$ratio" \
         --workers "1,$workers" --knobs "$(knobs ts)" --jvm-warmup 5 --work "$work/ts" --from-work "$work" \
-        --out "$out" --tag "-16" "${sweep[@]}"
+        --out "$out" --tag="-16" "${sweep[@]}"
     ;;
 3)
     for other in ${MODELS:-nfnet vit-b16}; do
         step 90 180 python3 benchmarks/gpu_ceilings.py device --device "$device" --models "$other" \
-            --ratio "$ratio" --seconds 2 --work "$work" --out "$out" --tag "-$other"
+            --ratio "$ratio" --seconds 2 --work "$work" --out "$out" --tag="-$other"
         cotenant_start "$other-sweep"
         gpu_step 60 120 python3 benchmarks/gpu_serving.py --models "$other" --rows a,c1 \
-            --ratio "$ratio" --knobs "$(knobs "co-$other")" --tag "-co$duty-r$ratio" \
+            --ratio "$ratio" --knobs "$(knobs "co-$other")" --tag="-co$duty-r$ratio" \
             --work "$work" --out "$out" "${sweep[@]}"
         cotenant_stop
     done
