@@ -52,12 +52,18 @@ def mar_from_model_dir(model_dir: Path, store: Path, name: str) -> Path:
 
 
 def whole_onnx(hetserve_mar: Path, work: Path) -> Path:
-    """The whole model out of a hetserve archive (the file its manifest names), once."""
-    with zipfile.ZipFile(hetserve_mar) as archive:
+    """The whole model out of a hetserve archive as one self-contained ``.onnx`` (the archive
+    keeps the weights in a file its stages share; a stock user serves a single file), once."""
+    import onnx
+
+    out = work / f"{hetserve_mar.stem}-whole.onnx"
+    if out.exists():
+        return out
+    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(hetserve_mar) as archive:
         manifest = json.loads(archive.read("hetserve-manifest.json"))
-        out = work / f"{hetserve_mar.stem}-whole.onnx"
-        if not out.exists():
-            out.write_bytes(archive.read(manifest["whole_model"]))
+        archive.extractall(tmp)
+        model = onnx.load(str(Path(tmp) / manifest["whole_model"]))  # external data read too
+        onnx.save_model(model, str(out), save_as_external_data=False)
     return out
 
 

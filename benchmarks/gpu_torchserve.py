@@ -62,6 +62,19 @@ def served_devices(workdir: Path) -> list[str]:
     return lines[:8]
 
 
+def sweep_row(report: dict, curves: dict, name: str, *sweep_args, **sweep_kwargs) -> None:
+    """One row's sweep into the report; a row whose server never came up is recorded as such
+    and the others still run."""
+    try:
+        sweep = sweep_server(*sweep_args, **sweep_kwargs)
+    except Exception as exc:  # noqa: BLE001 - one broken row must not lose the run's other rows
+        print(f"   {name} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        report["rows"][name] = {"error": f"{type(exc).__name__}: {str(exc)[-2000:]}"}
+        return
+    report["rows"][name] = json.loads(sweep.to_json())
+    curves[name] = sweep.by_rate()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="googlenet")
@@ -123,19 +136,17 @@ def main() -> int:
                 stock = build_stock_mar(model, store, serving, tag=suffix)
                 name = f"e_stock_eager{suffix}"
                 print(f"== {model} {name}", flush=True)
-                sweep = sweep_server(store, stock.name, args.work / f"ts-{name}", body, args, criteria,
-                                     base_config=BASELINE / "default.properties", shape=shape)
-                report["rows"][name] = {**json.loads(sweep.to_json()), "config": serving}
-                curves[name] = sweep.by_rate()
+                sweep_row(report, curves, name, store, stock.name, args.work / f"ts-{name}", body,
+                          args, criteria, base_config=BASELINE / "default.properties", shape=shape)
+                report["rows"][name]["config"] = serving
             if "s" in rows:
                 stock_ort = build_stock_onnx_mar(mar, store, serving, tag=suffix)
                 name = f"s_stock_ort{suffix}"
                 print(f"== {model} {name}", flush=True)
-                sweep = sweep_server(store, stock_ort.name, args.work / f"ts-{model}-{name}", body,
-                                     args, criteria, base_config=BASELINE / "default.properties",
-                                     shape=shape)
-                report["rows"][name] = {**json.loads(sweep.to_json()), "config": serving}
-                curves[name] = sweep.by_rate()
+                sweep_row(report, curves, name, store, stock_ort.name, args.work / f"ts-{model}-{name}",
+                          body, args, criteria, base_config=BASELINE / "default.properties",
+                          shape=shape)
+                report["rows"][name]["config"] = serving
             for key, knobs in HETSERVE_ROWS.items():
                 if key.split("_")[0] not in rows:
                     continue
@@ -145,10 +156,9 @@ def main() -> int:
                 variant = with_config(mar, store / f"{model}-{name}.mar", config)
                 print(f"== {model} {name}", flush=True)
                 workdir = args.work / f"ts-{model}-{name}"
-                sweep = sweep_server(store, variant.name, workdir, body, args, criteria, shape=shape)
-                report["rows"][name] = {**json.loads(sweep.to_json()), "config": config,
-                                        "layout": served_devices(workdir)}
-                curves[name] = sweep.by_rate()
+                sweep_row(report, curves, name, store, variant.name, workdir, body, args, criteria,
+                          shape=shape)
+                report["rows"][name].update(config=config, layout=served_devices(workdir))
         knees = {k: v.get("knee_rate") or 0.0 for k, v in report["rows"].items()}
         best_gpu_only = max((r for k, r in knees.items() if k.startswith("a_")), default=0.0)
         best_stock_ort = max((r for k, r in knees.items() if k.startswith("s_")), default=0.0)
