@@ -38,6 +38,15 @@ def _archive(name: str, store: Path, handler: Path, config: dict, serialized: Pa
 def mar_from_model_dir(model_dir: Path, store: Path, name: str) -> Path:
     """A hetserve archive of a model directory that ``gpu_serving.py`` built: the same stages,
     without a second export, profile and cut (minutes of device time per model)."""
+    from dataclasses import replace
+
+    from handlers.manifest import (
+        MANIFEST_NAME,
+        FileEntry,
+        read_manifest,
+        sha256_file,
+        write_manifest,
+    )
     from partitioner.archive import copy_runtime, model_config, package
 
     mar = store / f"{name}.mar"
@@ -47,6 +56,11 @@ def mar_from_model_dir(model_dir: Path, store: Path, name: str) -> Path:
         stage = Path(tmp) / "stage"
         shutil.copytree(model_dir, stage)
         copy_runtime(stage)
+        # The manifest vouches for every file the handler may run, its own code included, as
+        # ``hetserve archive`` writes it: hash the runtime that was just copied in.
+        files = {p.relative_to(stage).as_posix(): FileEntry(sha256_file(p), p.stat().st_size)
+                 for p in sorted(stage.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
+        write_manifest(replace(read_manifest(stage), files=files), stage)
         package(stage, name, store, model_config(None))
     return mar
 
