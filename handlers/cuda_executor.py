@@ -746,8 +746,14 @@ class CudaExecutor(Executor):
         self._epoch = (epoch, time.perf_counter())
         factory = self._session_factory or self._ort_session
         for stage, path in self._models.items():
-            session = factory(stage, Path(path), self.device_id, pointer)
-            self.sessions[stage] = self._as_graph(stage, session) if self.cuda_graph else session
+            def build(stage=stage, path=Path(path), graph=self.cuda_graph):
+                if factory == self._ort_session and not graph:
+                    return OrtCudaSession(path, self.device_id, pointer, self._cpu_threads,
+                                          self._provider_options)
+                return factory(stage, path, self.device_id, pointer)
+
+            session = build()
+            self.sessions[stage] = self._as_graph(stage, session, build) if self.cuda_graph else session
         return list(self.sessions)
 
     def _ort_session(self, stage: str, path: Path, device_id: int, pointer: int) -> StageSession:
@@ -761,7 +767,9 @@ class CudaExecutor(Executor):
             self.graph_refusals[stage] = f"ONNX Runtime refused: {exc}"
             return OrtCudaSession(path, device_id, pointer, self._cpu_threads, self._provider_options)
 
-    def _as_graph(self, stage: str, session: StageSession) -> StageSession:
+    def _as_graph(
+        self, stage: str, session: StageSession, build: Callable[..., StageSession]
+    ) -> StageSession:
         """The stage as a captured graph, or as it is when a graph cannot run it (logged)."""
         if stage not in self.graph_refusals:
             if not getattr(session, "graph_enabled", True) or not hasattr(session, "bind_fixed"):
@@ -777,11 +785,11 @@ class CudaExecutor(Executor):
         graph = CudaGraphSession(session, self.backend, self.compute_stream, self.pad_batch)
         try:
             graph.capture()
-        except Exception as exc:
-            raise ExecutorLoadError(
-                f"executor {self.name}: CUDA graph capture of stage {stage!r} failed "
-                f"({type(exc).__name__}: {exc}); set hetserve.cuda_graph: false"
-            ) from exc
+        except Exception as exc:  # noqa: BLE001 - a graph is an optimisation: serve without it
+            self.graph_refusals[stage] = f"capture failed ({type(exc).__name__}: {exc})"
+            log.warning("executor %s: stage %r runs without a CUDA graph: %s",
+                        self.name, stage, self.graph_refusals[stage])
+            return build(graph=False)  # a fresh session: the failed one may hold a broken capture
         return graph
 
     def input_names(self, stage: str) -> list[str]:

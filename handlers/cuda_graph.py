@@ -34,8 +34,9 @@ GRAPH_ID_KEY = "gpu_graph_id"
 SKIP_GRAPH_ID = "-1"
 # ORT runs a session normally once (to allocate) before it captures; a third run replays.
 CAPTURE_RUNS = 3
-# ORT's words when it refuses a graph session (a node fell back to the CPU, say).
-_REFUSAL_MARKERS = ("cuda graph", "graph capture")
+# ORT's words when it refuses a graph session: a node fell back to the CPU, or (some builds of
+# the CUDA provider) the option beside user_compute_stream.
+_REFUSAL_MARKERS = ("cuda graph", "graph capture", "cuda_graph")
 # One capture at a time in this process (see the module docstring).
 CAPTURE_LOCK = threading.Lock()
 

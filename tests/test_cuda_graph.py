@@ -103,6 +103,9 @@ def test_ort_refusals_are_told_from_other_failures():
         "requested by the user  as all compute graph nodes have not been partitioned to the CUDA EP."
     )
     assert is_graph_refusal(refused)
+    assert is_graph_refusal(RuntimeError(
+        "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : enable_cuda_graph cannot be combined with "
+        "user_compute_stream"))  # the wording is illustrative: any mention of the option counts
     assert not is_graph_refusal(RuntimeError("CUDA failure 2: out of memory"))
 
 
@@ -215,6 +218,29 @@ def test_a_stage_with_free_dims_is_served_without_a_graph():
         np.testing.assert_allclose(executor.submit("head", {"x": x}, 2).result(5)["y"],
                                    reference(x), rtol=1e-6)
         assert session.replayed == []
+    finally:
+        executor.close()
+
+
+def test_a_failed_capture_serves_the_stage_from_a_fresh_plain_session():
+    backend = FakeBackend()
+    broken, fresh = GraphNumpySession(backend), GraphNumpySession(backend)
+
+    def run_fixed():
+        raise RuntimeError("CUDA failure 900: operation not permitted when stream is capturing")
+
+    broken.run_fixed = run_fixed
+    sessions = iter([broken, fresh])
+    executor = CudaExecutor({"head": Path("head.onnx")}, 0, 0, backend=backend, pad_batch=4,
+                            cuda_graph=True,
+                            session_factory=lambda stage, path, device, pointer: next(sessions))
+    executor.start(timeout=5)
+    try:
+        assert executor.sessions["head"] is fresh
+        assert "capture failed" in executor.graph_refusals["head"]
+        x = tagged(0.0, batch=3)
+        np.testing.assert_allclose(executor.submit("head", {"x": x}, 3).result(5)["y"],
+                                   reference(x), rtol=1e-6)
     finally:
         executor.close()
 
