@@ -154,7 +154,14 @@ case "$phase" in
     cotenant_stop
     gpu_step 60 120 python3 benchmarks/gpu_serving.py --models "$model" --rows a,c1 --ratio "$ratio" \
         --knobs "$(knobs idle)" --tag="-idle-r$ratio" --work "$work" --out "$out" "${sweep[@]}"
-    rate="${RATE:-600}"
+    # Timelines at 0.8x the GPU-only knee under the co-tenant (busy, not congested); RATE wins.
+    rate="${RATE:-$(python3 - "$out/gpu-serving-$model-co$duty-r$ratio.json" 2>/dev/null <<'PY'
+import json, sys
+rows = {r["name"]: r for r in json.load(open(sys.argv[1]))["rows"]}
+print(round(0.8 * rows["a_gpu_whole_1stream"]["knee_rate"]))
+PY
+)}"
+    [[ -z "$rate" || "$rate" == 0 ]] && rate=600
     [[ "$device" == cpu ]] && rate=10
     cotenant_start "$model-timeline"
     for row in c1 d; do

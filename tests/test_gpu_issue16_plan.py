@@ -42,8 +42,8 @@ def test_steps_the_budget_cannot_hold_are_skipped_not_cut_short(tmp_path):
     ran = [line for line in lines if line.startswith("run ")]
     assert any("gpu_ceilings.py device --device cuda --models nfnet --ratio 0.75" in line
                for line in ran)
-    assert all("at most 50 s" in line or "at most 45 s" in line or "at most 30 s" in line
-               for line in ran)  # never past what is left
+    limits = [int(re.search(r"at most (\d+) s", line).group(1)) for line in ran]
+    assert limits and all(limit <= 50 for limit in limits)  # never past what is left
 
 
 def test_phase_two_compares_stock_ort_and_hetserve_through_torchserve(tmp_path):
