@@ -328,6 +328,7 @@ def bench_model(model: str, args, work: Path, partial: Path | None = None) -> di
     if args.rows:
         wanted = {n: k for n, k in wanted.items() if n.split("_")[0] in args.rows}
     for i, (name, knobs) in enumerate(wanted.items()):
+        knobs = {**knobs, **args.knobs}
         if args.workers > 1:
             name = f"{name}_{args.workers}w"
         started = time.perf_counter()
@@ -390,6 +391,8 @@ def main() -> int:
     parser.add_argument("--tag", default="", help="suffix of the result files")
     parser.add_argument("--rows", default="", help="only these rows, by letter: e.g. a,c1,e")
     parser.add_argument("--quick", action="store_true", help="few short points (smoke test)")
+    parser.add_argument("--knobs", type=json.loads, default={},
+                        help='JSON merged into every hetserve row, e.g. {"cuda_graph": true}')
     args = parser.parse_args()
     args.streams = [int(s) for s in args.streams.split(",")]
     args.rows = {r.strip() for r in args.rows.split(",") if r.strip()}

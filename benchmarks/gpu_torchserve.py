@@ -7,6 +7,8 @@ config.properties; the stock row uses TorchServe's defaults), driven by the proj
 generator (Poisson arrivals, raw float32 bodies), one row after the other in one run:
 
   e_stock_eager     TorchServe's BaseHandler, eager PyTorch, on the GPU TorchServe assigns
+  s_stock_ort       TorchServe's BaseHandler serving the same .onnx through its own ONNX
+                    Runtime path (CUDA provider, its defaults): the fair stock baseline
   a_whole_1stream   hetserve, whole model, one CUDA stream per worker
   c1_hetero_dmda    hetserve, partitioned at --ratio, each tail placed by EWMA/dmda over the
                     worker's stream and its CPU core groups
@@ -36,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from gpu_baselines import build_stock_onnx_mar, mar_from_model_dir  # noqa: E402
 from serving_cpu import BASELINE, build_hetserve_mar, build_stock_mar, sweep_server  # noqa: E402
 
 from handlers.cuda_executor import cuda_available  # noqa: E402
@@ -59,10 +62,25 @@ def served_devices(workdir: Path) -> list[str]:
     return lines[:8]
 
 
+def sweep_row(report: dict, curves: dict, name: str, *sweep_args, **sweep_kwargs) -> None:
+    """One row's sweep into the report; a row whose server never came up is recorded as such
+    and the others still run."""
+    try:
+        sweep = sweep_server(*sweep_args, **sweep_kwargs)
+    except Exception as exc:  # noqa: BLE001 - one broken row must not lose the run's other rows
+        print(f"   {name} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        report["rows"][name] = {"error": f"{type(exc).__name__}: {str(exc)[-2000:]}"}
+        return
+    report["rows"][name] = json.loads(sweep.to_json())
+    curves[name] = sweep.by_rate()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="googlenet")
-    p.add_argument("--rows", default="e,a,c1,d", help="subset of e,a,c1,d")
+    p.add_argument("--rows", default="e,a,c1,d", help="subset of e,s,a,c1,d")
+    p.add_argument("--knobs", type=json.loads, default={},
+                   help='JSON merged into every hetserve row, e.g. {"cuda_graph": true}')
     p.add_argument("--workers", default="1", help="comma list: TorchServe workers per row")
     p.add_argument("--ratio", type=float, default=0.9, help="head share of the cut")
     p.add_argument("--groups", default="size:4", help="CPU core-group policy of each worker")
@@ -79,6 +97,9 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "hetserve-gpu-ts")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--tag", default="", help="suffix of the result files")
+    p.add_argument("--from-work", type=Path, default=None,
+                   help="archive gpu_serving.py's model directory under this work dir (cut at "
+                        "--ratio) instead of exporting and profiling again")
     args = p.parse_args()
     rows = set(args.rows.split(","))
     workers = [int(w) for w in args.workers.split(",")]
@@ -88,8 +109,14 @@ def main() -> int:
     store.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     for model in args.models.split(","):
-        mar = build_hetserve_mar(model, store, str(args.ratio), "--profile-device", device,
-                                 "--profile-batch", str(args.batch))
+        if args.from_work is not None:
+            from gpu_serving import build_model_dir
+
+            model_dir = build_model_dir(model, args.ratio, args.batch, args.from_work, device)
+            mar = mar_from_model_dir(model_dir, store, f"{model}-r{args.ratio:g}")
+        else:
+            mar = build_hetserve_mar(model, store, str(args.ratio), "--profile-device", device,
+                                     "--profile-batch", str(args.batch))
         with zipfile.ZipFile(mar) as archive:
             manifest = json.loads(archive.read("hetserve-manifest.json"))
         shape = (1, *manifest["inputs"][0]["shape"][1:])
@@ -109,28 +136,38 @@ def main() -> int:
                 stock = build_stock_mar(model, store, serving, tag=suffix)
                 name = f"e_stock_eager{suffix}"
                 print(f"== {model} {name}", flush=True)
-                sweep = sweep_server(store, stock.name, args.work / f"ts-{name}", body, args, criteria,
-                                     base_config=BASELINE / "default.properties", shape=shape)
-                report["rows"][name] = {**json.loads(sweep.to_json()), "config": serving}
-                curves[name] = sweep.by_rate()
+                sweep_row(report, curves, name, store, stock.name, args.work / f"ts-{name}", body,
+                          args, criteria, base_config=BASELINE / "default.properties", shape=shape)
+                report["rows"][name]["config"] = serving
+            if "s" in rows:
+                stock_ort = build_stock_onnx_mar(mar, store, serving, tag=suffix)
+                name = f"s_stock_ort{suffix}"
+                print(f"== {model} {name}", flush=True)
+                sweep_row(report, curves, name, store, stock_ort.name, args.work / f"ts-{model}-{name}",
+                          body, args, criteria, base_config=BASELINE / "default.properties",
+                          shape=shape)
+                report["rows"][name]["config"] = serving
             for key, knobs in HETSERVE_ROWS.items():
                 if key.split("_")[0] not in rows:
                     continue
                 name = f"{key}{suffix}"
-                config = {**serving, "hetserve": {"core_groups": args.groups, "ratio": args.ratio, **knobs}}
+                config = {**serving, "hetserve": {"core_groups": args.groups, "ratio": args.ratio,
+                                                  **knobs, **args.knobs}}
                 variant = with_config(mar, store / f"{model}-{name}.mar", config)
                 print(f"== {model} {name}", flush=True)
                 workdir = args.work / f"ts-{model}-{name}"
-                sweep = sweep_server(store, variant.name, workdir, body, args, criteria, shape=shape)
-                report["rows"][name] = {**json.loads(sweep.to_json()), "config": config,
-                                        "layout": served_devices(workdir)}
-                curves[name] = sweep.by_rate()
+                sweep_row(report, curves, name, store, variant.name, workdir, body, args, criteria,
+                          shape=shape)
+                report["rows"][name].update(config=config, layout=served_devices(workdir))
         knees = {k: v.get("knee_rate") or 0.0 for k, v in report["rows"].items()}
         best_gpu_only = max((r for k, r in knees.items() if k.startswith("a_")), default=0.0)
+        best_stock_ort = max((r for k, r in knees.items() if k.startswith("s_")), default=0.0)
         report["summary"] = {
             "knee_rps": knees,
             "vs_best_whole_model": {k: round(r / best_gpu_only, 3) if best_gpu_only else None
                                     for k, r in knees.items()},
+            "vs_best_stock_ort": {k: round(r / best_stock_ort, 3) if best_stock_ort else None
+                                  for k, r in knees.items()},
         }
         stem = f"gpu-torchserve-{model}{args.tag}"
         (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")

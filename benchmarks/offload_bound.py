@@ -31,9 +31,12 @@ def main() -> int:
     parser.add_argument("--cpu-tail-row", default="d")
     parser.add_argument("--goal", type=float, default=1.15)
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--tag", default="", help="suffix of both rows' files and of the output")
     args = parser.parse_args()
-    gpu = json.loads((args.results / f"timeline-{args.model}-{args.gpu_tail_row}.json").read_text())
-    cpu = json.loads((args.results / f"timeline-{args.model}-{args.cpu_tail_row}.json").read_text())
+    gpu_file = f"timeline-{args.model}-{args.gpu_tail_row}{args.tag}.json"
+    cpu_file = f"timeline-{args.model}-{args.cpu_tail_row}{args.tag}.json"
+    gpu = json.loads((args.results / gpu_file).read_text())
+    cpu = json.loads((args.results / cpu_file).read_text())
     batch = int(cpu["settings"]["batch"])
     executors = cpu["executors"][0] if cpu["executors"] and isinstance(cpu["executors"][0], list) else cpu["executors"]
     groups = sum(1 for name in executors if name.startswith("cpu"))
@@ -47,7 +50,7 @@ def main() -> int:
         "measured_head_share": inputs.gpu_head_ms / whole,
         "head_share_for_goal": head_share_for_gain(args.goal), "goal": args.goal,
     }
-    out = args.results / f"offload-bound-{args.model}.json"
+    out = args.results / f"offload-bound-{args.model}{args.tag}.json"
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"{args.model}: head {inputs.gpu_head_ms:.2f} + tail {inputs.gpu_tail_ms:.2f} ms on the GPU, "
           f"tail {inputs.cpu_tail_ms:.2f} ms on one of {inputs.cpu_groups} CPU groups, copy "

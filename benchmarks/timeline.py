@@ -111,6 +111,9 @@ def main() -> int:
     parser.add_argument("--window-ms", type=float, default=60.0, help="span of the PNG and trace")
     parser.add_argument("--work", type=Path, default=None, help="model directory cache")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--knobs", type=json.loads, default={},
+                        help='JSON merged into the row, e.g. {"cuda_graph": true}')
+    parser.add_argument("--tag", default="", help="suffix of the result files, after the row")
     args = parser.parse_args()
 
     device = "cpu" if args.row.startswith("cpu") else "cuda"
@@ -121,7 +124,7 @@ def main() -> int:
     model_dir = build_model_dir(args.model, args.ratio, args.batch, work, device)
     manifest = json.loads((model_dir / "hetserve-manifest.json").read_text())
     sample = tuple(manifest["inputs"][0]["shape"][1:])
-    knobs = {"ratio": args.ratio, "core_groups": args.groups, **ROWS[args.row]}
+    knobs = {"ratio": args.ratio, "core_groups": args.groups, **ROWS[args.row], **args.knobs}
     if knobs.get("micro_batch", 0) < 0:  # -k: k micro-batches a batch
         knobs["micro_batch"] = -(-args.batch // -knobs["micro_batch"])
     services, handles = hetserve_workers(model_dir, knobs, args.batch, args.delay_ms, sample,
@@ -149,7 +152,8 @@ def main() -> int:
     # The drawn window: the middle of the measured run, where the pipeline is in steady state.
     middle = (measured[0] + measured[1]) / 2
     window = clip(spans, middle, middle + args.window_ms / 1e3)
-    stem = f"timeline-{args.model}-{args.row}" + (f"-{args.workers}w" if args.workers > 1 else "")
+    stem = (f"timeline-{args.model}-{args.row}{args.tag}"
+            + (f"-{args.workers}w" if args.workers > 1 else ""))
     title = (f"{args.model}, row {args.row}, {args.rate:.0f} req/s offered, batchSize {args.batch}: "
              f"{100 * (report['transfer_hidden_share'] or 0):.0f}% of transfer time under compute")
     if window:

@@ -29,6 +29,18 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from handlers.cuda_graph import (
+    CAPTURE_LOCK,
+    CAPTURE_RUNS,
+    GRAPH_ID_KEY,
+    SKIP_GRAPH_ID,
+    graph_buffer_plan,
+    graph_provider_options,
+    graph_refusal,
+    is_graph_refusal,
+    replays,
+    require_fixed_batch,
+)
 from handlers.executors import (
     Executor,
     ExecutorError,
@@ -319,7 +331,16 @@ class OrtCudaSession:
         batch_dim = inputs[0].shape[0] if inputs and inputs[0].shape else None
         self._batch_symbol = batch_dim if isinstance(batch_dim, str) else None
         self._outputs = {o.name: (list(o.shape), _ONNX_TYPES.get(o.type)) for o in outputs}
+        self._inputs = {i.name: (list(i.shape), _ONNX_TYPES.get(i.type)) for i in inputs}
         self._binding = self.session.io_binding()
+        self.graph_enabled = cuda_options.get("enable_cuda_graph") == "1"
+        # With capture on, ORT would capture (and later replay) any run: runs at other shapes
+        # than the graph's must say they are not part of it.
+        self._plain_options = None
+        if self.graph_enabled:
+            self._plain_options = ort.RunOptions()
+            self._plain_options.add_run_config_entry(GRAPH_ID_KEY, SKIP_GRAPH_ID)
+        self._fixed_binding: Any = None
 
     def output_spec(self, name: str, batch: int) -> tuple[tuple[int, ...], np.dtype] | None:
         dims, dtype = self._outputs[name]
@@ -355,7 +376,7 @@ class OrtCudaSession:
                     name, "cuda", self.device_id, view.dtype.type, list(view.shape), view.pointer
                 )
         # Returns after ORT synchronised the compute stream (ORT's default run option).
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, self._plain_options)
         unbound = [n for n in self.output_names if outputs.get(n) is None]
         if not unbound:
             return {}
@@ -365,6 +386,84 @@ class OrtCudaSession:
 
     def provider_options(self) -> dict[str, dict[str, str]]:
         return self.session.get_provider_options()
+
+    # -- as a CUDA graph (CudaGraphSession) --
+    @property
+    def batch_symbol(self) -> str | None:
+        return self._batch_symbol
+
+    def tensor_specs(self) -> tuple[dict[str, tuple[list, Any]], dict[str, tuple[list, Any]]]:
+        """(inputs, outputs): name -> (ORT dims, numpy dtype or None)."""
+        return dict(self._inputs), dict(self._outputs)
+
+    def bind_fixed(self, inputs: Mapping[str, DeviceView], outputs: Mapping[str, DeviceView]) -> None:
+        """Bind the graph's buffers once, on a binding of their own: every capture and replay
+        uses these addresses."""
+        binding = self._fixed_binding = self.session.io_binding()
+        for names, views, bind in ((self.input_names, inputs, binding.bind_input),
+                                   (self.output_names, outputs, binding.bind_output)):
+            for name in names:
+                view = views[name]
+                bind(name, "cuda", self.device_id, view.dtype.type, list(view.shape), view.pointer)
+
+    def run_fixed(self) -> None:
+        """Run (capture, replay) on the fixed binding; returns when the stream is done."""
+        self.session.run_with_iobinding(self._fixed_binding)
+
+
+class CudaGraphSession:
+    """A stage run as a captured CUDA graph on device buffers of its own (handlers.cuda_graph).
+
+    Each run copies its inputs into the graph's buffers on the compute stream, replays, and
+    copies the outputs to where the executor wants them, all ordered on that stream before the
+    executor's ``done`` event. Runs at any other shape go to the inner session's plain path.
+    """
+
+    def __init__(self, inner: Any, backend: DeviceBackend, stream: Any, pad_batch: int) -> None:
+        self.inner = inner
+        self.input_names: tuple[str, ...] = inner.input_names
+        self.output_names: tuple[str, ...] = inner.output_names
+        self._backend, self._stream = backend, stream
+        self.plan = graph_buffer_plan(pad_batch, *inner.tensor_specs(), inner.batch_symbol)
+        self.fixed: dict[tuple[str, str], DeviceView] = {}
+        for spec in self.plan:
+            buffer = backend.alloc_device(max(spec.nbytes, 1))
+            self.fixed[(spec.role, spec.name)] = DeviceView(
+                buffer, backend.pointer(buffer), spec.shape, spec.dtype
+            )
+        inner.bind_fixed(*({n: v for (r, n), v in self.fixed.items() if r == role}
+                           for role in ("in", "out")))
+        self.replays = 0
+        self.plain_runs = 0
+
+    def capture(self) -> None:
+        with CAPTURE_LOCK:
+            for _ in range(CAPTURE_RUNS):
+                self.inner.run_fixed()
+
+    def output_spec(self, name: str, batch: int) -> tuple[tuple[int, ...], np.dtype] | None:
+        return self.inner.output_spec(name, batch)
+
+    def run(
+        self, inputs: Mapping[str, DeviceView], outputs: Mapping[str, DeviceView | None]
+    ) -> dict[str, np.ndarray]:
+        shapes = {name: inputs[name].shape for name in self.input_names}
+        if not replays(self.plan, shapes) or any(outputs.get(n) is None for n in self.output_names):
+            self.plain_runs += 1
+            return self.inner.run(inputs, outputs)
+        copy = self._backend.copy_async
+        for name in self.input_names:
+            source, fixed = inputs[name], self.fixed[("in", name)]
+            if source.pointer != fixed.pointer:
+                copy(fixed.buffer, source.buffer, fixed.nbytes, self._stream)
+        self.inner.run_fixed()
+        for name in self.output_names:
+            fixed, target = self.fixed[("out", name)], outputs[name]
+            assert target is not None
+            # The next replay overwrites the graph's output: the job keeps its own copy.
+            copy(target.buffer, fixed.buffer, fixed.nbytes, self._stream)
+        self.replays += 1
+        return {}
 
 
 class StagingSlot:
@@ -516,11 +615,15 @@ class CudaExecutor(Executor):
         backend: DeviceBackend | None = None,
         session_factory: SessionFactory | None = None,
         pad_batch: int = 0,
+        cuda_graph: bool = False,
     ) -> None:
         # No colon in the name: TorchServe metric lines use it as a separator.
         super().__init__(f"cuda{device_id}s{stream_index}", observer)
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
+        require_fixed_batch(cuda_graph, pad_batch)
+        self.cuda_graph = cuda_graph
+        self.graph_refusals: dict[str, str] = {}  # stage -> why it runs without a graph
         if backend is None:
             reason = cuda_unavailable_reason()
             if reason is not None:
@@ -643,11 +746,51 @@ class CudaExecutor(Executor):
         self._epoch = (epoch, time.perf_counter())
         factory = self._session_factory or self._ort_session
         for stage, path in self._models.items():
-            self.sessions[stage] = factory(stage, Path(path), self.device_id, pointer)
+            def build(stage=stage, path=Path(path), graph=self.cuda_graph):
+                if factory == self._ort_session and not graph:
+                    return OrtCudaSession(path, self.device_id, pointer, self._cpu_threads,
+                                          self._provider_options)
+                return factory(stage, path, self.device_id, pointer)
+
+            session = build()
+            self.sessions[stage] = self._as_graph(stage, session, build) if self.cuda_graph else session
         return list(self.sessions)
 
     def _ort_session(self, stage: str, path: Path, device_id: int, pointer: int) -> StageSession:
-        return OrtCudaSession(path, device_id, pointer, self._cpu_threads, self._provider_options)
+        options = {**graph_provider_options(self.cuda_graph), **self._provider_options}
+        try:
+            return OrtCudaSession(path, device_id, pointer, self._cpu_threads, options)
+        except Exception as exc:
+            if not (self.cuda_graph and is_graph_refusal(exc)):
+                raise
+            # ORT refuses graphs when a node runs on the CPU: serve the stage without one.
+            self.graph_refusals[stage] = f"ONNX Runtime refused: {exc}"
+            return OrtCudaSession(path, device_id, pointer, self._cpu_threads, self._provider_options)
+
+    def _as_graph(
+        self, stage: str, session: StageSession, build: Callable[..., StageSession]
+    ) -> StageSession:
+        """The stage as a captured graph, or as it is when a graph cannot run it (logged)."""
+        if stage not in self.graph_refusals:
+            if not getattr(session, "graph_enabled", True) or not hasattr(session, "bind_fixed"):
+                self.graph_refusals[stage] = "the session was built without CUDA graphs"
+            else:
+                reason = graph_refusal(self.pad_batch, *session.tensor_specs(), session.batch_symbol)
+                if reason is not None:
+                    self.graph_refusals[stage] = reason
+        if stage in self.graph_refusals:
+            log.warning("executor %s: stage %r runs without a CUDA graph: %s",
+                        self.name, stage, self.graph_refusals[stage])
+            return session
+        graph = CudaGraphSession(session, self.backend, self.compute_stream, self.pad_batch)
+        try:
+            graph.capture()
+        except Exception as exc:  # noqa: BLE001 - a graph is an optimisation: serve without it
+            self.graph_refusals[stage] = f"capture failed ({type(exc).__name__}: {exc})"
+            log.warning("executor %s: stage %r runs without a CUDA graph: %s",
+                        self.name, stage, self.graph_refusals[stage])
+            return build(graph=False)  # a fresh session: the failed one may hold a broken capture
+        return graph
 
     def input_names(self, stage: str) -> list[str]:
         return list(self.sessions[stage].input_names)

@@ -162,7 +162,7 @@ def _build(
             executors.append(CudaExecutor(
                 stages_for(name), config.cuda_device, i, observer=observe,
                 transfer_observer=observe_transfer, device_outputs=keep,
-                pad_batch=gpu_pad_batch(config, len(cuda_names)),
+                pad_batch=gpu_pad_batch(config, len(cuda_names)), cuda_graph=config.cuda_graph,
             ))
     for group in groups:
         if stages := stages_for(group.name):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from handlers.cuda_graph import FIXED_BATCH_NEEDED
 from handlers.faults import FaultSpec, parse_faults
 from handlers.state_dir import resolve_state_dir
 from handlers.processors.config import ProcessorConfigError, ProcessorsConfig
@@ -51,6 +52,9 @@ class RuntimeConfig:
     batch_size: int = 1
     # Pad GPU runs to the largest micro-batch: one input shape per CUDA session (see plan).
     cuda_fixed_batch: bool = True
+    # Run each fixed-batch GPU stage as a captured CUDA graph (handlers.cuda_graph); off until
+    # measured on a GPU.
+    cuda_graph: bool = False
     limits: RequestLimits = field(default_factory=RequestLimits)
     # Image/text in, labels out (handlers/processors); none declared: tensors in and out.
     processors: ProcessorsConfig = field(default_factory=ProcessorsConfig)
@@ -78,9 +82,11 @@ class RuntimeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"hetserve.{name} must be an integer >= {low}, got {value!r}")
-        for name in ("spinning", "cuda_fixed_batch"):
+        for name in ("spinning", "cuda_fixed_batch", "cuda_graph"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"hetserve.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.cuda_graph and not self.cuda_fixed_batch:
+            raise ConfigError(FIXED_BATCH_NEEDED)
         if not 0.0 < self.ewma_alpha <= 1.0:
             raise ConfigError(f"hetserve.ewma_alpha must be in (0, 1], got {self.ewma_alpha!r}")
         for name in ("stage_timeout_s", "save_interval_s", "probe_backoff_s", "probe_backoff_max_s"):

@@ -2,7 +2,7 @@
 
 This is the handler a TorchServe user would write for an ONNX model: BaseHandler opens the
 InferenceSession itself when the serialized file ends in .onnx (intra-op threads = logical CPUs,
-TorchServe 0.12's setup_ort_session); the three methods below only decode raw float32 bodies, run
+TorchServe 0.12's setup_ort_session; on a GPU worker CUDA then CPU providers); the three methods below only decode raw float32 bodies, run
 the session and encode the logits.
 """
 
