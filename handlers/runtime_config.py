@@ -12,8 +12,8 @@ from typing import Any
 
 from handlers.cuda_graph import FIXED_BATCH_NEEDED
 from handlers.faults import FaultSpec, parse_faults
-from handlers.state_dir import resolve_state_dir
 from handlers.processors.config import ProcessorConfigError, ProcessorsConfig
+from handlers.state_dir import resolve_state_dir
 from handlers.validation import RequestLimits
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")

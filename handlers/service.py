@@ -31,8 +31,8 @@ from handlers.manifest import MANIFEST_NAME, Manifest, load_verified_manifest
 from handlers.perf_model import PerfHistory
 from handlers.pipeline import MicroBatchOutcome, Runtime, RuntimeStats, StageTimeout
 from handlers.plan import build_runtime
-from handlers.response_size import body_size, min_response_bytes, too_large_message
 from handlers.processors import Processors
+from handlers.response_size import body_size, min_response_bytes, too_large_message
 from handlers.runtime_config import RuntimeConfig
 from handlers.timeline import HOST, Span, Timeline
 from handlers.validation import RequestError
