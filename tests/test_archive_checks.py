@@ -30,7 +30,7 @@ def archive(tmp_path: Path, *extra: str, model: str = MISSING_MODEL, name: str =
     ((), "bad name", "is not a TorchServe model name"),
     ((), "_lead", "is not a TorchServe model name"),
     (("--set", "batchsize=8"), "m", "unknown model-config key 'batchsize' (did you mean 'batchSize'?)"),
-    (("--set", "maxBatchDelay=fast"), "m", "'maxBatchDelay' must be an integer >= 0, got 'fast'"),
+    (("--set", "maxBatchDelay=fast"), "m", "maxBatchDelay must be a number of milliseconds >= 0, got 'fast'"),
     (("--set", "minWorkers=-1"), "m", "'minWorkers' must be an integer >= 0"),
     (("--set", "useJobTicket=3"), "m", "'useJobTicket' must be true or false"),
     (("--set", "hetserve.typo=1"), "m", "unknown option 'hetserve.typo'"),
