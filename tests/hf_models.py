@@ -89,7 +89,7 @@ def mobilenet_v2():
 def efficientnet():
     _seeded()
     config = hf.EfficientNetConfig(
-        image_size=IMAGE, width_coefficient=0.25, depth_coefficient=0.25, num_labels=5,
+        image_size=IMAGE, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320, num_labels=5,
     )
     return hf.EfficientNetForImageClassification(config).eval(), _pixels()
 
