@@ -139,3 +139,15 @@ def check_request(dims: DynamicDims, shapes: Mapping[str, tuple[int, ...]]) -> d
                     f"{symbol} from {low} to {high}"
                 )
     return {s: v[0] for s, v in seen.items()}
+
+
+def check_dynamic_dims(dims: DynamicDims, arrays: Mapping[str, Any]) -> None:
+    """``check_request`` for decoded arrays, as the handler's clear 400 (RequestError)."""
+    if not dims:
+        return
+    try:
+        check_request(dims, {name: tuple(a.shape) for name, a in arrays.items()})
+    except DimError as exc:
+        from handlers.validation import RequestError
+
+        raise RequestError(400, str(exc)) from None

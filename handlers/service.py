@@ -7,6 +7,7 @@ with its own status: one bad request never fails its neighbours.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -24,6 +25,7 @@ from handlers.codecs import (
     encode_error,
     encode_response,
 )
+from handlers.dynamic_dims import DynamicDims, check_dynamic_dims
 from handlers.executors import ExecutorError
 from handlers.manifest import MANIFEST_NAME, Manifest, load_verified_manifest
 from handlers.perf_model import PerfHistory
@@ -118,7 +120,7 @@ class InferenceService:
         return [r if r is not None else _internal_error() for r in replies]
 
     def _decode(self, request: RawRequest) -> DecodedRequest:
-        return decode_request(
+        decoded = decode_request(
             request.body,
             request.content_type,
             request.headers,
@@ -126,6 +128,12 @@ class InferenceService:
             self.config.limits,
             outputs=self.manifest.outputs,
         )
+        check_dynamic_dims(self._dynamic, decoded.arrays)
+        return decoded
+
+    @functools.cached_property
+    def _dynamic(self) -> DynamicDims:
+        return DynamicDims.from_json(self.manifest.dynamic_dims)
 
     def _run_group(
         self, group: list[tuple[int, DecodedRequest]], replies: list[Reply | None]
