@@ -305,6 +305,41 @@ def _write_and_verify(
     return partition, err
 
 
+def check_loads(stage_dir: Path, config: Mapping[str, Any], manifest: Manifest) -> None:
+    """Load every archived partition with the handler's own code (manifest check, executors,
+    calibration with real head outputs) and serve one request through it, as TorchServe will:
+    a ``.mar`` that ``archive`` writes always loads."""
+    import tempfile
+
+    import numpy as np
+
+    from handlers.manifest import random_batch
+    from handlers.service import InferenceService
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="hetserve-loadcheck-") as state:
+        for part in manifest.partitions or (None,):
+            ratio = part.ratio if part is not None else 1.0
+            section = {**dict(config.get("hetserve") or {}), "ratio": ratio, "state_dir": state}
+            try:
+                service = InferenceService.load(stage_dir, {**dict(config), "hetserve": section})
+            except Exception as exc:
+                raise StageError(
+                    f"the handler cannot load the partition for ratio {ratio:g}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            try:
+                feeds = {s.name: random_batch(s, 2, rng) for s in manifest.inputs}
+                service.runtime.infer(feeds)
+            except Exception as exc:
+                raise StageError(
+                    f"the handler loads ratio {ratio:g} but fails to serve it: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            finally:
+                service.close()
+
+
 def _scaled_slack(evidence: Evidence) -> float:
     # The absolute limit grows with the outputs' magnitude (logits in the hundreds): the
     # relative test above is the real one.

@@ -14,7 +14,7 @@ import io
 import logging
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -432,6 +432,61 @@ def _summarize(exc: BaseException) -> str:
     if len(line) > 400:
         line = line[:400] + "..."
     return f"{type(exc).__name__}: {line}".rstrip(".") + "."
+
+
+def resolve_dynamic(
+    model: onnx.ModelProto, loaded: LoadedModel, declared: DynamicDims
+) -> DynamicDims:
+    """The dynamic dims the archive records: declared ones (torch) or the file's symbolic dims
+    (ONNX, merged with any declared), each with a representative size (``--dim``, else the
+    example's size) and its bounds. The exported graph must really keep them dynamic."""
+    found = symbolic_dims(model)
+    if loaded.onnx_path is not None:
+        axes = {name: dict(named) for name, named in found.items()}
+        for name, named in declared.axes.items():
+            for axis, symbol in named.items():
+                have = axes.get(name, {}).get(axis)
+                if have is not None and have != symbol:
+                    # the file's own name wins inside the graph; declared is an alias
+                    raise ExportError(
+                        f"{loaded.source}: {name} dim {axis} is {have!r} in the file, not {symbol!r}"
+                    )
+                axes.setdefault(name, {})[axis] = symbol
+        sizes = dict(declared.sizes)
+        missing = sorted({s for named in axes.values() for s in named.values()} - set(sizes))
+        if missing:
+            raise ExportError(
+                f"{loaded.source}: inputs have dynamic dims {missing} besides the batch; give "
+                "each a representative size for profiling and pricing the cut, e.g. "
+                + " ".join(f"--dim {m}=128" for m in missing)
+            )
+        return DynamicDims(axes=axes, sizes=sizes, bounds=dict(declared.bounds))
+    sizes = dict(declared.sizes)
+    for name, named in declared.axes.items():
+        index = loaded.input_names.index(name)
+        for axis, symbol in named.items():
+            if found.get(name, {}).get(axis) != symbol:
+                raise ExportError(
+                    f"{loaded.source}: {name} dim {axis} did not stay dynamic ({symbol}) in the "
+                    "exported graph; the code fixes that size somewhere (a constant in a "
+                    "view/reshape, a buffer of fixed length)"
+                )
+            sizes.setdefault(symbol, int(loaded.example_inputs[index].shape[axis]))
+    return DynamicDims(axes=declared.axes, sizes=sizes, bounds=dict(declared.bounds))
+
+
+def torch_reference(loaded: LoadedModel, output_names: Sequence[str] | None = None):
+    """numpy feeds -> the module's outputs by ONNX output name (position decides), for
+    verifying the stages against torch itself."""
+
+    def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tensors = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in loaded.input_names]
+        with torch.no_grad():
+            flat = flatten_outputs(loaded.call(tensors))
+        names = list(output_names) if output_names else [n for n, _ in flat]
+        return {name: t.numpy() for name, (_, t) in zip(names, flat, strict=True)}
+
+    return run
 
 
 # ---- ONNX file -------------------------------------------------------------------------------

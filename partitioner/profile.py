@@ -221,7 +221,7 @@ _REDUCE_OPS = {
 }
 
 
-def flops_costs(model: onnx.ModelProto) -> dict[str, float]:
+def flops_costs(model: onnx.ModelProto, dim_sizes: dict[str, int] | None = None) -> dict[str, float]:
     """Per-sample FLOP estimate of every node, from shape-inferred shapes (never negative).
 
     A rough model on purpose: convolutions and matrix products are counted exactly
@@ -229,7 +229,7 @@ def flops_costs(model: onnx.ModelProto) -> dict[str, float]:
     about right for the memory-bound ops that surround them.
     """
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    shapes = _shapes_per_sample(inferred)
+    shapes = _shapes_per_sample(inferred, dim_sizes)
     costs = {}
     for node in inferred.graph.node:
         ins = [shapes.get(i) if i else None for i in node.input]
@@ -238,15 +238,20 @@ def flops_costs(model: onnx.ModelProto) -> dict[str, float]:
     return costs
 
 
-def _shapes_per_sample(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    """Static shapes with the batch (and any other symbolic dim) set to 1."""
+def _shapes_per_sample(
+    model: onnx.ModelProto, dim_sizes: dict[str, int] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Static shapes with the batch set to 1, a declared dynamic dim (``seq``) to its
+    representative size in ``dim_sizes``, any other symbolic dim to 1."""
+    sizes = dim_sizes or {}
     shapes: dict[str, tuple[int, ...]] = {}
     values = (*model.graph.input, *model.graph.value_info, *model.graph.output)
     for value in values:
         tensor = value.type.tensor_type
         if value.type.HasField("tensor_type") and tensor.HasField("shape"):
             shapes[value.name] = tuple(
-                d.dim_value if d.HasField("dim_value") else 1 for d in tensor.shape.dim
+                d.dim_value if d.HasField("dim_value") else sizes.get(d.dim_param, 1)
+                for d in tensor.shape.dim
             )
     for init in model.graph.initializer:
         shapes[init.name] = tuple(init.dims)
