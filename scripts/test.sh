@@ -6,7 +6,7 @@
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
-bash scripts/setup_venv.sh "dev,bench,tune,kserve"
+bash scripts/setup_venv.sh "dev,bench,tune,kserve,hf"
 venv="${HETSERVE_VENV:-$repo_root/.venv}"
 echo "[test] ruff"
 "$venv/bin/ruff" check .
