@@ -245,7 +245,7 @@ def flatten_outputs(out: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]
     ``ModelOutput`` (names from the keys: ``logits``, ``pred_boxes``), nested ones joined by
     ``_``; ``None`` entries (absent optional outputs) are skipped."""
     if isinstance(out, torch.Tensor):
-        return [(prefix or "output", out)]
+        return [(prefix or "output_0", out)]
     if isinstance(out, Mapping):
         items = [(str(k), v) for k, v in out.items()]
     elif isinstance(out, tuple | list):

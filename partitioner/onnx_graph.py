@@ -135,6 +135,12 @@ def build_task_graph(
         n for n in g.node
         if any(o in input_dependent for o in n.output) and n.name not in shape_set
     ]
+    # Nodes whose results only feed shape computations (x in Shape(x)) lead to no output once
+    # those are left out: a tail of them would serve nothing. They go with the shape nodes.
+    feeders = _not_reaching_outputs(kept, outputs)
+    if feeders:
+        shape_nodes += tuple(n.name for n in kept if n.name in feeders)
+        kept = [n for n in kept if n.name not in feeders]
     constant_nodes = tuple(n.name for n in g.node if not any(o in input_dependent for o in n.output))
     index = {n.name: i for i, n in enumerate(kept)}
     if len(index) != len(kept):
@@ -184,6 +190,17 @@ def build_task_graph(
         tensor_types=types,
         shape_nodes=shape_nodes,
     )
+
+
+def _not_reaching_outputs(nodes: list[onnx.NodeProto], outputs: set[str]) -> set[str]:
+    """Names of ``nodes`` (topologically ordered) from which no graph output can be reached."""
+    needed = set(outputs)
+    reaching: set[str] = set()
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output if o):
+            reaching.add(node.name)
+            needed.update(i for i in node.input if i)
+    return {n.name for n in nodes} - reaching
 
 
 def _input_dependent_tensors(graph: onnx.GraphProto, graph_inputs: set[str]) -> set[str]:

@@ -50,6 +50,7 @@ def gpt2():
     _seeded()
     config = hf.GPT2Config(
         vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, use_cache=False,
+        bos_token_id=0, eos_token_id=0,
     )
     return hf.GPT2LMHeadModel(config).eval(), {"input_ids": _text_inputs()["input_ids"]}
 
