@@ -193,7 +193,7 @@ def build_stage_directory(
 
     partitions: list[Partition] = []
     rows: list[ReportRow] = []
-    written: dict[tuple[str, frozenset[int]], Partition] = {}
+    written: dict[tuple[str, float], Partition] = {}
     with SharedWeights(out_dir) as weights:
         save_model(weights.externalize(model), out_dir / WHOLE_MODEL_FILE)
         weights.flush()
@@ -216,11 +216,18 @@ def build_stage_directory(
                     "what the model allows, widen --tolerance, or pass --allow-off-target to "
                     "keep the nearest cut, labelled with the ratio it achieves."
                 )
-            key = (method, cut.tail)
-            if key in written:  # two requested ratios, one cut: archived once
+            # Two requested ratios, one cut (or two cuts of the same cost split, e.g. a free
+            # Reshape on either side): archived once.
+            key = (method, round(cut.achieved_ratio, 9))
+            if key in written:
                 partition, err = written[key], written[key].max_abs_err
             else:
                 prefix = stage_prefix(cut.achieved_ratio, method, several)
+                taken = {p.head for p in partitions}
+                suffix = 1
+                while f"{prefix}-head.onnx" in taken:  # ratios equal to 3 decimals
+                    suffix += 1
+                    prefix = f"{stage_prefix(cut.achieved_ratio, method, several)}-{suffix}"
                 partition, err = _write_and_verify(
                     model, task, cut, out_dir, prefix, weights, options, whole_session,
                     evidence,
