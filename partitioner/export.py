@@ -382,9 +382,14 @@ def _check_other_batch(module, inputs, model: onnx.ModelProto) -> None:
     session = ort.InferenceSession(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
+    seeded = torch.Generator().manual_seed(0)
     for factor in (1, 2):
         batch = inputs[0].shape[0] * factor
-        feeds_t = [torch.cat([t] * factor) for t in inputs]
+        # The second half holds other values (floats redrawn with the example's spread, the
+        # sign flipped): a trace that froze a value-dependent branch differs there.
+        feeds_t = [
+            torch.cat([t, _redrawn(t, seeded)]) if factor == 2 else t for t in inputs
+        ]
         with torch.no_grad():
             expected = list(module(*feeds_t))
         try:
@@ -403,6 +408,14 @@ def _check_other_batch(module, inputs, model: onnx.ModelProto) -> None:
                     f"the traced graph differs from torch at batch {batch} (torch gives "
                     f"{want.shape}, ONNX {got.shape}): a traced step froze a value or shape"
                 )
+
+
+def _redrawn(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    if not tensor.is_floating_point():
+        return tensor  # ids, masks: the example's own values are the valid ones
+    spread = float(tensor.float().std()) if tensor.numel() > 1 else 1.0
+    noise = torch.randn(tensor.shape, generator=generator) * (spread or 1.0)
+    return (-tensor + noise * 0.5).to(tensor.dtype)
 
 
 @contextlib.contextmanager
