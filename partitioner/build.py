@@ -328,6 +328,7 @@ def check_loads(stage_dir: Path, config: Mapping[str, Any], manifest: Manifest) 
         for part in manifest.partitions or (None,):
             ratio = part.ratio if part is not None else 1.0
             section = {**dict(config.get("hetserve") or {}), "ratio": ratio, "state_dir": state}
+            section.pop("faults", None)  # test-only injected failures are not the archive's
             try:
                 service = InferenceService.load(stage_dir, {**dict(config), "hetserve": section})
             except Exception as exc:
