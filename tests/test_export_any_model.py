@@ -147,3 +147,34 @@ def test_compare_is_relative_and_absolute():
     assert compare(want * (1 + 5e-4), want).worst <= 1.0  # relative part
     assert compare(want + 0.05, want).worst <= 1.0  # absolute part scales with the output
     assert compare(want + np.array([0, 0, 1.0]), want).worst > 1.0
+
+
+def test_a_declared_sequence_axis_stays_dynamic_and_an_onnx_file_brings_its_own(tmp_path):
+    import onnx
+
+    from handlers.dynamic_dims import parse_declarations
+    from partitioner.export import resolve_dynamic
+    from partitioner.loading import load_model
+
+    loaded = _text(batch=1)
+    declared = parse_declarations(["input_ids:1=seq", "attention_mask:1=seq"], ["seq<=64"])
+    model = export_onnx(loaded, dynamic=declared)
+    dynamic = resolve_dynamic(model, loaded, declared)
+    assert dynamic.sizes == {"seq": 6} and dynamic.bounds == {"seq": (1, 64)}
+    reference = torch_reference(loaded, ["logits", "hidden"])
+    for seq in (3, 11):
+        feeds = {"input_ids": np.random.default_rng(seq).integers(0, 50, (2, seq)),
+                 "attention_mask": np.ones((2, seq), dtype=np.int64)}
+        got, want = _run(model, feeds), reference(feeds)
+        assert got["hidden"].shape == (2, seq, 8)
+        assert compare(got["hidden"], want["hidden"]).worst <= 1.0
+
+    path = tmp_path / "text.onnx"
+    onnx.save(model, path)
+    from_file = load_model(str(path))
+    again = export_onnx(from_file)
+    with pytest.raises(ExportError, match="--dim seq=128"):
+        resolve_dynamic(again, from_file, parse_declarations())
+    dims = resolve_dynamic(again, from_file, parse_declarations([], ["seq=32"]))
+    assert dims.axes == {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}
+    assert dims.sizes == {"seq": 32}
