@@ -37,6 +37,7 @@ from partitioner.build import (  # noqa: E402
 from partitioner.export import export_onnx, resolve_dynamic, torch_reference  # noqa: E402
 from partitioner.loading import load_model  # noqa: E402
 from partitioner.profile import flops_costs  # noqa: E402
+from partitioner.stages import TAIL_SHAPE_SUFFIX  # noqa: E402
 
 pytestmark = pytest.mark.server
 
@@ -201,6 +202,18 @@ def test_every_cut_tensor_has_the_batch_as_dim_0(built, hf_store, name):
             for value in tail.graph.input:
                 dims = value.type.tensor_type.shape.dim
                 assert dims and dims[0].dim_param == "batch", (part.tail, value.name)
+
+
+def test_bert_tails_recompute_shapes_from_cut_tensors_instead_of_receiving_them(built, hf_store):
+    """BERT's attention reshapes read Shape(input_ids); the tail rebuilds those shapes from the
+    cut tensors it receives (batch and seq are dims of them), so no shape tensor crosses."""
+    rebuilt = 0
+    with zipfile.ZipFile(hf_store / "bert.mar") as mar:
+        for part in _get(built, "bert").manifest.partitions:
+            tail = onnx.load_from_string(mar.read(part.tail), load_external_data=False)
+            rebuilt += sum(TAIL_SHAPE_SUFFIX in n.name for n in tail.graph.node)
+            assert "input_ids" not in {i.name for i in tail.graph.input}
+    assert rebuilt > 0
 
 
 def test_bert_archive_records_its_sequence_axis(built):
