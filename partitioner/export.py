@@ -383,13 +383,17 @@ def _check_other_batch(module, inputs, model: onnx.ModelProto) -> None:
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
     seeded = torch.Generator().manual_seed(0)
-    for factor in (1, 2):
-        batch = inputs[0].shape[0] * factor
-        # The second half holds other values (floats redrawn with the example's spread, the
-        # sign flipped): a trace that froze a value-dependent branch differs there.
-        feeds_t = [
-            torch.cat([t, _redrawn(t, seeded)]) if factor == 2 else t for t in inputs
-        ]
+    redrawn = [_redrawn(t, seeded) for t in inputs]
+    # The example, then twice its batch with other values in the second half, then other values
+    # only (floats sign-flipped plus noise): a trace that froze a value-dependent branch or a
+    # batch size differs from torch in one of them.
+    cases = (
+        list(inputs),
+        [torch.cat([t, r]) for t, r in zip(inputs, redrawn, strict=True)],
+        redrawn,
+    )
+    for feeds_t in cases:
+        batch = feeds_t[0].shape[0]
         with torch.no_grad():
             expected = list(module(*feeds_t))
         try:
@@ -415,7 +419,7 @@ def _redrawn(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return tensor  # ids, masks: the example's own values are the valid ones
     spread = float(tensor.float().std()) if tensor.numel() > 1 else 1.0
     noise = torch.randn(tensor.shape, generator=generator) * (spread or 1.0)
-    return (-tensor + noise * 0.5).to(tensor.dtype)
+    return (-tensor + noise * 0.1).to(tensor.dtype)
 
 
 @contextlib.contextmanager
