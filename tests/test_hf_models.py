@@ -190,7 +190,10 @@ def test_ratios_are_reached_or_refused_cleanly_and_labelled_by_what_they_achieve
     if item.off_target is not None:
         assert "unreachable" in item.off_target and "--allow-off-target" in item.off_target
         assert "\n" not in item.off_target
-        assert any(abs(p.ratio - round(p.achieved_ratio, 3)) < 1e-9 for p in item.manifest.partitions)
+        assert any(
+            abs(p.ratio - min(round(p.achieved_ratio, 3), 0.999)) < 1e-9
+            for p in item.manifest.partitions
+        )
 
 
 @pytest.mark.parametrize("name", hf_models.ALL)
@@ -204,15 +207,16 @@ def test_every_cut_tensor_has_the_batch_as_dim_0(built, hf_store, name):
                 assert dims and dims[0].dim_param == "batch", (part.tail, value.name)
 
 
-def test_bert_tails_recompute_shapes_from_cut_tensors_instead_of_receiving_them(built, hf_store):
-    """BERT's attention reshapes read Shape(input_ids); the tail rebuilds those shapes from the
-    cut tensors it receives (batch and seq are dims of them), so no shape tensor crosses."""
+def test_detr_tails_recompute_shapes_from_cut_tensors_instead_of_receiving_them(built, hf_store):
+    """DETR's reshapes read Shape(...) of head tensors (its .mar used to fail to load when a
+    1-D shape tensor crossed); the tail rebuilds those shapes from the cut tensors it receives,
+    so no shape tensor crosses."""
     rebuilt = 0
-    with zipfile.ZipFile(hf_store / "bert.mar") as mar:
-        for part in _get(built, "bert").manifest.partitions:
+    with zipfile.ZipFile(hf_store / "detr.mar") as mar:
+        for part in _get(built, "detr").manifest.partitions:
             tail = onnx.load_from_string(mar.read(part.tail))
             rebuilt += sum(TAIL_SHAPE_SUFFIX in n.name for n in tail.graph.node)
-            assert "input_ids" not in {i.name for i in tail.graph.input}
+            assert "pixel_values" not in {i.name for i in tail.graph.input}
     assert rebuilt > 0
 
 
