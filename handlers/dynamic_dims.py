@@ -41,8 +41,10 @@ class DynamicDims:
                     raise DimError(f"{name}:{axis}: dim 0 is the batch; declare dims 1 and up")
                 if symbol == BATCH:
                     raise DimError(f"{name}:{axis}: the symbol 'batch' is reserved for dim 0")
+        # With no axes (an .onnx brings its own symbols), sizes and bounds are checked against
+        # the file's symbols when they are read.
         for symbol in (*self.sizes, *self.bounds):
-            if symbol not in symbols:
+            if symbols and symbol not in symbols:
                 raise DimError(f"{symbol!r} is not a declared dynamic dim (declared: {sorted(symbols)})")
         for symbol, (low, high) in self.bounds.items():
             if not 1 <= low <= high:

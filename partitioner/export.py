@@ -470,7 +470,14 @@ def resolve_dynamic(
                     )
                 axes.setdefault(name, {})[axis] = symbol
         sizes = dict(declared.sizes)
-        missing = sorted({s for named in axes.values() for s in named.values()} - set(sizes))
+        symbols = {s for named in axes.values() for s in named.values()}
+        unknown = sorted({*sizes, *declared.bounds} - symbols)
+        if unknown:
+            raise ExportError(
+                f"{loaded.source}: --dim names {unknown}; the file's dynamic dims are "
+                f"{sorted(symbols) or 'none besides the batch'}"
+            )
+        missing = sorted(symbols - set(sizes))
         if missing:
             raise ExportError(
                 f"{loaded.source}: inputs have dynamic dims {missing} besides the batch; give "
@@ -478,6 +485,12 @@ def resolve_dynamic(
                 + " ".join(f"--dim {m}=128" for m in missing)
             )
         return DynamicDims(axes=axes, sizes=sizes, bounds=dict(declared.bounds))
+    undeclared = sorted({*declared.sizes, *declared.bounds} - declared.symbols)
+    if undeclared:
+        raise ExportError(
+            f"{loaded.source}: --dim names {undeclared}, which no --dynamic INPUT:AXIS=SYMBOL "
+            "declares"
+        )
     sizes = dict(declared.sizes)
     for name, named in declared.axes.items():
         index = loaded.input_names.index(name)

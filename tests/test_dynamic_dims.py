@@ -34,6 +34,7 @@ def test_declarations_parse_into_axes_sizes_and_bounds():
         (["input_ids:1=batch"], [], "reserved"),
         (["input_ids:1=seq", "input_ids:1=len"], [], "twice"),
         (["input_ids:1=seq"], ["width=3"], "not a declared dynamic dim"),
+        (["input_ids:1=seq"], ["seq>=9", "seq<=4"], "empty"),
         (["input_ids:1=seq"], ["seq=600", "seq<=512"], "outside its bounds"),
         (["input_ids:1=seq"], ["seq~4"], "SYMBOL=SIZE"),
     ],
