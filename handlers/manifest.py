@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -19,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from handlers.archive_safety import UnsafeModelError, check_external_data, external_refs
+
+_log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "hetserve-manifest.json"
 MANIFEST_FORMAT = "hetserve-manifest"
@@ -146,9 +149,12 @@ class Manifest:
     profile: dict[str, Any] = field(default_factory=dict)
     producer: dict[str, Any] = field(default_factory=dict)
     version: int = MANIFEST_VERSION
+    # Dynamic dims beyond the batch (handlers.dynamic_dims.DynamicDims.to_json): empty = none.
+    dynamic_dims: dict[str, Any] = field(default_factory=dict)
 
     def partition_for(self, ratio: float | None) -> Partition | None:
-        """The partition cut for ``ratio`` (``None``: the default one; no partitions: ``None``)."""
+        """The partition for ``ratio`` (``None``: the default one; no partitions: ``None``): the
+        one cut for it, else the one whose achieved ratio is nearest (logged)."""
         if ratio is None:
             ratio = self.default_ratio
         if ratio is None or ratio >= 1.0:
@@ -156,8 +162,15 @@ class Manifest:
         for part in self.partitions:
             if abs(part.ratio - ratio) < 1e-9:
                 return part
-        known = ", ".join(f"{p.ratio:g}" for p in self.partitions) or "none"
-        raise ManifestError(f"no partition for ratio {ratio:g} in the archive (has: {known})")
+        if not self.partitions:
+            raise ManifestError(f"no partition for ratio {ratio:g}: the archive has none")
+        nearest = min(self.partitions, key=lambda p: (abs(p.achieved_ratio - ratio), p.ratio))
+        _log.info(
+            "ratio %g is not archived; serving the nearest partition, achieved ratio %.3f "
+            "(archived: %s)", ratio, nearest.achieved_ratio,
+            ", ".join(f"{p.achieved_ratio:.3f}" for p in self.partitions),
+        )
+        return nearest
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -171,6 +184,7 @@ class Manifest:
             "partitions": [p.to_json() for p in self.partitions],
             "profile": self.profile,
             "producer": self.producer,
+            **({"dynamic_dims": self.dynamic_dims} if self.dynamic_dims else {}),
             "files": {p: {"sha256": e.sha256, "size": e.size} for p, e in sorted(self.files.items())},
         }
 
@@ -200,6 +214,7 @@ class Manifest:
             profile=data.get("profile", {}),
             producer=data.get("producer", {}),
             version=version,
+            dynamic_dims=data.get("dynamic_dims") or {},
         )
         for path in manifest.referenced_files():
             if path not in files:

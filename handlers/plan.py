@@ -243,13 +243,16 @@ def calibrate(
         "hetserve: performance history has %d of %d (stage, executor) pairs calibrated%s",
         len(known), len(pairs), "; calibration shortened for them" if known else "",
     )
+    # Later stages get the earlier stages' real outputs: a random cut tensor (an index, a mask)
+    # can be a value the tail never sees and fail where real traffic would not.
+    real = {batch: pipeline_feeds(runtime, specs, batch, rng, config) for batch in batches}
     for plan in runtime.stages:
         for name in plan.candidates:
             executor = runtime.executors[name]
             known = runtime.history.is_calibrated(plan.name, name)
             runs = 1 if known else max(config.calibration_runs, 1)
             for batch in batches if not known else batches[:1]:
-                feeds = {n: random_batch(specs[n], batch, rng) for n in plan.inputs}
+                feeds = real[batch][plan.name]
                 executor.submit(plan.name, feeds, batch, observe=False).result(
                     timeout=config.stage_timeout_s * 4
                 )
@@ -258,6 +261,23 @@ def calibrate(
                         timeout=config.stage_timeout_s * 4
                     )
     warm_every_size(runtime, config, specs, rng, skip=batches)
+
+
+def pipeline_feeds(
+    runtime: Runtime, specs: dict[str, TensorSpec], batch: int, rng, config: RuntimeConfig
+) -> dict[str, dict[str, np.ndarray]]:
+    """Feeds for every stage at ``batch``: random model inputs, then each stage's real outputs
+    (run once, unobserved, on its first candidate) for the stages after it."""
+    available = {s.name: random_batch(s, batch, rng) for s in specs.values()}
+    feeds: dict[str, dict[str, np.ndarray]] = {}
+    for plan in runtime.stages:
+        feeds[plan.name] = {n: available[n] for n in plan.inputs}
+        executor = runtime.executors[plan.candidates[0]]
+        outputs = executor.submit(plan.name, feeds[plan.name], batch, observe=False).result(
+            timeout=config.stage_timeout_s * 4
+        )
+        available.update({k: v if isinstance(v, np.ndarray) else v.to_host() for k, v in outputs.items()})
+    return feeds
 
 
 def warmup_sizes(largest: int, pad_batch: int, done: Sequence[int]) -> list[int]:
@@ -293,7 +313,7 @@ def warm_every_size(
             if executor.device == "cpu":
                 continue
             for batch in warmup_sizes(largest, getattr(executor, "pad_batch", 0), skip):
-                feeds = {n: random_batch(specs[n], batch, rng) for n in plan.inputs}
+                feeds = pipeline_feeds(runtime, specs, batch, rng, config)[plan.name]
                 executor.submit(plan.name, feeds, batch, observe=False).result(
                     timeout=config.stage_timeout_s * 4
                 )

@@ -7,6 +7,7 @@ with its own status: one bad request never fails its neighbours.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -25,6 +26,7 @@ from handlers.codecs import (
     encode_error,
     encode_response,
 )
+from handlers.dynamic_dims import DynamicDims, check_dynamic_dims
 from handlers.executors import ExecutorError
 from handlers.history_key import history_key
 from handlers.manifest import MANIFEST_NAME, Manifest, load_verified_manifest
@@ -146,7 +148,7 @@ class InferenceService:
             )
             if processed is not None:
                 return processed
-        return decode_request(
+        decoded = decode_request(
             request.body,
             request.content_type,
             request.headers,
@@ -154,6 +156,12 @@ class InferenceService:
             self.config.limits,
             outputs=self.manifest.outputs,
         )
+        check_dynamic_dims(self._dynamic, decoded.arrays)
+        return decoded
+
+    @functools.cached_property
+    def _dynamic(self) -> DynamicDims:
+        return DynamicDims.from_json(self.manifest.dynamic_dims)
 
     def _run_group(
         self, group: list[tuple[int, DecodedRequest]], replies: list[Reply | None]

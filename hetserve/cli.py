@@ -35,6 +35,18 @@ def _shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"shape must look like 3,224,224, got {text!r}") from None
 
 
+def _input_shape(text: str) -> tuple[str | None, tuple[int, ...]]:
+    name, sep, shape = text.rpartition("=")
+    return (name if sep else None), _shape(shape)
+
+
+def _named(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -49,7 +61,11 @@ def _paths(text: str) -> tuple[Path, ...]:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="zoo:NAME[?k=v&...], path/to/file.py:factory, or model.onnx")
     p.add_argument("--weights", help="weights for the model, .safetensors only (never pickle)")
-    p.add_argument("--input-shape", type=_shape, help="sample shape without batch, e.g. 3,224,224 (factory returning a bare module)")
+    p.add_argument("--input-shape", type=_input_shape, action="append", help="sample shape without batch, e.g. 3,224,224 (factory returning a bare module); NAME=SHAPE per named input, repeatable, e.g. input_ids=128")
+    p.add_argument("--input-dtype", type=_named, action="append", default=[], metavar="NAME=DTYPE", help="dtype of a named input of a bare module (default float32), e.g. input_ids=int64; repeatable")
+    p.add_argument("--dynamic", action="append", default=[], metavar="INPUT:AXIS=SYMBOL", help="a dynamic dim beyond the batch, e.g. input_ids:1=seq; inputs sharing a symbol must agree at run time; repeatable (an .onnx declares its own through symbolic dims)")
+    p.add_argument("--dim", action="append", default=[], metavar="SYMBOL=SIZE|SYMBOL<=MAX|SYMBOL>=MIN", help="a dynamic dim's representative size for profiling, pricing the cut and verification (e.g. seq=128; default: the example's size) or its bounds served (e.g. seq<=512); repeatable")
+    p.add_argument("--allow-off-target", action="store_true", help="keep the nearest cut when a ratio is unreachable within --tolerance (labelled with the ratio it achieves) instead of failing")
     p.add_argument("--ratios", type=_ratios, default=None, help="head shares of the cost, e.g. 0.75,0.8,0.85,0.9")
     p.add_argument("--tolerance", type=float, default=0.03, help="accepted distance from each ratio")
     p.add_argument("--time-limit", type=float, default=10.0, help="seconds for the exact solver per cut")
@@ -226,26 +242,51 @@ def main(argv: list[str] | None = None) -> int:
 
 def _prepare(args: argparse.Namespace):
     """Load, export and cost the model: the shared first half of archive and partition."""
-    from partitioner.export import export_onnx
+    from partitioner.export import export_onnx, resolve_dynamic, torch_reference
     from partitioner.loading import load_model
     from partitioner.profile import flops_costs, profile_nodes
 
     started = time.perf_counter()
-    loaded = load_model(args.model, weights=args.weights, input_shape=args.input_shape,
-                        task=args.task, max_length=args.max_length)
-    model = export_onnx(loaded, opset=args.opset)
+    loaded = load_model(
+        args.model, weights=args.weights, input_shape=_shape_arg(args.input_shape),
+        input_dtypes=dict(args.input_dtype) or None, task=args.task, max_length=args.max_length,
+    )
+    declared = _dynamic_arg(args)
+    model = export_onnx(loaded, opset=args.opset, dynamic=declared)
+    dynamic = resolve_dynamic(model, loaded, declared)
     log.info("exported %d nodes in %.1f s", len(model.graph.node), time.perf_counter() - started)
     if args.cost == "flops":
-        costs = flops_costs(model)
+        costs = flops_costs(model, dict(dynamic.sizes))
         record: dict[str, Any] = {"source": "flops", "unit": "flop/sample", "costs": costs}
     else:
         profile = profile_nodes(
             model, device=args.profile_device, batch=args.profile_batch,
-            runs=args.profile_runs, progress=not args.quiet,
+            runs=args.profile_runs, progress=not args.quiet, dim_sizes=dict(dynamic.sizes),
         )
         costs = profile.costs
         record = {"source": "profile", **profile.to_json()}
-    return model, costs, record, loaded
+    outputs = [o.name for o in model.graph.output]
+    reference = torch_reference(loaded, outputs) if loaded.module is not None else None
+    return model, costs, record, dynamic, reference, loaded
+
+
+def _shape_arg(given):
+    if not given:
+        return None
+    named = [(n, s) for n, s in given if n is not None]
+    if not named:
+        if len(given) > 1:
+            raise ValueError("--input-shape without a name can be given once; use NAME=SHAPE")
+        return given[0][1]
+    if len(named) != len(given):
+        raise ValueError("--input-shape: name every input (NAME=SHAPE) or give one bare shape")
+    return dict(named)
+
+
+def _dynamic_arg(args: argparse.Namespace):
+    from handlers.dynamic_dims import parse_declarations
+
+    return parse_declarations(args.dynamic, args.dim)
 
 
 def _producer() -> dict[str, Any]:
@@ -281,7 +322,7 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 def cmd_archive(args: argparse.Namespace) -> int:
     from hetserve import archive_checks as checks
     from partitioner.archive import copy_runtime, model_config, package
-    from partitioner.build import DEFAULT_RATIOS, CutOptions, build_stage_directory
+    from partitioner.build import DEFAULT_RATIOS, CutOptions, build_stage_directory, check_loads
 
     started = time.perf_counter()
     # Everything checkable is checked before the export: a typo must not cost a minute of work.
@@ -295,12 +336,12 @@ def cmd_archive(args: argparse.Namespace) -> int:
     checks.check_ratios(ratios, args.default_ratio, (config.get("hetserve") or {}).get("ratio"))
     options = CutOptions(
         ratios=ratios, methods=(args.method,), tolerance=args.tolerance,
-        time_limit=args.time_limit, seed=args.seed,
+        time_limit=args.time_limit, seed=args.seed, allow_off_target=args.allow_off_target,
     )
     from partitioner import processor_files
 
     overrides = _overrides(args.set)
-    model, costs, record, loaded = _prepare(args)
+    model, costs, record, dynamic, reference, loaded = _prepare(args)
     processors, files = processor_files.declared(
         loaded.processors, loaded.files, labels=args.labels, tokenizer=args.tokenizer,
         image_processor=args.image_processor, top_k=args.top_k,
@@ -319,8 +360,10 @@ def cmd_archive(args: argparse.Namespace) -> int:
         result = build_stage_directory(
             model, costs, stage_dir, args.model_name, options, profile_record=record,
             default_ratio=args.default_ratio, progress=not args.quiet, producer=_producer(),
+            dynamic=dynamic, reference=reference,
         )
         processor_files.check((config.get("hetserve") or {}).get("processors"), stage_dir, result.manifest)
+        check_loads(stage_dir, config, result.manifest)  # a .mar archive writes always loads
         requirements = stage_dir / args.requirements_file.name if args.requirements_file else None
         mar = package(stage_dir, args.model_name, args.export_path, config, version=args.model_version,
                       force=args.force, requirements_file=requirements)
@@ -346,14 +389,14 @@ def cmd_partition(args: argparse.Namespace) -> int:
     methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
     options = CutOptions(
         ratios=args.ratios or DEFAULT_RATIOS, methods=methods, tolerance=args.tolerance,
-        time_limit=args.time_limit, seed=args.seed,
+        time_limit=args.time_limit, seed=args.seed, allow_off_target=args.allow_off_target,
     )
-    model, costs, record, _ = _prepare(args)
+    model, costs, record, dynamic, reference, _ = _prepare(args)
     with tempfile.TemporaryDirectory(prefix="hetserve-partition-") as tmp:
         out_dir = args.out_dir or Path(tmp) / "stages"
         result = build_stage_directory(
             model, costs, out_dir, Path(args.model).stem, options, profile_record=record,
-            progress=not args.quiet, producer=_producer(),
+            progress=not args.quiet, producer=_producer(), dynamic=dynamic, reference=reference,
         )
     report = {
         "model": args.model,

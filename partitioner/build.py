@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import onnx
 
+from handlers.dynamic_dims import DynamicDims
 from handlers.manifest import (
     FileEntry,
     Manifest,
@@ -36,10 +37,19 @@ from partitioner.stages import (
     SharedWeights,
     StageError,
     graph_io_specs,
+    run_pipeline,
     save_model,
     split_model,
     tensor_spec,
-    verify_stages,
+)
+from partitioner.verify import (
+    ATOL_OF_SCALE,
+    RTOL,
+    check_evidence,
+    compare,
+    draw_inputs,
+    integer_ranges,
+    other_sizes,
 )
 
 DEFAULT_RATIOS = (0.75, 0.80, 0.85, 0.90)
@@ -54,8 +64,9 @@ class CutOptions:
     tolerance: float = DEFAULT_TOLERANCE
     time_limit: float = 10.0
     verify_batches: tuple[int, ...] = (1, 4)
-    max_abs_err: float = VERIFY_TOLERANCE
+    max_abs_err: float = VERIFY_TOLERANCE  # stages vs the whole ONNX graph, absolute
     seed: int = 0
+    allow_off_target: bool = False  # keep a cut that misses its ratio's window (labelled honestly)
 
     def __post_init__(self) -> None:
         if not self.ratios:
@@ -92,9 +103,65 @@ class BuildResult:
 
 
 def stage_prefix(ratio: float, method: str, several_methods: bool) -> str:
+    """Files are named by the ratio the cut achieved (not the one asked for)."""
     # Flat: ORT resolves external data next to the graph file and refuses paths that leave it.
-    base = f"stage-r{ratio:.2f}"
+    base = f"stage-r{ratio:.3f}"
     return f"{base}-{method}" if several_methods else base
+
+
+class OffTargetError(StageError):
+    """A requested ratio has no cut inside its window; --allow-off-target keeps the nearest."""
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Verification cases: inputs drawn per dtype and range, at the representative dynamic
+    sizes and one other, with the reference outputs (torch when given, else the whole ONNX)."""
+
+    cases: tuple[tuple[dict[str, Any], dict[str, Any]], ...]
+    scales: dict[str, float]
+    reference: str  # "torch" or "onnx"
+    onnx_vs_torch: float  # worst relative-tolerance ratio of the whole ONNX against torch
+
+
+def gather_evidence(
+    model: onnx.ModelProto,
+    whole_session,
+    inputs,
+    options: CutOptions,
+    dynamic: DynamicDims,
+    reference: Callable[[dict[str, Any]], dict[str, Any]] | None,
+    source: str,
+) -> Evidence:
+    import numpy as np
+
+    ranges = integer_ranges(model)
+    settings = [dict(dynamic.sizes)]
+    if dynamic.sizes:
+        settings.append(other_sizes(dynamic.sizes, dynamic.bounds))
+    rng = np.random.default_rng(options.seed)
+    names = [o.name for o in whole_session.get_outputs()]
+    cases, scales, worst = [], {}, 0.0
+    for sizes in settings:
+        for batch in options.verify_batches:
+            feeds = draw_inputs(inputs, batch, rng, sizes, ranges, dynamic.axes)
+            whole = dict(zip(names, whole_session.run(None, feeds), strict=True))
+            if reference is not None:
+                expected = reference(feeds)
+                for name in names:
+                    worst = max(worst, compare(whole[name], expected[name]).worst)
+            else:
+                expected = whole
+            for name, scale in check_evidence(expected, source).items():
+                scales[name] = max(scales.get(name, 0.0), scale)
+            cases.append((feeds, expected))
+    if worst > 1.0:
+        raise StageError(
+            f"{source}: the exported ONNX graph differs from torch beyond rtol {RTOL:g} + "
+            f"atol {ATOL_OF_SCALE:g} x scale (worst element at {worst:.3g}x the tolerance); "
+            "the export is wrong, not the cut"
+        )
+    return Evidence(tuple(cases), scales, "torch" if reference else "onnx", worst)
 
 
 def build_stage_directory(
@@ -107,20 +174,33 @@ def build_stage_directory(
     default_ratio: float | None = None,
     progress: bool = True,
     producer: Mapping[str, Any] | None = None,
+    dynamic: DynamicDims | None = None,
+    reference: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> BuildResult:
+    """Cut ``model`` at each ratio, write and verify the stages, write the manifest.
+
+    ``reference`` (torch's forward on numpy feeds) is what the stages must reproduce; without
+    it, the whole ONNX graph. ``dynamic`` prices cut bytes at the representative sizes and
+    verifies there and at one other size.
+    """
     from tqdm import tqdm
 
+    dynamic = dynamic or DynamicDims()
     out_dir.mkdir(parents=True, exist_ok=True)
-    task = build_task_graph(model, costs)
+    task = build_task_graph(model, costs, dynamic.sizes)
     inputs, outputs = graph_io_specs(model)
     several = len(options.methods) > 1
 
     partitions: list[Partition] = []
     rows: list[ReportRow] = []
+    written: dict[tuple[str, float], Partition] = {}
     with SharedWeights(out_dir) as weights:
         save_model(weights.externalize(model), out_dir / WHOLE_MODEL_FILE)
         weights.flush()
         whole_session = _cpu_session(out_dir / WHOLE_MODEL_FILE)
+        evidence = gather_evidence(
+            model, whole_session, inputs, options, dynamic, reference, model_name
+        )
         jobs = [(r, m) for r in options.ratios for m in options.methods]
         for ratio, method in tqdm(jobs, desc="cut+verify", unit="cut", disable=not progress):
             started = time.perf_counter()
@@ -128,11 +208,32 @@ def build_stage_directory(
                 task.graph, ratio, method=method, tolerance=options.tolerance,
                 time_limit=options.time_limit, seed=options.seed,
             )
-            prefix = stage_prefix(ratio, method, several)
-            partition, err = _write_and_verify(
-                model, task, cut, out_dir, prefix, weights, inputs, options, whole_session
-            )
-            partitions.append(partition)
+            if not cut.within_tolerance and not options.allow_off_target:
+                raise OffTargetError(
+                    f"ratio {ratio:g} is unreachable within +-{options.tolerance:g} "
+                    f"({cut.method}): the nearest cut found gives the head "
+                    f"{cut.achieved_ratio:.3f} of the cost ({cut.note}). Ask for ratios near "
+                    "what the model allows, widen --tolerance, or pass --allow-off-target to "
+                    "keep the nearest cut, labelled with the ratio it achieves."
+                )
+            # Two requested ratios, one cut (or two cuts of the same cost split, e.g. a free
+            # Reshape on either side): archived once.
+            key = (method, round(cut.achieved_ratio, 9))
+            if key in written:
+                partition, err = written[key], written[key].max_abs_err
+            else:
+                prefix = stage_prefix(cut.achieved_ratio, method, several)
+                taken = {p.head for p in partitions}
+                suffix = 1
+                while f"{prefix}-head.onnx" in taken:  # ratios equal to 3 decimals
+                    suffix += 1
+                    prefix = f"{stage_prefix(cut.achieved_ratio, method, several)}-{suffix}"
+                partition, err = _write_and_verify(
+                    model, task, cut, out_dir, prefix, weights, options, whole_session,
+                    evidence,
+                )
+                written[key] = partition
+                partitions.append(partition)
             rows.append(_report_row(cut, err, time.perf_counter() - started))
 
     (out_dir / PROFILE_FILE).write_text(json.dumps(dict(profile_record or {}), indent=1) + "\n")
@@ -152,7 +253,16 @@ def build_stage_directory(
             "path": PROFILE_FILE,
             **{k: v for k, v in (profile_record or {}).items() if k != "costs"},
         },
-        producer=dict(producer or {}),
+        producer={
+            **dict(producer or {}),
+            "verification": {
+                "reference": evidence.reference,
+                "output_scale": evidence.scales,
+                "onnx_vs_torch_worst": evidence.onnx_vs_torch,
+                "cases": len(evidence.cases),
+            },
+        },
+        dynamic_dims=dynamic.to_json() if dynamic else {},
     )
     write_manifest(manifest, out_dir)
     return BuildResult(directory=out_dir, manifest=manifest, rows=tuple(rows))
@@ -165,9 +275,9 @@ def _write_and_verify(
     out_dir: Path,
     prefix: str,
     weights: SharedWeights,
-    inputs,
     options: CutOptions,
     whole_session,
+    evidence: Evidence,
 ) -> tuple[Partition, float]:
     pair = split_model(model, task, cut.tail)
     head_path = f"{prefix}-head.onnx"
@@ -175,18 +285,20 @@ def _write_and_verify(
     save_model(weights.externalize(pair.head), out_dir / head_path)
     save_model(weights.externalize(pair.tail), out_dir / tail_path)
     weights.flush()
-    err = verify_stages(
-        out_dir / WHOLE_MODEL_FILE, out_dir / head_path, out_dir / tail_path, inputs,
-        batches=options.verify_batches, seed=options.seed, whole_session=whole_session,
+    err, worst = verify_against(
+        out_dir / head_path, out_dir / tail_path, evidence.cases, whole_session
     )
-    if not err <= options.max_abs_err:
+    if worst > 1.0 or not err <= max(options.max_abs_err, 0.0) + _scaled_slack(evidence):
         raise StageError(
-            f"ratio {cut.target_ratio:g} ({cut.method}): head -> tail differs from the whole model "
-            f"by {err:.3g} (limit {options.max_abs_err:g})"
+            f"ratio {cut.target_ratio:g} ({cut.method}): head -> tail differs from the "
+            f"{evidence.reference} reference by {err:.3g} (worst element {worst:.3g}x the "
+            f"tolerance rtol {RTOL:g} + atol {ATOL_OF_SCALE:g} x output scale)"
         )
     stats = evaluate(task.graph, cut.tail)
+    # Off target: labelled with what it achieves (below 1.0, which means "the whole model").
+    label = cut.target_ratio if cut.within_tolerance else min(round(cut.achieved_ratio, 3), 0.999)
     partition = Partition(
-        ratio=cut.target_ratio,
+        ratio=label,
         achieved_ratio=stats.head_ratio,
         method=cut.method,
         head=head_path,
@@ -199,6 +311,69 @@ def _write_and_verify(
         head_outputs=pair.head_outputs,
     )
     return partition, err
+
+
+def check_loads(stage_dir: Path, config: Mapping[str, Any], manifest: Manifest) -> None:
+    """Load every archived partition with the handler's own code (manifest check, executors,
+    calibration with real head outputs) and serve one request through it, as TorchServe will:
+    a ``.mar`` that ``archive`` writes always loads."""
+    import tempfile
+
+    import numpy as np
+
+    from handlers.manifest import random_batch
+    from handlers.service import InferenceService
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="hetserve-loadcheck-") as state:
+        for part in manifest.partitions or (None,):
+            ratio = part.ratio if part is not None else 1.0
+            section = {**dict(config.get("hetserve") or {}), "ratio": ratio, "state_dir": state}
+            section.pop("faults", None)  # test-only injected failures are not the archive's
+            try:
+                service = InferenceService.load(stage_dir, {**dict(config), "hetserve": section})
+            except Exception as exc:
+                raise StageError(
+                    f"the handler cannot load the partition for ratio {ratio:g}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            try:
+                feeds = {s.name: random_batch(s, 2, rng) for s in manifest.inputs}
+                service.runtime.infer(feeds)
+            except Exception as exc:
+                raise StageError(
+                    f"the handler loads ratio {ratio:g} but fails to serve it: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            finally:
+                service.close()
+
+
+def _scaled_slack(evidence: Evidence) -> float:
+    # The absolute limit grows with the outputs' magnitude (logits in the hundreds): the
+    # relative test above is the real one.
+    return ATOL_OF_SCALE * max(evidence.scales.values(), default=0.0)
+
+
+def verify_against(head_path: Path, tail_path: Path, cases, whole_session) -> tuple[float, float]:
+    """Run head -> tail on every case; (max abs error, worst tolerance ratio) vs the reference."""
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    head = ort.InferenceSession(str(head_path), providers=providers)
+    tail = ort.InferenceSession(str(tail_path), providers=providers)
+    err, worst = 0.0, 0.0
+    for feeds, expected in cases:
+        produced = run_pipeline(head, tail, feeds)
+        for name, want in expected.items():
+            result = compare(produced[name], want)
+            if result.worst == float("inf"):
+                raise StageError(
+                    f"output {name!r}: shape {produced[name].shape} from the stages, "
+                    f"{want.shape} expected"
+                )
+            err, worst = max(err, result.max_abs_err), max(worst, result.worst)
+    return err, worst
 
 
 def _report_row(cut: CutResult, err: float, seconds: float) -> ReportRow:

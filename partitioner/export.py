@@ -14,17 +14,22 @@ import io
 import logging
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
 
+from handlers.dynamic_dims import DynamicDims
 from partitioner.loading import LoadedModel
+
+log = logging.getLogger(__name__)
 
 MIN_OPSET = 17
 BATCH = "batch"
+EXPORT_BATCH = 2  # the smallest batch torch.export does not specialise
 PROTO_LIMIT = 2**31 - 1  # protobuf's hard limit on one serialized message
 # Ops whose result is not a function of their inputs: folding them would freeze one sample.
 _NOT_FOLDABLE = {
@@ -37,15 +42,34 @@ class ExportError(ValueError):
     """The model cannot be turned into an ONNX graph hetserve can cut; the message says why."""
 
 
-def export_onnx(loaded: LoadedModel, opset: int = 18) -> onnx.ModelProto:
-    """The loaded model as a checked, constant-folded ONNX graph with a dynamic batch axis."""
+def export_onnx(
+    loaded: LoadedModel, opset: int = 18, dynamic: DynamicDims | None = None
+) -> onnx.ModelProto:
+    """The loaded model as a checked, constant-folded ONNX graph with a dynamic batch axis.
+
+    ``dynamic`` declares further dynamic input dims (``input_ids:1=seq``); for an ONNX file
+    they are read from its symbolic dims instead (see ``symbolic_dims``).
+    """
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old; hetserve needs opset {MIN_OPSET} or newer")
     if loaded.onnx_path is not None:
         model = _read_onnx_file(loaded)
     else:
-        model = _export_torch(loaded, opset)
+        model = _export_torch(loaded, opset, dynamic or DynamicDims())
     return finalize(model, loaded.source)
+
+
+def symbolic_dims(model: onnx.ModelProto) -> dict[str, dict[int, str]]:
+    """Each input's named dims beyond dim 0 (``{"input_ids": {1: "seq"}}``)."""
+    initializers = {t.name for t in model.graph.initializer}
+    found: dict[str, dict[int, str]] = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if axis and not dim.HasField("dim_value") and dim.dim_param:
+                found.setdefault(value.name, {})[axis] = dim.dim_param
+    return found
 
 
 def finalize(model: onnx.ModelProto, source: str) -> onnx.ModelProto:
@@ -140,24 +164,44 @@ def name_nodes(graph: onnx.GraphProto) -> None:
 # ---- torch -> ONNX ---------------------------------------------------------------------------
 
 
-def _export_torch(loaded: LoadedModel, opset: int) -> onnx.ModelProto:
+def _export_torch(loaded: LoadedModel, opset: int, dynamic: DynamicDims) -> onnx.ModelProto:
     module = loaded.module
     assert module is not None
     module.eval()
-    inputs = loaded.example_inputs
     size = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
     if size > PROTO_LIMIT:
         raise ExportError(
             f"{loaded.source}: the weights take {size / 2**30:.1f} GiB; models over 2 GB do not "
             "fit in one ONNX protobuf and are out of scope for hetserve"
         )
-    output_names = loaded.output_names
-    if not output_names:  # count them (zoo models name theirs, so skip a slow forward there)
-        outputs = _run_once(loaded)
-        output_names = tuple(f"output_{i}" for i in range(len(outputs)))
-    input_names = loaded.input_names or tuple(f"input_{i}" for i in range(len(inputs)))
+    input_names = loaded.input_names or tuple(
+        f"input_{i}" for i in range(len(loaded.example_inputs))
+    )
+    unknown = sorted(set(dynamic.axes) - set(input_names))
+    if unknown:
+        raise ExportError(
+            f"{loaded.source}: --dynamic names {unknown}, but the inputs are {list(input_names)}"
+        )
+    # torch.export specialises every dim whose example size is 1, the batch included: export
+    # from a batch of at least 2 whatever batch the user's example has.
+    inputs = tuple(replicate_batch(t, EXPORT_BATCH) for t in loaded.example_inputs)
+    for name, tensor in zip(input_names, inputs, strict=True):
+        for axis, symbol in dynamic.axes.get(name, {}).items():
+            if axis >= tensor.dim() or tensor.shape[axis] < 2:
+                raise ExportError(
+                    f"{loaded.source}: {name} dim {axis} ({symbol}) needs an example size of at "
+                    f"least 2 (the example has shape {tuple(tensor.shape)}); torch.export fixes "
+                    "any dim whose example size is 1"
+                )
+    outputs = _run_once(loaded, inputs)
+    output_names = loaded.output_names or tuple(name for name, _ in outputs)
+    if len(output_names) != len(outputs):
+        raise ExportError(
+            f"{loaded.source}: {len(output_names)} output names for {len(outputs)} outputs"
+        )
+    flat = FlatModule(loaded, tuple(name for name, _ in outputs))
     try:
-        model = _export_dynamo(module, inputs, input_names, output_names, opset)
+        model = _export_dynamo(flat, inputs, input_names, output_names, opset, dynamic)
     except Exception as dynamo_exc:
         dynamo_reason = _summarize(dynamo_exc)
     else:
@@ -165,12 +209,20 @@ def _export_torch(loaded: LoadedModel, opset: int) -> onnx.ModelProto:
             _require_dynamic_batch(loaded.source, value, rename=False)
         return model
     try:
-        model = _export_torchscript(module, inputs, input_names, output_names, opset)
+        model, tracer = _export_torchscript(flat, inputs, input_names, output_names, opset, dynamic)
         # The tracer declares the batch dynamic whatever the code does with it; check it did.
-        _check_other_batch(loaded, model)
-        return model
+        _check_other_batch(flat, inputs, model)
     except Exception as script_exc:
         script_reason = _summarize(script_exc)
+    else:
+        log.warning(
+            "%s: torch.export failed (%s); exported with the TorchScript tracer instead, which "
+            "froze %d value-dependent step(s) (e.g. %s). The traced graph matched torch at "
+            "batch %d and %d.",
+            loaded.source, dynamo_reason, len(tracer), tracer[0] if tracer else "none",
+            inputs[0].shape[0], 2 * inputs[0].shape[0],
+        )
+        return model
     raise ExportError(
         f"{loaded.source} cannot be exported to ONNX. torch.export said: {dynamo_reason} "
         f"The TorchScript exporter, tried next, said: {script_reason} The usual causes are "
@@ -180,35 +232,102 @@ def _export_torch(loaded: LoadedModel, opset: int) -> onnx.ModelProto:
     )
 
 
-def _run_once(loaded: LoadedModel) -> tuple[torch.Tensor, ...]:
+def replicate_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    """``tensor`` repeated along dim 0 until it has at least ``batch`` rows."""
+    if tensor.dim() == 0 or tensor.shape[0] >= batch:
+        return tensor
+    reps = -(-batch // tensor.shape[0])
+    return torch.cat([tensor] * reps)[:batch]
+
+
+def flatten_outputs(out: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """Named tensors of a forward() result: a tensor, a tuple/list, a dict or a Hugging Face
+    ``ModelOutput`` (names from the keys: ``logits``, ``pred_boxes``), nested ones joined by
+    ``_``; ``None`` entries (absent optional outputs) are skipped."""
+    if isinstance(out, torch.Tensor):
+        return [(prefix or "output_0", out)]
+    if isinstance(out, Mapping):
+        items = [(str(k), v) for k, v in out.items()]
+    elif isinstance(out, tuple | list):
+        items = [(f"output_{i}" if not prefix else str(i), v) for i, v in enumerate(out)]
+    elif out is None:
+        return []
+    else:
+        raise ExportError(
+            f"forward() returned {type(out).__name__}{' at ' + prefix if prefix else ''}; "
+            "hetserve exports tensors, tuples, dicts and ModelOutputs of tensors. Wrap the "
+            "model in a module that returns only the tensors you want served."
+        )
+    flat: list[tuple[str, torch.Tensor]] = []
+    for key, value in items:
+        flat.extend(flatten_outputs(value, f"{prefix}_{key}" if prefix else key))
+    return flat
+
+
+class FlatModule(torch.nn.Module):
+    """The user's module seen as tensors in, a tuple of named tensors out (what ONNX holds)."""
+
+    def __init__(self, loaded: LoadedModel, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.inner = loaded.module
+        self._loaded = loaded
+        self._names = names
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        found = dict(flatten_outputs(self._loaded.call(args)))
+        return tuple(found[name] for name in self._names)
+
+
+def _run_once(loaded: LoadedModel, inputs) -> list[tuple[str, torch.Tensor]]:
     """Run the model once: its outputs must be tensors, which both exporters need."""
     try:
         with torch.no_grad():
-            out = loaded.module(*loaded.example_inputs)
+            out = loaded.call(inputs)
     except Exception as exc:
         raise ExportError(
             f"{loaded.source}: running the model on its example input "
-            f"{[tuple(t.shape) for t in loaded.example_inputs]} failed with "
+            f"{[tuple(t.shape) for t in inputs]} failed with "
             f"{type(exc).__name__}: {exc}"
         ) from exc
-    outputs = (out,) if isinstance(out, torch.Tensor) else out
-    if not isinstance(outputs, tuple | list) or not all(
-        isinstance(t, torch.Tensor) for t in outputs
-    ):
-        raise ExportError(
-            f"{loaded.source}: forward() returned {type(out).__name__}; hetserve exports models "
-            "whose forward() returns a tensor or a tuple of tensors. Wrap the model in a module "
-            "that returns only the tensors you want served."
-        )
-    return tuple(outputs)
+    try:
+        named = flatten_outputs(out)
+    except ExportError as exc:
+        raise ExportError(f"{loaded.source}: {exc}") from None
+    if not named:
+        raise ExportError(f"{loaded.source}: forward() returned no tensor")
+    if len({n for n, _ in named}) != len(named):
+        raise ExportError(f"{loaded.source}: output names repeat: {[n for n, _ in named]}")
+    batch = inputs[0].shape[0]
+    for name, tensor in named:
+        if tensor.dim() == 0 or tensor.shape[0] != batch:
+            raise ExportError(
+                f"{loaded.source}: output {name!r} has shape {tuple(tensor.shape)} for a batch of "
+                f"{batch}; every output needs the batch in dim 0. Return only per-sample outputs."
+            )
+    return named
 
 
-def _export_dynamo(module, inputs, input_names, output_names, opset) -> onnx.ModelProto:
-    batch = torch.export.Dim(BATCH)
+def _dims(dynamic: DynamicDims) -> dict[str, Any]:
+    out: dict[str, Any] = {BATCH: torch.export.Dim(BATCH)}
+    for symbol in sorted(dynamic.symbols):
+        low, high = dynamic.bounds.get(symbol, (None, None))
+        kwargs = {}
+        if low is not None:
+            kwargs["min"] = max(low, 2)
+        if high is not None and high < (1 << 31):
+            kwargs["max"] = high
+        out[symbol] = torch.export.Dim(symbol, **kwargs)
+    return out
+
+
+def _export_dynamo(module, inputs, input_names, output_names, opset, dynamic) -> onnx.ModelProto:
+    dims = _dims(dynamic)
+    specs = tuple(
+        {0: dims[BATCH], **{a: dims[s] for a, s in dynamic.axes.get(name, {}).items()}}
+        for name in input_names
+    )
     with _quiet_exporter(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations
-        # Every input shares the one batch Dim on purpose; torch warns it renames nothing.
-        warnings.filterwarnings("ignore", message=r".*The axis name: batch will not be used")
+        warnings.simplefilter("ignore")  # pytree deprecations, shared-Dim notices: noise here
         program = torch.onnx.export(
             module,
             tuple(inputs),
@@ -216,16 +335,22 @@ def _export_dynamo(module, inputs, input_names, output_names, opset) -> onnx.Mod
             input_names=list(input_names),
             output_names=list(output_names),
             opset_version=opset,
-            dynamic_shapes=tuple({0: batch} for _ in inputs),
+            dynamic_shapes={"args": specs},  # FlatModule.forward(*args)
             optimize=True,
             verbose=False,
         )
     return program.model_proto
 
 
-def _export_torchscript(module, inputs, input_names, output_names, opset) -> onnx.ModelProto:
+def _export_torchscript(
+    module, inputs, input_names, output_names, opset, dynamic
+) -> tuple[onnx.ModelProto, list[str]]:
+    """The traced graph and the tracer's warnings (each a step frozen at the example's values;
+    the caller verifies the graph against torch at another batch before trusting it)."""
     buffer = io.BytesIO()
-    axes = {name: {0: BATCH} for name in (*input_names, *output_names)}
+    axes: dict[str, dict[int, str]] = {name: {0: BATCH} for name in (*input_names, *output_names)}
+    for name, named in dynamic.axes.items():
+        axes[name].update(named)
     with _quiet_exporter(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("always", torch.jit.TracerWarning)
@@ -240,42 +365,61 @@ def _export_torchscript(module, inputs, input_names, output_names, opset) -> onn
             dynamic_axes=axes,
             do_constant_folding=True,
         )
-    # A tracer warning means the trace froze a value-dependent branch or shape: a wrong model.
-    tracer = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
-    if tracer:
-        raise ExportError(f"the trace depends on tensor values ({str(tracer[0].message)})")
-    return onnx.load_from_string(buffer.getvalue())
+    tracer = [
+        str(w.message).splitlines()[0][:200]
+        for w in caught
+        if issubclass(w.category, torch.jit.TracerWarning)
+    ]
+    return onnx.load_from_string(buffer.getvalue()), tracer
 
 
-def _check_other_batch(loaded: LoadedModel, model: onnx.ModelProto, batch: int = 2) -> None:
-    """Run ``model`` at another batch size in ONNX Runtime and compare with torch."""
+def _check_other_batch(module, inputs, model: onnx.ModelProto) -> None:
+    """Run ``model`` at the example's batch and at twice it in ONNX Runtime; compare with torch."""
     import onnxruntime as ort
 
-    inputs = [torch.cat([t] * batch) for t in loaded.example_inputs]
-    with torch.no_grad():
-        out = loaded.module(*inputs)
-    expected = [out] if isinstance(out, torch.Tensor) else list(out)
     options = ort.SessionOptions()
     options.log_severity_level = 4  # a failure is reported below, not logged in red
-    try:
-        session = ort.InferenceSession(
-            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
-        feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
-        results = session.run(None, feeds)
-    except Exception as exc:
-        raise ExportError(
-            f"the traced graph fails at batch {batch} ({str(exc).splitlines()[0][:300]}): "
-            "the code fixes the batch size somewhere"
-        ) from None
-    for want, got in zip(expected, results, strict=True):
-        want = want.numpy()
-        scale = max(1.0, float(np.abs(want).max(initial=0.0)))
-        if want.shape != got.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-3 * scale):
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    seeded = torch.Generator().manual_seed(0)
+    redrawn = [_redrawn(t, seeded) for t in inputs]
+    # The example, then twice its batch with other values in the second half, then other values
+    # only (floats sign-flipped plus noise): a trace that froze a value-dependent branch or a
+    # batch size differs from torch in one of them.
+    cases = (
+        list(inputs),
+        [torch.cat([t, r]) for t, r in zip(inputs, redrawn, strict=True)],
+        redrawn,
+    )
+    for feeds_t in cases:
+        batch = feeds_t[0].shape[0]
+        with torch.no_grad():
+            expected = list(module(*feeds_t))
+        try:
+            feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), feeds_t, strict=True)}
+            results = session.run(None, feeds)
+        except Exception as exc:
             raise ExportError(
-                f"the traced graph is wrong at batch {batch} (torch gives {want.shape}, ONNX "
-                f"{got.shape}): the code fixes the batch size somewhere"
-            )
+                f"the traced graph fails at batch {batch} ({str(exc).splitlines()[0][:300]}): "
+                "the code fixes the batch size somewhere"
+            ) from None
+        for want, got in zip(expected, results, strict=True):
+            want = want.numpy()
+            scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+            if want.shape != got.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-3 * scale):
+                raise ExportError(
+                    f"the traced graph differs from torch at batch {batch} (torch gives "
+                    f"{want.shape}, ONNX {got.shape}): a traced step froze a value or shape"
+                )
+
+
+def _redrawn(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    if not tensor.is_floating_point():
+        return tensor  # ids, masks: the example's own values are the valid ones
+    spread = float(tensor.float().std()) if tensor.numel() > 1 else 1.0
+    noise = torch.randn(tensor.shape, generator=generator) * (spread or 1.0)
+    return (-tensor + noise * 0.1).to(tensor.dtype)
 
 
 @contextlib.contextmanager
@@ -305,6 +449,74 @@ def _summarize(exc: BaseException) -> str:
     if len(line) > 400:
         line = line[:400] + "..."
     return f"{type(exc).__name__}: {line}".rstrip(".") + "."
+
+
+def resolve_dynamic(
+    model: onnx.ModelProto, loaded: LoadedModel, declared: DynamicDims
+) -> DynamicDims:
+    """The dynamic dims the archive records: declared ones (torch) or the file's symbolic dims
+    (ONNX, merged with any declared), each with a representative size (``--dim``, else the
+    example's size) and its bounds. The exported graph must really keep them dynamic."""
+    found = symbolic_dims(model)
+    if loaded.onnx_path is not None:
+        axes = {name: dict(named) for name, named in found.items()}
+        for name, named in declared.axes.items():
+            for axis, symbol in named.items():
+                have = axes.get(name, {}).get(axis)
+                if have is not None and have != symbol:
+                    # the file's own name wins inside the graph; declared is an alias
+                    raise ExportError(
+                        f"{loaded.source}: {name} dim {axis} is {have!r} in the file, not {symbol!r}"
+                    )
+                axes.setdefault(name, {})[axis] = symbol
+        sizes = dict(declared.sizes)
+        symbols = {s for named in axes.values() for s in named.values()}
+        unknown = sorted({*sizes, *declared.bounds} - symbols)
+        if unknown:
+            raise ExportError(
+                f"{loaded.source}: --dim names {unknown}; the file's dynamic dims are "
+                f"{sorted(symbols) or 'none besides the batch'}"
+            )
+        missing = sorted(symbols - set(sizes))
+        if missing:
+            raise ExportError(
+                f"{loaded.source}: inputs have dynamic dims {missing} besides the batch; give "
+                "each a representative size for profiling and pricing the cut, e.g. "
+                + " ".join(f"--dim {m}=128" for m in missing)
+            )
+        return DynamicDims(axes=axes, sizes=sizes, bounds=dict(declared.bounds))
+    undeclared = sorted({*declared.sizes, *declared.bounds} - declared.symbols)
+    if undeclared:
+        raise ExportError(
+            f"{loaded.source}: --dim names {undeclared}, which no --dynamic INPUT:AXIS=SYMBOL "
+            "declares"
+        )
+    sizes = dict(declared.sizes)
+    for name, named in declared.axes.items():
+        index = loaded.input_names.index(name)
+        for axis, symbol in named.items():
+            if found.get(name, {}).get(axis) != symbol:
+                raise ExportError(
+                    f"{loaded.source}: {name} dim {axis} did not stay dynamic ({symbol}) in the "
+                    "exported graph; the code fixes that size somewhere (a constant in a "
+                    "view/reshape, a buffer of fixed length)"
+                )
+            sizes.setdefault(symbol, int(loaded.example_inputs[index].shape[axis]))
+    return DynamicDims(axes=declared.axes, sizes=sizes, bounds=dict(declared.bounds))
+
+
+def torch_reference(loaded: LoadedModel, output_names: Sequence[str] | None = None):
+    """numpy feeds -> the module's outputs by ONNX output name (position decides), for
+    verifying the stages against torch itself."""
+
+    def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tensors = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in loaded.input_names]
+        with torch.no_grad():
+            flat = flatten_outputs(loaded.call(tensors))
+        names = list(output_names) if output_names else [n for n, _ in flat]
+        return {name: t.numpy() for name, (_, t) in zip(names, flat, strict=True)}
+
+    return run
 
 
 # ---- ONNX file -------------------------------------------------------------------------------

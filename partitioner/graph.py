@@ -28,6 +28,9 @@ class TensorEdge:
     consumers: tuple[int, ...]
     nbytes: int  # bytes for one sample (batch dimension = 1)
     is_output: bool = False
+    # False for a tensor without the batch as dim 0 (a shape, a batch-folded [batch*heads, ...]
+    # view): the runtime splits and joins cut tensors along dim 0, so it must never cross.
+    cuttable: bool = True
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ class SplitStats:
     valid: bool
     crossing: tuple[str, ...]  # names of the crossing tensors, in graph order
     violations: int  # tensors flowing tail -> head (0 when valid)
+    uncuttable_crossing: tuple[str, ...] = ()  # crossing tensors marked cuttable=False
 
 
 def crossing_tensors(graph: TaskGraph, tail: Iterable[int]) -> list[int]:
@@ -156,6 +160,9 @@ def evaluate(graph: TaskGraph, tail: Iterable[int]) -> SplitStats:
         valid=violations == 0,
         crossing=tuple(graph.tensors[i].name for i in crossing),
         violations=violations,
+        uncuttable_crossing=tuple(
+            graph.tensors[i].name for i in crossing if not graph.tensors[i].cuttable
+        ),
     )
 
 

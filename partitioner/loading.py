@@ -35,17 +35,29 @@ class ModelLoadError(ValueError):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """Either a torch module with batch-1 example inputs, or the path of an ONNX file."""
+    """Either a torch module with example inputs (any batch), or the path of an ONNX file.
+
+    ``call_kwargs``: the module is called as ``module(**dict(zip(input_names, inputs)))`` (a
+    factory gave its example inputs as a dict, as Hugging Face models take them).
+    """
 
     source: str  # the spec as given, for messages and the archive's provenance
     module: nn.Module | None = None
     example_inputs: tuple[torch.Tensor, ...] = ()
     input_names: tuple[str, ...] = ()
-    output_names: tuple[str, ...] = ()  # empty: the exporter names them output_0, output_1...
+    output_names: tuple[str, ...] = ()  # empty: named from the outputs' keys, or output_0...
     onnx_path: Path | None = None
     # hetserve.processors section and the files it reads (archive name -> bytes), e.g. hf:DIR's
     processors: Mapping[str, Any] = field(default_factory=dict)
     files: Mapping[str, bytes] = field(default_factory=dict)
+    call_kwargs: bool = False
+
+    def call(self, inputs: Sequence[torch.Tensor]) -> Any:
+        """Run the module on ``inputs`` (in ``input_names`` order) the way it expects them."""
+        assert self.module is not None
+        if self.call_kwargs:
+            return self.module(**dict(zip(self.input_names, inputs, strict=True)))
+        return self.module(*inputs)
 
     @property
     def is_onnx(self) -> bool:
@@ -55,17 +67,28 @@ class LoadedModel:
 def load_model(
     spec: str,
     weights: str | None = None,
-    input_shape: tuple[int, ...] | None = None,
+    input_shape: tuple[int, ...] | Mapping[str, tuple[int, ...]] | None = None,
+    input_dtypes: Mapping[str, str] | None = None,
     task: str | None = None,
     max_length: int | None = None,
 ) -> LoadedModel:
     """Load the model ``spec`` names (see the module docstring); raises ``ModelLoadError``.
 
     ``input_shape`` is the shape of one sample, without the batch (e.g. ``(3, 224, 224)``); the
-    example input is a batch of one such sample.
+    example input is a batch of one such sample. For a bare module with several named inputs it
+    is a mapping ``{name: shape}`` (the module is then called with keyword arguments), and
+    ``input_dtypes`` gives each name's dtype (default float32).
     """
-    if input_shape is not None:
+    named: dict[str, tuple[int, ...]] | None = None
+    if isinstance(input_shape, Mapping):
+        named = {str(k): _check_input_shape(v) for k, v in input_shape.items()}
+        input_shape = None
+    elif input_shape is not None:
         input_shape = _check_input_shape(input_shape)
+    if input_dtypes and named is None:
+        raise ModelLoadError("--input-dtype NAME=DTYPE needs --input-shape NAME=SHAPE per input")
+    if (spec.startswith(("zoo:", "hf:")) or spec.lower().endswith(".onnx")) and named is not None:
+        raise ModelLoadError("named input shapes apply to Python factories returning a module")
     if spec.startswith("hf:"):
         from partitioner.hf_dir import load_hf_dir
 
@@ -75,7 +98,7 @@ def load_model(
     elif spec.lower().endswith(".onnx"):
         loaded = _load_onnx(spec, weights, input_shape)
     elif ":" in spec and spec.rsplit(":", 1)[0].endswith(".py"):
-        loaded = _load_factory(spec, input_shape)
+        loaded = _load_factory(spec, input_shape, named, dict(input_dtypes or {}))
     else:
         raise ModelLoadError(
             f"cannot tell what kind of model {spec!r} is: give zoo:NAME (e.g. zoo:resnet18), "
@@ -168,7 +191,12 @@ def _load_onnx(spec: str, weights: str | None, input_shape: tuple[int, ...] | No
     return LoadedModel(source=spec, onnx_path=path.resolve())
 
 
-def _load_factory(spec: str, input_shape: tuple[int, ...] | None) -> LoadedModel:
+def _load_factory(
+    spec: str,
+    input_shape: tuple[int, ...] | None,
+    named: dict[str, tuple[int, ...]] | None = None,
+    dtypes: dict[str, str] | None = None,
+) -> LoadedModel:
     file_part, factory_name = spec.rsplit(":", 1)
     path = Path(file_part)
     if not path.is_file():
@@ -187,24 +215,81 @@ def _load_factory(spec: str, input_shape: tuple[int, ...] | None) -> LoadedModel
     except Exception as exc:
         raise ModelLoadError(f"{spec!r}: the factory raised {type(exc).__name__}: {exc}") from exc
 
+    names: tuple[str, ...] | None = None
     if isinstance(made, nn.Module):
+        if named is not None:
+            net, names, inputs = made, tuple(named), _named_examples(spec, named, dtypes or {})
+            return LoadedModel(
+                source=spec, module=net.eval(), example_inputs=inputs, input_names=names,
+                call_kwargs=True,
+            )
         if input_shape is None:
             raise ModelLoadError(
                 f"{spec!r} returns only a module, so give the shape of one input sample without "
-                "the batch (e.g. 3,224,224), or make the factory return (module, example_inputs)"
+                "the batch (e.g. 3,224,224, or input_ids=128 per named input), or make the "
+                "factory return (module, example_inputs)"
             )
         seeded = torch.Generator().manual_seed(0)
         net, inputs = made, (torch.randn((1, *input_shape), generator=seeded),)
     elif isinstance(made, tuple | list) and len(made) == 2 and isinstance(made[0], nn.Module):
-        net, inputs = made[0], _as_input_tuple(spec, made[1])
+        if named is not None:
+            raise ModelLoadError(f"{spec!r} gives its own example inputs; drop --input-shape")
+        net = made[0]
+        if isinstance(made[1], Mapping):
+            names, inputs = _as_input_dict(spec, made[1])
+        else:
+            inputs = _as_input_tuple(spec, made[1])
         _check_matches(spec, inputs, input_shape, hint="drop the input shape or fix the factory")
     else:
         raise ModelLoadError(
             f"{spec!r} returned {type(made).__name__}; a factory must return an nn.Module or "
             "(nn.Module, example_inputs)"
         )
+    if names is not None:
+        return LoadedModel(
+            source=spec, module=net.eval(), example_inputs=inputs, input_names=names,
+            call_kwargs=True,
+        )
     names = ("input",) if len(inputs) == 1 else tuple(f"input_{i}" for i in range(len(inputs)))
     return LoadedModel(source=spec, module=net.eval(), example_inputs=inputs, input_names=names)
+
+
+def _as_input_dict(
+    spec: str, inputs: Mapping[Any, Any]
+) -> tuple[tuple[str, ...], tuple[torch.Tensor, ...]]:
+    """A factory's ``{name: tensor}`` example: the names become the ONNX input names."""
+    if not inputs or not all(
+        isinstance(k, str) and k.isidentifier() and isinstance(v, torch.Tensor)
+        for k, v in inputs.items()
+    ):
+        raise ModelLoadError(
+            f"{spec!r}: example inputs given as a dict must map argument names to tensors"
+        )
+    names, tensors = tuple(inputs), tuple(inputs.values())
+    _check_batch(spec, tensors)
+    return names, tensors
+
+
+def _named_examples(
+    spec: str, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str]
+) -> tuple[torch.Tensor, ...]:
+    """Batch-1 examples for a bare module's named inputs: floats ~N(0,1), integers in {0, 1}
+    (valid token ids and mask values for any vocabulary)."""
+    unknown = sorted(set(dtypes) - set(shapes))
+    if unknown:
+        raise ModelLoadError(f"--input-dtype names {unknown} that no --input-shape declares")
+    seeded = torch.Generator().manual_seed(0)
+    out = []
+    for name, shape in shapes.items():
+        dtype_name = dtypes.get(name, "float32")
+        dtype = getattr(torch, dtype_name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ModelLoadError(f"{spec!r}: input {name!r} has unknown dtype {dtype_name!r}")
+        if dtype.is_floating_point:
+            out.append(torch.randn((1, *shape), generator=seeded).to(dtype))
+        else:
+            out.append(torch.randint(0, 2, (1, *shape), generator=seeded).to(dtype))
+    return tuple(out)
 
 
 def _import_file(path: Path) -> Any:
@@ -237,12 +322,18 @@ def _as_input_tuple(spec: str, inputs: Any) -> tuple[torch.Tensor, ...]:
             f"{spec!r}: example_inputs must be a tensor or a tuple of tensors, "
             f"got {type(inputs).__name__}"
         )
-    for t in items:
-        if t.dim() == 0 or t.shape[0] != 1:
-            raise ModelLoadError(
-                f"{spec!r}: example inputs must have batch 1 in dim 0, got shape {tuple(t.shape)}"
-            )
+    _check_batch(spec, tuple(items))
     return tuple(items)
+
+
+def _check_batch(spec: str, items: tuple[torch.Tensor, ...]) -> None:
+    """Every example input has the batch in dim 0, the same size across inputs (any size)."""
+    sizes = {t.shape[0] if t.dim() else None for t in items}
+    if None in sizes or len(sizes) != 1:
+        raise ModelLoadError(
+            f"{spec!r}: example inputs must share one batch size in dim 0, got shapes "
+            f"{[tuple(t.shape) for t in items]}"
+        )
 
 
 def _check_input_shape(shape: Sequence[int]) -> tuple[int, ...]:

@@ -68,6 +68,7 @@ def profile_nodes(
     warmup: int = 2,
     threads: int | None = None,
     progress: bool = True,
+    dim_sizes: dict[str, int] | None = None,
 ) -> NodeProfile:
     """Per-node kernel time over ``runs`` whole-graph runs, after ``warmup`` unmeasured ones.
 
@@ -88,7 +89,7 @@ def profile_nodes(
             "pass the model through partitioner.export first"
         )
     provider = _PROVIDERS[device]
-    feeds = random_inputs(model, batch)
+    feeds = random_inputs(model, batch, dim_sizes=dim_sizes)
 
     with tempfile.TemporaryDirectory(prefix="hetserve-profile-") as tmp:
         options = ort.SessionOptions()
@@ -134,8 +135,11 @@ def profile_nodes(
     )
 
 
-def random_inputs(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs for every graph input: floats standard normal, integers small and non-negative."""
+def random_inputs(
+    model: onnx.ModelProto, batch: int, seed: int = 0, dim_sizes: dict[str, int] | None = None
+) -> dict[str, np.ndarray]:
+    """Inputs for every graph input: floats standard normal, integers small and non-negative;
+    a dynamic dim beyond the batch takes its representative size from ``dim_sizes``."""
     rng = np.random.default_rng(seed)
     weights = {i.name for i in model.graph.initializer}
     feeds = {}
@@ -144,7 +148,10 @@ def random_inputs(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict[str
             continue
         tensor = value.type.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
-        shape = [batch if k == 0 else _static_dim(value.name, d) for k, d in enumerate(tensor.shape.dim)]
+        shape = [
+            batch if k == 0 else (dim_sizes or {}).get(d.dim_param) or _static_dim(value.name, d)
+            for k, d in enumerate(tensor.shape.dim)
+        ]
         if np.issubdtype(dtype, np.floating):
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_:
@@ -159,7 +166,7 @@ def _static_dim(input_name: str, dim: onnx.TensorShapeProto.Dimension) -> int:
         return dim.dim_value
     raise ProfileError(
         f"input {input_name!r} has a dynamic dimension {dim.dim_param or '?'} besides the batch; "
-        "random inputs need every other dimension fixed"
+        f"give its representative size for profiling, e.g. --dim {dim.dim_param or 'seq'}=128"
     )
 
 
@@ -214,7 +221,7 @@ _REDUCE_OPS = {
 }
 
 
-def flops_costs(model: onnx.ModelProto) -> dict[str, float]:
+def flops_costs(model: onnx.ModelProto, dim_sizes: dict[str, int] | None = None) -> dict[str, float]:
     """Per-sample FLOP estimate of every node, from shape-inferred shapes (never negative).
 
     A rough model on purpose: convolutions and matrix products are counted exactly
@@ -222,7 +229,7 @@ def flops_costs(model: onnx.ModelProto) -> dict[str, float]:
     about right for the memory-bound ops that surround them.
     """
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    shapes = _shapes_per_sample(inferred)
+    shapes = _shapes_per_sample(inferred, dim_sizes)
     costs = {}
     for node in inferred.graph.node:
         ins = [shapes.get(i) if i else None for i in node.input]
@@ -231,15 +238,20 @@ def flops_costs(model: onnx.ModelProto) -> dict[str, float]:
     return costs
 
 
-def _shapes_per_sample(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    """Static shapes with the batch (and any other symbolic dim) set to 1."""
+def _shapes_per_sample(
+    model: onnx.ModelProto, dim_sizes: dict[str, int] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Static shapes with the batch set to 1, a declared dynamic dim (``seq``) to its
+    representative size in ``dim_sizes``, any other symbolic dim to 1."""
+    sizes = dim_sizes or {}
     shapes: dict[str, tuple[int, ...]] = {}
     values = (*model.graph.input, *model.graph.value_info, *model.graph.output)
     for value in values:
         tensor = value.type.tensor_type
         if value.type.HasField("tensor_type") and tensor.HasField("shape"):
             shapes[value.name] = tuple(
-                d.dim_value if d.HasField("dim_value") else 1 for d in tensor.shape.dim
+                d.dim_value if d.HasField("dim_value") else sizes.get(d.dim_param, 1)
+                for d in tensor.shape.dim
             )
     for init in model.graph.initializer:
         shapes[init.name] = tuple(init.dims)

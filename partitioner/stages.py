@@ -64,12 +64,134 @@ def split_model(model: onnx.ModelProto, task: OnnxTaskGraph, tail: Iterable[int]
 
     readers = {t.name: t.consumers for t in graph.tensors}
     head_inputs = [name for name in graph_inputs if any(not in_tail[c] for c in readers[name])]
-    extractor = Extractor(model)
-    head = extractor.extract_model(head_inputs, _unique(head_produced + head_outputs))
-    tail_model = extractor.extract_model(cut_tensors, tail_outputs)
+    head_inputs += [  # graph inputs only the head's shape computations read (Shape(input_ids))
+        name for name in graph_inputs if name not in head_inputs and name not in cut_tensors
+    ]
+    head = Extractor(model).extract_model(head_inputs, _unique(head_produced + head_outputs))
+    head = _drop_unused_inputs(head)
+    tail_source = recompute_shapes_in_tail(model, task, tail_set, cut_tensors)
+    tail_model = Extractor(tail_source).extract_model(cut_tensors, tail_outputs)
     _check_membership(head, task, tail_set, expect_tail=False)
     _check_membership(tail_model, task, tail_set, expect_tail=True)
     return StagePair(head, tail_model, tuple(cut_tensors), tuple(head_outputs))
+
+
+TAIL_SHAPE_SUFFIX = "__tail_shape"
+
+
+def recompute_shapes_in_tail(
+    model: onnx.ModelProto, task: OnnxTaskGraph, tail: frozenset[int], cut_tensors: list[str]
+) -> onnx.ModelProto:
+    """``model`` with each ``Shape(x)`` the tail needs but cannot compute (x stays in the head)
+    rebuilt from the cut tensors: every dim of x is a constant or a named symbol (``batch``,
+    ``seq``) that some cut tensor also has, so ``Concat(Gather(Shape(cut), axis), ...)`` gives
+    the same value. Shape tensors therefore never cross the cut; each stage recomputes its own.
+    """
+    shape_nodes = set(task.shape_nodes)
+    produced_by = {o: n for n in model.graph.node for o in n.output if o}
+    types = task.tensor_types
+    available = set(cut_tensors) | {i.name for i in model.graph.initializer}
+    tail_names = {task.node_names[v] for v in tail}
+    for node in model.graph.node:
+        if node.name in tail_names:
+            available.update(o for o in node.output if o)
+    rewrites: dict[str, list[onnx.NodeProto]] = {}
+    seen: set[str] = set()
+    pending = [i for n in model.graph.node if n.name in tail_names for i in n.input if i]
+    while pending:
+        name = pending.pop()
+        if name in seen or name in available:
+            continue
+        seen.add(name)
+        node = produced_by.get(name)
+        if node is None or node.name not in shape_nodes:
+            if node is None or node.name in task.constant_nodes:
+                continue  # an initializer or a constant: the extractor copies it
+            raise StageError(f"the tail reads {name!r}, which is neither cut nor recomputable")
+        reads_unavailable = [i for i in node.input if i and i not in available]
+        if node.op_type == "Shape" and reads_unavailable:
+            rewrites[node.name] = _shape_from_cut(node, types, cut_tensors)
+        else:
+            pending.extend(reads_unavailable)
+    if not rewrites:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = []
+    for node in out.graph.node:
+        nodes.extend(rewrites.get(node.name, [node]))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def _shape_from_cut(
+    node: onnx.NodeProto, types: Mapping[str, onnx.ValueInfoProto], cut_tensors: list[str]
+) -> list[onnx.NodeProto]:
+    source = node.input[0]
+    dims = list(types[source].type.tensor_type.shape.dim) if source in types else None
+    if dims is None:
+        raise StageError(f"no shape known for {source!r}; cannot recompute {node.name!r}")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    rank = len(dims)
+    start, end = attrs.get("start", 0), attrs.get("end", rank)
+    dims = dims[slice(start, end)]
+    where: dict[str, tuple[str, int]] = {}  # symbol -> (cut tensor, axis)
+    for cut in cut_tensors:
+        for axis, dim in enumerate(types[cut].type.tensor_type.shape.dim if cut in types else ()):
+            if dim.dim_param and dim.dim_param not in where:
+                where[dim.dim_param] = (cut, axis)
+    base = f"{node.name}{TAIL_SHAPE_SUFFIX}"
+    made: list[onnx.NodeProto] = []
+    shapes_of: dict[str, str] = {}
+    parts = []
+    for k, dim in enumerate(dims):
+        part = f"{base}_d{k}"
+        if dim.HasField("dim_value"):
+            made.append(onnx.helper.make_node(
+                "Constant", [], [part], name=part,
+                value=numpy_helper.from_array(np.array([dim.dim_value], dtype=np.int64)),
+            ))
+        elif dim.dim_param in where:
+            cut, axis = where[dim.dim_param]
+            if cut not in shapes_of:
+                shapes_of[cut] = f"{base}_of{len(shapes_of)}"
+                made.append(onnx.helper.make_node(
+                    "Shape", [cut], [shapes_of[cut]], name=shapes_of[cut]
+                ))
+            index = f"{part}_index"
+            made.append(onnx.helper.make_node(
+                "Constant", [], [index], name=index,
+                value=numpy_helper.from_array(np.array([axis], dtype=np.int64)),
+            ))
+            made.append(onnx.helper.make_node(
+                "Gather", [shapes_of[cut], index], [part], name=part, axis=0
+            ))
+        else:
+            raise StageError(
+                f"{node.name!r} reads the shape of {source!r}, whose dim {k + start} "
+                f"({dim.dim_param or 'unknown'}) no cut tensor carries; it cannot be recomputed "
+                "in the tail"
+            )
+        parts.append(part)
+    if not parts:
+        made.append(onnx.helper.make_node(
+            "Constant", [], [node.output[0]], name=base,
+            value=numpy_helper.from_array(np.zeros(0, dtype=np.int64)),
+        ))
+    else:
+        made.append(onnx.helper.make_node("Concat", parts, [node.output[0]], name=base, axis=0))
+    return made
+
+
+def _drop_unused_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    read = {i for n in model.graph.node for i in n.input}
+    read |= {o.name for o in model.graph.output}
+    kept = [i for i in model.graph.input if i.name in read]
+    if len(kept) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+    return model
 
 
 def tensor_spec(model: onnx.ModelProto, name: str) -> TensorSpec:
@@ -191,9 +313,9 @@ def _unique(names: list[str]) -> list[str]:
 
 def _check_membership(stage: onnx.ModelProto, task: OnnxTaskGraph, tail: frozenset[int], expect_tail: bool) -> None:
     index = {name: i for i, name in enumerate(task.node_names)}
-    constant = set(task.constant_nodes)
+    constant = set(task.constant_nodes) | set(task.shape_nodes)
     for node in stage.graph.node:
-        if node.name in constant:
+        if node.name in constant or TAIL_SHAPE_SUFFIX in node.name:
             continue
         if node.name not in index:
             raise StageError(f"extracted node {node.name!r} is unknown to the task graph")

@@ -164,3 +164,49 @@ def task_graphs(
 def dnn_like_graph(num_nodes: int, seed: int = 0) -> TaskGraph:
     rng = random.Random(seed)
     return dnn_like(Chooser(rng.randint), num_nodes)
+
+
+def with_shape_branches(choose: Chooser, graph: TaskGraph, branches: int) -> TaskGraph:
+    """``graph`` plus ``branches`` shape side-branches, as exporters emit them: a cheap node
+    reads some tensor (``Shape(x)``) and makes a small tensor without a batch dim, read by one
+    to three later nodes (``Reshape(h, shape)``); a few existing tensors also lose their batch
+    dim (``[batch*heads, ...]`` views). Those tensors are ``cuttable=False``. Generators number
+    nodes topologically, so readers after the source keep the graph acyclic."""
+    n = graph.num_nodes
+    tensors = [
+        TensorEdge(t.name, t.producer, t.consumers, t.nbytes, t.is_output,
+                   cuttable=t.producer is None or t.is_output or not choose.chance(6))
+        for t in graph.tensors
+    ]
+    costs = list(graph.costs)
+    names = list(graph.node_names)
+    for k in range(branches):
+        source = choose.integer(0, n - 1)
+        reads = [t for t in tensors if t.producer == source] or [tensors[0]]
+        read = choose.pick(reads)
+        v = len(costs)
+        costs.append(float(choose.integer(0, 2)))
+        names.append(f"shape{k}")
+        tensors = [
+            TensorEdge(t.name, t.producer, (*t.consumers, v), t.nbytes, t.is_output, t.cuttable)
+            if t.name == read.name else t
+            for t in tensors
+        ]
+        later = [w for w in range(n) if w > source] or [n - 1]
+        readers = tuple(sorted({choose.pick(later) for _ in range(choose.integer(1, 3))}))
+        if source in readers:
+            readers = tuple(r for r in readers if r != source) or (v,)
+        readers = tuple(r for r in readers if r != v)
+        if readers:
+            tensors.append(TensorEdge(f"shape{k}_out", v, readers, 8 * choose.integer(0, 4),
+                                       cuttable=False))
+        else:
+            tensors.append(TensorEdge(f"shape{k}_out", v, (), 8, is_output=True))
+    return TaskGraph(node_names=tuple(names), costs=tuple(costs), tensors=tuple(tensors))
+
+
+@st.composite
+def task_graphs_with_shapes(draw, min_nodes: int = 2, max_nodes: int = 30) -> TaskGraph:
+    graph = draw(task_graphs(min_nodes=min_nodes, max_nodes=max_nodes))
+    choose = Chooser(lambda lo, hi: draw(st.integers(lo, hi)))
+    return with_shape_branches(choose, graph, draw(st.integers(0, 4)))

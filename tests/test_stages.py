@@ -28,7 +28,8 @@ def test_stages_of_every_tiny_model_reproduce_the_whole_model(name, tmp_path):
     model = tiny_onnx(name)
     out = tmp_path / name
     result = build_stage_directory(
-        model, flops_costs(model), out, name, CutOptions(ratios=(0.5, 0.8)), progress=False
+        model, flops_costs(model), out, name, CutOptions(ratios=(0.5, 0.8), allow_off_target=True),
+        progress=False,
     )
     assert [r.ratio for r in result.rows] == [0.5, 0.8]
     for row in result.rows:
@@ -65,7 +66,7 @@ def test_every_node_lands_in_exactly_one_stage():
 def test_weights_are_stored_once_for_all_stages(tmp_path):
     model = tiny_onnx("resnet18-tiny")
     weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-    build_stage_directory(model, flops_costs(model), tmp_path, "r", CutOptions(ratios=(0.6, 0.75, 0.9)), progress=False)
+    build_stage_directory(model, flops_costs(model), tmp_path, "r", CutOptions(ratios=(0.6, 0.75, 0.9), allow_off_target=True), progress=False)
     shared = (tmp_path / "weights.bin").stat().st_size
     assert weight_bytes * 0.95 <= shared <= weight_bytes * 1.1
     graphs = sum(p.stat().st_size for p in tmp_path.glob("*.onnx"))
@@ -103,7 +104,7 @@ def test_model_outputs_made_by_the_head_pass_through(tmp_path):
     """))
     loaded = load_model(f"{factory}:make")
     model = export_onnx(loaded)
-    result = build_stage_directory(model, flops_costs(model), tmp_path / "out", "two", CutOptions(ratios=(0.9,)), progress=False)
+    result = build_stage_directory(model, flops_costs(model), tmp_path / "out", "two", CutOptions(ratios=(0.9,), allow_off_target=True), progress=False)
     part = result.manifest.partitions[0]
     assert len(result.manifest.outputs) == 2
     assert part.head_outputs, "the early output should be produced by the head at 90/10"
@@ -112,7 +113,7 @@ def test_model_outputs_made_by_the_head_pass_through(tmp_path):
 
 def test_a_tampered_stage_file_fails_verification(tmp_path):
     model = tiny_onnx("resnet18-tiny")
-    result = build_stage_directory(model, flops_costs(model), tmp_path, "r", CutOptions(ratios=(0.8,)), progress=False)
+    result = build_stage_directory(model, flops_costs(model), tmp_path, "r", CutOptions(ratios=(0.8,), allow_off_target=True), progress=False)
     tail = tmp_path / result.manifest.partitions[0].tail
     tail.write_bytes(tail.read_bytes() + b"\0")
     with pytest.raises(ManifestError, match="bytes"):

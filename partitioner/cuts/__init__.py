@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from partitioner.cuts.condense import condense, needs_condensing
 from partitioner.cuts.exact import exact_cut
 from partitioner.cuts.metis import metis_cut
 from partitioner.cuts.prefix import prefix_cut
@@ -61,12 +62,27 @@ def find_cut(
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
 
     start = time.perf_counter()
-    outcome = _run(graph, ratio, method, tolerance, time_limit, seed)
+    if needs_condensing(graph):
+        condensed = condense(graph)
+        if condensed.graph.num_nodes < 2:
+            raise ValueError(
+                "no cut exists: tensors without the batch as dim 0 (shapes, batch-folded views) "
+                "tie every node of the model together, and such tensors cannot cross"
+            )
+        inner = _run(condensed.graph, ratio, method, tolerance, time_limit, seed)
+        outcome = MethodOutcome(
+            tail=condensed.expand(frozenset(inner.tail)), optimal=inner.optimal,
+            note=inner.note, explains_miss=inner.explains_miss,
+        )
+    else:
+        outcome = _run(graph, ratio, method, tolerance, time_limit, seed)
     seconds = time.perf_counter() - start
 
     stats = evaluate(graph, outcome.tail)
     if not stats.valid or not 0 < len(outcome.tail) < graph.num_nodes:
         raise RuntimeError(f"{method} cut produced an invalid split (bug): {sorted(outcome.tail)}")
+    if stats.uncuttable_crossing:
+        raise RuntimeError(f"{method} cut carries {stats.uncuttable_crossing} (bug)")
     within = within_window(stats.head_ratio, ratio, tolerance)
     note = outcome.note
     if not within and not outcome.explains_miss:
