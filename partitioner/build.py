@@ -317,15 +317,20 @@ def check_loads(stage_dir: Path, config: Mapping[str, Any], manifest: Manifest) 
     """Load every archived partition with the handler's own code (manifest check, executors,
     calibration with real head outputs) and serve one request through it, as TorchServe will:
     a ``.mar`` that ``archive`` writes always loads."""
+    import os
     import tempfile
 
     import numpy as np
 
     from handlers.manifest import random_batch
     from handlers.service import InferenceService
+    from handlers.state_dir import user_cache_root
 
     rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory(prefix="hetserve-loadcheck-") as state:
+    # The check's history is thrown away, but it must live where a worker may write one.
+    cache = user_cache_root(os.environ, Path.home())
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="hetserve-loadcheck-", dir=cache) as state:
         for part in manifest.partitions or (None,):
             ratio = part.ratio if part is not None else 1.0
             section = {**dict(config.get("hetserve") or {}), "ratio": ratio, "state_dir": state}

@@ -93,7 +93,7 @@ def test_every_torchserve_key_and_every_runtime_knob_is_accepted():
                "a mapping": {}, "one of cpu, gpu, neuron": "cpu", "one of pp, tp, pptp, custom": "pp"}
     checks.check_model_config({key: samples[kind] for key, kind in checks.TORCHSERVE_KEYS.items()})
     defaults = RuntimeConfig()
-    section = {f.name: getattr(defaults, f.name) for f in fields(RuntimeConfig) if f.name not in ("limits", "faults")}
+    section = {f.name: getattr(defaults, f.name) for f in fields(RuntimeConfig) if f.name not in ("limits", "faults", "processors")}
     checks.check_model_config({"hetserve": section})
 
 
