@@ -10,7 +10,7 @@
     python benchmarks/core_groups.py --quick              # resnet18-tiny, short runs (~1 min)
 
 Runs unchanged on a 2-core box and a 16-core GPU machine (core counts and group sizes come from
-`handlers.topology.probe`). Writes benchmarks/results/core_groups.json and core_groups.png.
+`handlers.hardware.topology.probe`). Writes benchmarks/results/core_groups.json and core_groups.png.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from handlers.executors import CpuExecutor  # noqa: E402
-from handlers.topology import CoreGroup, Topology, core_groups, probe  # noqa: E402
+from handlers.executors.base import CpuExecutor  # noqa: E402
+from handlers.hardware.topology import CoreGroup, Topology, core_groups, probe  # noqa: E402
 from hetserve.machine import machine_info, run_record  # noqa: E402
 
 
@@ -128,7 +128,7 @@ class _Session:
     def __init__(self, path: Path, group: CoreGroup | None = None, threads: int = 1) -> None:
         import onnxruntime as ort
 
-        from handlers.executors import cpu_session_options
+        from handlers.executors.base import cpu_session_options
 
         if group is not None:
             options = cpu_session_options(group, spinning=False)

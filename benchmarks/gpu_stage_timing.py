@@ -46,7 +46,7 @@ def main() -> int:
 
     import onnxruntime as ort
 
-    from handlers.cuda_executor import CudaExecutor
+    from handlers.executors.cuda import CudaExecutor
     from handlers.service import InferenceService, RawRequest
 
     manifest = json.loads((args.model_dir / "hetserve-manifest.json").read_text())

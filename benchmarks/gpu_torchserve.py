@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from serving_cpu import BASELINE, build_hetserve_mar, build_stock_mar, sweep_server  # noqa: E402
 
-from handlers.cuda_executor import cuda_available  # noqa: E402
+from handlers.executors.cuda import cuda_available  # noqa: E402
 from hetserve.knee import Criteria, plot_curves  # noqa: E402
 from hetserve.machine import machine_info, run_record  # noqa: E402
 from partitioner.archive import with_config  # noqa: E402

@@ -21,8 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the handlers package is copied into archives, not installed
 
-from handlers.perf_model import PerfHistory  # noqa: E402
-from handlers.scheduler import (  # noqa: E402
+from handlers.runtime.perf_model import PerfHistory  # noqa: E402
+from handlers.runtime.scheduler import (  # noqa: E402
     ExecutorClock,
     ExecutorSpec,
     build_candidates,

@@ -61,7 +61,7 @@ HETSERVE_ROWS = {
 
 
 def physical_cores() -> int:
-    from handlers.topology import probe
+    from handlers.hardware.topology import probe
 
     return len(probe().cores)
 

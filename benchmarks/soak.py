@@ -59,7 +59,7 @@ SERVING = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 5,
 
 def executor_names() -> list[str]:
     """The CPU core groups a worker on this machine serves from (as the handler plans them)."""
-    from handlers.topology import plan_groups, probe
+    from handlers.hardware.topology import plan_groups, probe
 
     return [g.name for g in plan_groups(probe(), "numa", min_groups=2)]
 

@@ -12,9 +12,9 @@ import logging
 import os
 from typing import Any
 
-from handlers.metrics import emit_runtime_metrics
+from handlers.observability.metrics import emit_runtime_metrics
+from handlers.protocol.kserve_v2 import ENVELOPE_STATUS, envelope_error
 from handlers.service import InferenceService, RawRequest, Reply
-from handlers.v2_codec import ENVELOPE_STATUS, envelope_error
 
 log = logging.getLogger(__name__)
 

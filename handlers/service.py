@@ -17,21 +17,21 @@ from typing import Any
 
 import numpy as np
 
-from handlers.codecs import (
+from handlers.artifact.manifest import MANIFEST_NAME, Manifest, load_verified_manifest
+from handlers.executors.base import ExecutorError
+from handlers.observability.tracing import HOST, Span, Timeline
+from handlers.protocol.codecs import (
     DecodedRequest,
     EncodedResponse,
     decode_request,
     encode_error,
     encode_response,
 )
-from handlers.executors import ExecutorError
-from handlers.manifest import MANIFEST_NAME, Manifest, load_verified_manifest
-from handlers.perf_model import PerfHistory
-from handlers.pipeline import MicroBatchOutcome, Runtime, RuntimeStats, StageTimeout
-from handlers.plan import build_runtime
-from handlers.runtime_config import RuntimeConfig
-from handlers.timeline import HOST, Span, Timeline
-from handlers.validation import RequestError
+from handlers.protocol.validation import RequestError
+from handlers.runtime.assembly import build_runtime
+from handlers.runtime.config import RuntimeConfig
+from handlers.runtime.flow import MicroBatchOutcome, Runtime, RuntimeStats, StageTimeout
+from handlers.runtime.perf_model import PerfHistory
 
 log = logging.getLogger(__name__)
 

@@ -280,7 +280,7 @@ def batch_compute_seconds(history, layout: Layout, batch: int) -> float:
 
 def curve_from_history(history, layout: Layout, max_batch: int = 64, overhead_s: float = 0.0,
                        transfer_per_sample_s: float = 0.0) -> ServiceCurve:
-    """A ServiceCurve for batches 1..max_batch from a `handlers.perf_model.PerfHistory`.
+    """A ServiceCurve for batches 1..max_batch from a `handlers.runtime.perf_model.PerfHistory`.
 
     The history's means are EWMAs of runs under whatever load came last: after an overloaded
     sweep a big bucket can read several times its idle cost (seen: 352 ms for a batch of 8 whose
@@ -294,9 +294,9 @@ def curve_from_history(history, layout: Layout, max_batch: int = 64, overhead_s:
 
 
 def layout_for(hetserve_section: Mapping, partitioned: bool, topology) -> Layout:
-    """The executors one worker builds for a config, as handlers/plan.py does on CPU only."""
-    from handlers.plan import split_cpu_groups
-    from handlers.topology import plan_groups
+    """The executors one worker builds for a config, as handlers/runtime/assembly.py does on CPU only."""
+    from handlers.hardware.topology import plan_groups
+    from handlers.runtime.assembly import split_cpu_groups
 
     policy = hetserve_section.get("core_groups") or "numa"
     groups = plan_groups(topology, policy, min_groups=2 if partitioned else 1)
@@ -312,7 +312,7 @@ def worker_topology(workers: int, topology=None):
     """The cores worker 0 gets when the launcher splits them over `workers` instances."""
     from dataclasses import replace
 
-    from handlers.topology import probe
+    from handlers.hardware.topology import probe
 
     topo = topology or probe()
     share = max(1, len(topo.cores) // max(1, workers))
@@ -467,7 +467,7 @@ def newest_history(model: str, state_dir=None):
 
 
 def load_history(path):
-    from handlers.perf_model import PerfHistory
+    from handlers.runtime.perf_model import PerfHistory
 
     return PerfHistory.from_json(json.loads(path.read_text()))
 

@@ -254,7 +254,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
 
 def cmd_topology(args: argparse.Namespace) -> int:
-    from handlers.topology import plan_groups, probe
+    from handlers.hardware.topology import plan_groups, probe
 
     topo = probe(sys_root=args.sys_root)
     print(topo.describe())

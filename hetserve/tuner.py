@@ -530,7 +530,7 @@ class LiveHarness:
 
 
 def physical_cores() -> int:
-    from handlers.topology import probe
+    from handlers.hardware.topology import probe
 
     return len(probe().cores)
 

@@ -24,12 +24,15 @@ DEFAULT_MODEL_CONFIG = Path(__file__).resolve().parent.parent / "config" / MODEL
 
 
 def copy_runtime(dest: Path) -> None:
-    """Copy the ``handlers`` package (sources only) into ``dest/handlers``."""
+    """Copy the ``handlers`` package tree (Python sources only) into ``dest/handlers``."""
     src = Path(handlers.__file__).resolve().parent
     target = dest / "handlers"
-    target.mkdir(parents=True, exist_ok=True)
-    for path in sorted(src.glob("*.py")):
-        shutil.copy2(path, target / path.name)
+    for path in sorted(src.rglob("*.py")):
+        relative = path.relative_to(src)
+        if "__pycache__" in relative.parts:
+            continue
+        (target / relative.parent).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target / relative)
 
 
 def model_config(base: Path | None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:

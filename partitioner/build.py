@@ -20,7 +20,7 @@ from typing import Any
 
 import onnx
 
-from handlers.manifest import (
+from handlers.artifact.manifest import (
     FileEntry,
     Manifest,
     Partition,

@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from handlers.codecs import (
+from handlers.artifact.manifest import TensorSpec
+from handlers.protocol.codecs import (
     NPY_MAGIC,
     NUMPY_TO_V2,
     DecodedRequest,
@@ -29,8 +30,7 @@ from handlers.codecs import (
     encode_response,
     json_nesting_depth,
 )
-from handlers.manifest import TensorSpec
-from handlers.validation import MESSAGE_CHARS, RequestError, RequestLimits
+from handlers.protocol.validation import MESSAGE_CHARS, RequestError, RequestLimits
 
 IMAGE = (TensorSpec("x", "float32", (None, 3, 8, 8)),)
 IMAGE_OUT = (TensorSpec("y", "float32", (None, 5)),)

@@ -12,13 +12,13 @@ import time
 import numpy as np
 import pytest
 
-from handlers.executors import CancelToken, Executor, ExecutorError
-from handlers.faults import FaultInjector, FaultSpec, Quarantine
-from handlers.perf_model import PerfHistory
-from handlers.pipeline import Runtime, StagePlan, StageTimeout
-from handlers.plan import choose_layout, gpu_pad_batch, warmup_sizes
-from handlers.runtime_config import ConfigError, RuntimeConfig
+from handlers.executors.base import CancelToken, Executor, ExecutorError
+from handlers.runtime.assembly import choose_layout, gpu_pad_batch, warmup_sizes
+from handlers.runtime.config import ConfigError, RuntimeConfig
+from handlers.runtime.flow import Runtime, StagePlan, StageTimeout
+from handlers.runtime.perf_model import PerfHistory
 from handlers.service import _slice_outcomes, failure_error
+from handlers.testing.faults import FaultInjector, FaultSpec, Quarantine
 
 
 class FnExecutor(Executor):
@@ -192,7 +192,7 @@ def test_a_hung_stage_misses_its_deadline_with_a_504():
 
 
 def test_slices_span_several_micro_batches():
-    from handlers.pipeline import MicroBatchOutcome
+    from handlers.runtime.flow import MicroBatchOutcome
 
     rows = np.arange(10.0)[:, None]
     outcomes = [MicroBatchOutcome(0, 4, {"y": rows[0:4]}, None), MicroBatchOutcome(4, 10, {"y": rows[4:10]}, None)]
@@ -413,8 +413,8 @@ def _slow_onnx(path, n=1000, depth=40):
 
 
 def test_a_real_onnx_runtime_run_is_terminated_at_the_stage_deadline(tmp_path):
-    from handlers.executors import CpuExecutor
-    from handlers.topology import CoreGroup
+    from handlers.executors.base import CpuExecutor
+    from handlers.hardware.topology import CoreGroup
 
     out = _slow_onnx(tmp_path / "slow.onnx")
     executor = CpuExecutor(CoreGroup("cpu0", (0,), 0, 0), {"whole": tmp_path / "slow.onnx"}, pin=False)

@@ -10,24 +10,19 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from handlers.executors import CpuExecutor
-from handlers.perf_model import PerfHistory
-from handlers.pipeline import Runtime, StagePlan
-from handlers.timeline import (
+from handlers.executors.base import CpuExecutor
+from handlers.hardware.topology import CoreGroup
+from handlers.observability.tracing import (
     COMPUTE,
     HOST,
     TRANSFER,
     LanePrefix,
     Span,
     Timeline,
-    chrome_trace,
-    clip,
-    intersection,
-    length,
-    merge,
-    overlap_report,
 )
-from handlers.topology import CoreGroup
+from handlers.runtime.flow import Runtime, StagePlan
+from handlers.runtime.perf_model import PerfHistory
+from hetserve.timeline_report import chrome_trace, clip, intersection, length, merge, overlap_report
 
 
 def test_merge_joins_touching_and_nested_intervals_and_drops_empty_ones():

@@ -10,7 +10,7 @@ import logging
 from collections import defaultdict
 from typing import Any
 
-from handlers.pipeline import RuntimeStats
+from handlers.runtime.flow import RuntimeStats
 
 log = logging.getLogger(__name__)
 

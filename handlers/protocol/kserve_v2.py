@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .validation import (
+from handlers.protocol.validation import (
     BAD_REQUEST,
     UNSUPPORTED_MEDIA_TYPE,
     RequestError,
@@ -43,7 +43,7 @@ from .validation import (
 )
 
 if TYPE_CHECKING:
-    from .manifest import TensorSpec
+    from handlers.artifact.manifest import TensorSpec
 
 FORMAT_V2 = "kservev2"
 # Triton's binary-tensor extension of v2: JSON header + raw blobs in one body.

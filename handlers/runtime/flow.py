@@ -2,12 +2,12 @@
 
 Each stage of each micro-batch is placed when it becomes ready (the head at submission, the
 tail the moment its head finishes) on the candidate executor with the earliest predicted
-completion (``handlers.scheduler``), so the head of micro-batch i+1 runs while the tail of
+completion (``handlers.runtime.scheduler``), so the head of micro-batch i+1 runs while the tail of
 micro-batch i runs elsewhere. Outputs are reassembled in request order.
 
 Faults stay local: a stage that fails is retried once on another executor; a stage that runs past
 ``stage_timeout_s`` is cancelled by the supervisor thread and retried the same way, and its
-executor is quarantined (``handlers.faults.Quarantine``) until a background re-probe succeeds;
+executor is quarantined (``handlers.testing.faults.Quarantine``) until a background re-probe succeeds;
 a request that outlives ``request_timeout_s`` (kept below TorchServe's responseTimeout, which
 would otherwise kill the worker) is answered with a timeout and its work abandoned.
 """
@@ -26,16 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from handlers.executors import Executor, ExecutorError
-from handlers.faults import Quarantine
-from handlers.perf_model import PerfHistory
-from handlers.scheduler import (
+from handlers.executors.base import Executor, ExecutorError
+from handlers.runtime.perf_model import PerfHistory
+from handlers.runtime.scheduler import (
     ExecutorClock,
     ExecutorSpec,
     Placement,
     build_candidates,
     choose_executor,
 )
+from handlers.testing.faults import Quarantine
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from handlers.faults import FaultSpec, parse_faults
-from handlers.validation import RequestLimits
+from handlers.protocol.validation import RequestLimits
+from handlers.testing.faults import FaultSpec, parse_faults
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # TorchServe's own default when model-config.yaml has no responseTimeout.

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from handlers.cuda_executor import cuda_unavailable_reason
-from handlers.executors import CpuExecutor, Executor, ExecutorLoadError
-from handlers.faults import FaultInjector, Quarantine
-from handlers.manifest import Manifest, TensorSpec, random_batch
-from handlers.perf_model import PerfHistory
-from handlers.pipeline import Runtime, StagePlan
-from handlers.runtime_config import ConfigError, RuntimeConfig
-from handlers.topology import CoreGroup, plan_groups, probe
+from handlers.artifact.manifest import Manifest, TensorSpec, random_batch
+from handlers.executors.base import CpuExecutor, Executor, ExecutorLoadError
+from handlers.executors.cuda import cuda_unavailable_reason
+from handlers.hardware.topology import CoreGroup, plan_groups, probe
+from handlers.runtime.config import ConfigError, RuntimeConfig
+from handlers.runtime.flow import Runtime, StagePlan
+from handlers.runtime.perf_model import PerfHistory
+from handlers.testing.faults import FaultInjector, Quarantine
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def _build(
 
     executors: list[Executor] = []
     if cuda_names:
-        from handlers.cuda_executor import CudaExecutor
+        from handlers.executors.cuda import CudaExecutor
 
         # Cut tensors stay on the GPU when a GPU tail may consume them without a copy.
         keep = _device_outputs(manifest, config) if set(cuda_names) & set(layout.tail) else ()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from .manifest import TensorSpec
+    from handlers.artifact.manifest import TensorSpec
 
 BAD_REQUEST = 400
 PAYLOAD_TOO_LARGE = 413

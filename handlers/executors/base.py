@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from handlers.timeline import COMPUTE, TRANSFER, Span
-from handlers.topology import CoreGroup, ort_affinity_string
+from handlers.hardware.topology import CoreGroup, ort_affinity_string
+from handlers.observability.tracing import COMPUTE, TRANSFER, Span
 
 if TYPE_CHECKING:
-    from handlers.faults import FaultInjector
-    from handlers.timeline import Timeline
+    from handlers.observability.tracing import Timeline
+    from handlers.testing.faults import FaultInjector
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from handlers.executors import CancelToken, ExecutorError
+from handlers.executors.base import CancelToken, ExecutorError
 
 ENABLE_ENV = "HETSERVE_ENABLE_FAULTS"
 KINDS = ("error", "hang", "oom")

@@ -6,7 +6,7 @@ Body formats (``DecodedRequest.format``), told apart by the body first and the c
               X-Tensor-Shape ("1,3,224,224"), X-Tensor-Dtype (default: the spec's) and
               X-Tensor-Name (default: the only input)
   "kservev2"  Open Inference Protocol JSON: {"inputs": [{"name", "shape", "datatype", "data"}]},
-              decoded and encoded by ``handlers.v2_codec``
+              decoded and encoded by ``handlers.protocol.kserve_v2``
   "json"      {"input name": nested lists}, or a bare nested list for a single-input model
 Responses mirror the request's format. Raw and .npy bodies carry one tensor each way; the
 response tensor is the only output or the one named by X-Output-Name.
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .v2_codec import (
+from handlers.protocol.kserve_v2 import (
     FORMAT_V2,
     MAX_RANK,
     NUMPY_TO_V2,
@@ -43,7 +43,7 @@ from .v2_codec import (
     v2_error,
     v2_response,
 )
-from .validation import (
+from handlers.protocol.validation import (
     BAD_REQUEST,
     PAYLOAD_TOO_LARGE,
     UNSUPPORTED_MEDIA_TYPE,
@@ -61,7 +61,7 @@ from .validation import (
 )
 
 if TYPE_CHECKING:
-    from .manifest import TensorSpec
+    from handlers.artifact.manifest import TensorSpec
 
 __all__ = [
     "FORMAT_V2",

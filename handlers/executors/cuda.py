@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from handlers.executors import (
+from handlers.executors.base import (
     Executor,
     ExecutorError,
     ExecutorLoadError,
@@ -37,7 +37,7 @@ from handlers.executors import (
     RunObserver,
     TransferObserver,
 )
-from handlers.timeline import COMPUTE, HOST, TRANSFER
+from handlers.observability.tracing import COMPUTE, HOST, TRANSFER
 
 log = logging.getLogger(__name__)
 

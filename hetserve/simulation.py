@@ -6,7 +6,7 @@ executor. Policy ``dmda`` runs the real runtime pieces: a PerfHistory learnt fro
 run times, an ExecutorClock for free times, and choose_executor; the fixed policies are the
 baselines it must beat.
 
-    python -m handlers.simulation          # prints the default sweep
+    python -m hetserve.simulation          # prints the default sweep
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from handlers.perf_model import PerfHistory
-from handlers.scheduler import (
+from handlers.runtime.perf_model import PerfHistory
+from handlers.runtime.scheduler import (
     Candidate,
     ExecutorClock,
     ExecutorSpec,

@@ -3,7 +3,7 @@
 The manifest is JSON (never pickle). It lists every file of the archive with its SHA-256; the
 handler refuses to load anything until each listed file exists inside the model directory, is a
 regular file (not a link), and hashes to the recorded value, and until every ONNX file's
-external data points only at such files (``handlers.archive_safety``). Every refusal is a
+external data points only at such files (``handlers.artifact.archive_safety``). Every refusal is a
 ``ManifestError`` whose message names the archive file and the reason, on one line.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from handlers.archive_safety import UnsafeModelError, check_external_data, external_refs
+from handlers.artifact.archive_safety import UnsafeModelError, check_external_data, external_refs
 
 MANIFEST_NAME = "hetserve-manifest.json"
 MANIFEST_FORMAT = "hetserve-manifest"
