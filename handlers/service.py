@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from handlers.artifact.manifest import MANIFEST_NAME, Manifest, load_verified_manifest
-from handlers.executors.base import ExecutorError
+from handlers.errors import RequestError, http_error
 from handlers.observability.tracing import HOST, Span, Timeline
 from handlers.protocol.codecs import (
     DecodedRequest,
@@ -27,10 +27,9 @@ from handlers.protocol.codecs import (
     encode_error,
     encode_response,
 )
-from handlers.protocol.validation import RequestError
 from handlers.runtime.assembly import build_runtime
 from handlers.runtime.config import RuntimeConfig
-from handlers.runtime.flow import MicroBatchOutcome, Runtime, RuntimeStats, StageTimeout
+from handlers.runtime.flow import MicroBatchOutcome, Runtime, RuntimeStats
 from handlers.runtime.perf_model import PerfHistory
 
 log = logging.getLogger(__name__)
@@ -151,7 +150,7 @@ class InferenceService:
             offset += request.batch
             mine = _slice_outcomes(outcomes, *rows)
             if isinstance(mine, BaseException):
-                replies[index] = _error_reply(failure_error(mine), request.format)
+                replies[index] = _error_reply(http_error(mine), request.format)
                 continue
             try:
                 encoded = encode_response(
@@ -210,18 +209,6 @@ def _slice_outcomes(
         for name, value in outcome.outputs.items():
             pieces.setdefault(name, []).append(value[lo - outcome.start : hi - outcome.start])
     return {n: p[0] if len(p) == 1 else np.concatenate(p) for n, p in pieces.items()}
-
-
-def failure_error(exc: BaseException) -> RequestError:
-    """The client-facing error for a failed run: short, no internals beyond the stage."""
-    text = str(exc)
-    if "out of memory" in text.lower():
-        return RequestError(507, f"out of GPU memory and no CPU fallback succeeded: {text}")
-    if isinstance(exc, StageTimeout):
-        return RequestError(504, f"inference timed out: {text}")
-    if isinstance(exc, ExecutorError):
-        return RequestError(503, f"inference failed: {text}")
-    return RequestError(500, "internal error in the hetserve runtime")
 
 
 def _groups_by_shape(

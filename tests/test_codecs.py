@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from handlers.artifact.manifest import TensorSpec
+from handlers.errors import MESSAGE_CHARS
 from handlers.protocol.codecs import (
     NPY_MAGIC,
     NUMPY_TO_V2,
@@ -30,7 +31,7 @@ from handlers.protocol.codecs import (
     encode_response,
     json_nesting_depth,
 )
-from handlers.protocol.validation import MESSAGE_CHARS, RequestError, RequestLimits
+from handlers.protocol.validation import RequestError, RequestLimits
 
 IMAGE = (TensorSpec("x", "float32", (None, 3, 8, 8)),)
 IMAGE_OUT = (TensorSpec("y", "float32", (None, 5)),)

@@ -12,12 +12,13 @@ import time
 import numpy as np
 import pytest
 
+from handlers.errors import ExecutorOutOfMemory, http_error
 from handlers.executors.base import CancelToken, Executor, ExecutorError
 from handlers.runtime.assembly import choose_layout, gpu_pad_batch, warmup_sizes
 from handlers.runtime.config import ConfigError, RuntimeConfig
 from handlers.runtime.flow import Runtime, StagePlan, StageTimeout
 from handlers.runtime.perf_model import PerfHistory
-from handlers.service import _slice_outcomes, failure_error
+from handlers.service import _slice_outcomes
 from handlers.testing.faults import FaultInjector, FaultSpec, Quarantine
 
 
@@ -136,9 +137,9 @@ def test_a_failing_tail_executor_is_retried_on_another():
 
 def test_gpu_out_of_memory_falls_back_to_a_cpu_group():
     gpu = FnExecutor("cuda0s0", BOTH, device="cuda:0",
-                     fail={"tail": ExecutorError("stage 'tail' on cuda0s0: CUDA out of memory")})
+                     fail={"tail": ExecutorOutOfMemory("stage 'tail' on cuda0s0: CUDA out of memory")})
     gpu2 = FnExecutor("cuda0s1", BOTH, device="cuda:0",
-                      fail={"tail": ExecutorError("stage 'tail' on cuda0s1: CUDA out of memory")})
+                      fail={"tail": ExecutorOutOfMemory("stage 'tail' on cuda0s1: CUDA out of memory")})
     cpu = FnExecutor("cpu0", TAIL)
     runtime = make_runtime([gpu, gpu2, cpu], ["cuda0s0", "cuda0s1"], ["cuda0s0", "cuda0s1", "cpu0"], micro_batch=2)
     try:
@@ -173,7 +174,7 @@ def test_only_the_failed_micro_batch_fails_when_nothing_else_can_run_it():
         assert isinstance(_slice_outcomes(outcomes, 1, 3), ExecutorError)
         ok = _slice_outcomes(outcomes, 4, 6)
         np.testing.assert_array_equal(ok["y"], x_batch(6)["x"][4:6] * 2 + 1)
-        assert failure_error(outcomes[1].error).status == 503
+        assert http_error(outcomes[1].error).status == 503
         with pytest.raises(ExecutorError):
             runtime.infer(x_batch(6))  # infer raises where run reports
     finally:
@@ -186,7 +187,7 @@ def test_a_hung_stage_misses_its_deadline_with_a_504():
     try:
         (outcome,) = runtime.run(x_batch(2))
         assert isinstance(outcome.error, StageTimeout)
-        assert failure_error(outcome.error).status == 504
+        assert http_error(outcome.error).status == 504
     finally:
         runtime.close()
 
@@ -274,10 +275,10 @@ def test_the_only_tail_executor_hanging_answers_a_timeout_then_fast_503s_while_q
     try:
         (outcome,) = runtime.run(x_batch(2))
         assert isinstance(outcome.error, StageTimeout) and "cpu1" in str(outcome.error)
-        assert failure_error(outcome.error).status == 504
+        assert http_error(outcome.error).status == 504
         # Still quarantined (the hang's one shot is spent, so a run there would be a 200).
         (outcome,) = runtime.run(x_batch(2))
-        error = failure_error(outcome.error)
+        error = http_error(outcome.error)
         assert error.status == 503
         assert "no executor in service for stage 'tail'" in error.message
         assert "cpu1" in error.message and "deadline" in error.message
@@ -352,7 +353,7 @@ def test_out_of_memory_everywhere_is_a_507_and_the_executors_keep_serving():
                            quarantine=Quarantine(["cpu0", "cpu1"], after_failures=5))
     try:
         (outcome,) = runtime.run(x_batch(2))
-        error = failure_error(outcome.error)
+        error = http_error(outcome.error)
         assert error.status == 507 and "out of memory" in error.message
         assert injector.fired == [2], "the retry went to the other group, which failed too"
         out = runtime.infer(x_batch(2))
@@ -370,7 +371,7 @@ def test_the_request_budget_answers_even_when_a_run_cannot_be_cancelled():
         (outcome,) = runtime.run(x_batch(2))
         assert time.perf_counter() - started < 2.0, "answered without waiting for the run"
         assert isinstance(outcome.error, StageTimeout)
-        assert failure_error(outcome.error).status == 504
+        assert http_error(outcome.error).status == 504
     finally:
         runtime.close()
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from handlers.errors import ExecutorFailed, ExecutorLoadError, executor_failure
 from handlers.hardware.topology import CoreGroup, ort_affinity_string
 from handlers.observability.tracing import COMPUTE, TRANSFER, Span
 
@@ -58,12 +59,8 @@ def host_feeds(
     return out
 
 
-class ExecutorError(RuntimeError):
-    """A stage failed on an executor; the message says which, never the raw input."""
-
-
-class ExecutorLoadError(RuntimeError):
-    """An executor could not load its stages (RuntimeError so TorchServe reports a load failure)."""
+# The name executors raise under; the class lives with the other failures in handlers.errors.
+ExecutorError = ExecutorFailed
 
 
 class CancelToken:
@@ -216,11 +213,11 @@ class Executor:
             return ExecutorError(
                 f"stage {job.stage!r} on {self.name} was cancelled after missing its deadline"
             )
-        if isinstance(exc, ExecutorError):  # already says what went wrong, e.g. out of memory
+        if isinstance(exc, ExecutorFailed):  # already says what went wrong, e.g. out of memory
             log.warning("executor %s: %s", self.name, exc)
             return exc
         log.warning("executor %s: stage %s failed: %s", self.name, job.stage, exc)
-        return ExecutorError(f"stage {job.stage!r} failed on {self.name}")
+        return executor_failure(exc, job.stage, self.name)
 
     def _on_thread_start(self) -> None:
         pass

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from handlers.errors import ExecutorOutOfMemory, is_out_of_memory
 from handlers.executors.base import (
     Executor,
     ExecutorError,
@@ -43,13 +44,6 @@ log = logging.getLogger(__name__)
 
 
 _ALIGN = 512  # buffer sizes are rounded up to this, so a few bytes more do not reallocate
-_OOM_MARKERS = (
-    "out of memory",
-    "failed to allocate memory",  # ORT's BFC arena
-    "cudaerrormemoryallocation",
-    "alloc_failed",  # CUBLAS_STATUS_ALLOC_FAILED, CUDNN_STATUS_ALLOC_FAILED
-    "smaller than requested bytes",  # ORT's BFC arena at gpu_mem_limit (seen on an H100)
-)
 _ONNX_TYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -91,13 +85,6 @@ def cuda_unavailable_reason() -> str | None:
 def cuda_available() -> bool:
     """Cheap and exception-free: may the plan try CUDA executors?"""
     return cuda_unavailable_reason() is None
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError
-        return True
-    text = str(exc).lower()
-    return any(marker in text for marker in _OOM_MARKERS)
 
 
 class DeviceBackend(Protocol):
@@ -793,7 +780,7 @@ class CudaExecutor(Executor):
                 self.backend.release_cached()
             except Exception:  # noqa: BLE001 - best effort after an OOM
                 log.debug("executor %s: could not release memory after an OOM", self.name)
-            return ExecutorError(f"stage {stage!r} on {self.name}: CUDA out of memory")
+            return ExecutorOutOfMemory(f"stage {stage!r} on {self.name}: CUDA out of memory")
         if isinstance(exc, ExecutorError):
             return exc
         return ExecutorError(f"stage {stage!r} failed on {self.name} ({type(exc).__name__})")

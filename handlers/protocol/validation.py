@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from handlers.errors import RequestError, clip
+
 if TYPE_CHECKING:
     from handlers.artifact.manifest import TensorSpec
 
@@ -27,28 +29,8 @@ BAD_REQUEST = 400
 PAYLOAD_TOO_LARGE = 413
 UNSUPPORTED_MEDIA_TYPE = 415
 
-ECHO_CHARS = 80  # the most of any client-supplied text a message repeats
-MESSAGE_CHARS = 400  # hard cap on a whole message, whatever was formatted into it
 # json's C scanner recurses once per nesting level; stay far below the interpreter's limit.
 JSON_DEPTH_CEILING = 200
-
-
-class RequestError(Exception):
-    """A client mistake: ``status`` is the HTTP code, ``message`` is safe to return verbatim.
-
-    ``request_format`` is filled in by the decoder once it knows the body's format, so the
-    error can be answered in that format (KServe v2 clients expect ``{"error": ...}``).
-    """
-
-    def __init__(self, status: int, message: str, request_format: str | None = None) -> None:
-        message = clip(str(message), MESSAGE_CHARS)
-        super().__init__(status, message, request_format)
-        self.status = status
-        self.message = message
-        self.request_format = request_format
-
-    def __str__(self) -> str:
-        return f"{self.status}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -83,10 +65,6 @@ class RequestLimits:
         if unknown:
             raise ValueError(f"unknown request limit(s) {unknown}; known: {sorted(known)}")
         return cls(**values)  # type: ignore[arg-type]
-
-
-def clip(text: str, limit: int = ECHO_CHARS) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def quoted(value: object) -> str:

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from handlers.executors.base import Executor, ExecutorError
+from handlers.errors import ExecutorFailed, ExecutorOutOfMemory, StageTimeout
+from handlers.executors.base import Executor
 from handlers.runtime.perf_model import PerfHistory
 from handlers.runtime.scheduler import (
     ExecutorClock,
@@ -49,10 +50,6 @@ class StagePlan:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     candidates: tuple[str, ...]  # executor names allowed to run it
-
-
-class StageTimeout(RuntimeError):
-    """A micro-batch did not finish within the per-stage deadline."""
 
 
 @dataclass
@@ -114,10 +111,6 @@ class MicroBatchOutcome:
     stop: int
     outputs: Mapping[str, np.ndarray] | None
     error: BaseException | None
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return "out of memory" in str(exc).lower()
 
 
 def _host(value: Any) -> np.ndarray:
@@ -249,7 +242,7 @@ class Runtime:
         executor = self.executors[placement.executor]
         try:
             future = executor.submit(stage.name, feeds, flow.batch)
-        except ExecutorError as exc:
+        except ExecutorFailed as exc:
             with self._lock:
                 self._free.complete(placement.executor)
             self._finish(flow, exc)
@@ -276,7 +269,7 @@ class Runtime:
                 exc = future.exception()
                 if exc is None:
                     self.quarantine.record_success(name)
-                elif _is_out_of_memory(exc):
+                elif isinstance(exc, ExecutorOutOfMemory):
                     pass  # a sign of load, not of a broken executor: the retry handles it
                 elif self.quarantine.record_failure(name, attempt.stage.name, str(exc)):
                     self._on_quarantined(name)
@@ -304,24 +297,24 @@ class Runtime:
 
         One retry per stage: after a GPU runs out of memory the retry goes to a CPU group.
         """
-        if exclude or not isinstance(exc, ExecutorError | StageTimeout):
+        if exclude or not isinstance(exc, ExecutorFailed | StageTimeout):
             return None
         out = self.quarantine.excluded()
         others = [c for c in stage.candidates if c != failed and c not in out]
-        if _is_out_of_memory(exc):
+        if isinstance(exc, ExecutorOutOfMemory):
             others = [c for c in others if self.executors[c].device == "cpu"]
         if not others:
             return None
         return frozenset(c for c in stage.candidates if c not in others)
 
-    def _no_executor_error(self, stage: StagePlan, exclude: frozenset[str]) -> ExecutorError:
+    def _no_executor_error(self, stage: StagePlan, exclude: frozenset[str]) -> ExecutorFailed:
         with self._lock:
             held = [f"{c}: {self.quarantine.reason(c)}" for c in stage.candidates
                     if self.quarantine.is_quarantined(c)]
         failed = sorted(exclude)
         parts = [f"quarantined {'; '.join(held)}"] if held else []
         parts += [f"kept off {', '.join(failed)} on retry"] if failed else []
-        return ExecutorError(
+        return ExecutorFailed(
             f"no executor in service for stage {stage.name!r} ({'; '.join(parts) or 'none'})"
         )
 

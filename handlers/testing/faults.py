@@ -22,7 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from handlers.executors.base import CancelToken, ExecutorError
+from handlers.errors import ExecutorFailed, ExecutorOutOfMemory
+from handlers.executors.base import CancelToken
 
 ENABLE_ENV = "HETSERVE_ENABLE_FAULTS"
 KINDS = ("error", "hang", "oom")
@@ -130,12 +131,12 @@ class FaultInjector:
 
 def _inject(spec: FaultSpec, stage: str, executor: str, cancel: CancelToken) -> None:
     if spec.kind == "error":
-        raise ExecutorError(f"stage {stage!r} failed on {executor} (injected fault)")
+        raise ExecutorFailed(f"stage {stage!r} failed on {executor} (injected fault)")
     if spec.kind == "oom":
-        raise ExecutorError(f"stage {stage!r} on {executor}: out of memory (injected fault)")
+        raise ExecutorOutOfMemory(f"stage {stage!r} on {executor}: out of memory (injected fault)")
     # A hang that the runtime can end: it waits on the job's cancel token, like ORT's terminate.
     if cancel.wait(float(spec.hang_s)):
-        raise ExecutorError(
+        raise ExecutorFailed(
             f"stage {stage!r} on {executor} was cancelled after missing its deadline (injected hang)"
         )
 
