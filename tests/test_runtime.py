@@ -18,8 +18,9 @@ from handlers.runtime.assembly import choose_layout, gpu_pad_batch, warmup_sizes
 from handlers.runtime.config import ConfigError, RuntimeConfig
 from handlers.runtime.flow import Runtime, StagePlan, StageTimeout
 from handlers.runtime.perf_model import PerfHistory
+from handlers.runtime.quarantine import Quarantine
 from handlers.service import _slice_outcomes
-from handlers.testing.faults import FaultInjector, FaultSpec, Quarantine
+from handlers.testing.faults import FaultInjector, FaultSpec
 
 
 class FnExecutor(Executor):
@@ -37,7 +38,6 @@ class FnExecutor(Executor):
 
     def _run(self, stage, feeds):
         self.threads.add(threading.get_ident())
-        self.inject_faults(stage)
         time.sleep(self._delay)
         if self._fail and stage in self._fail:
             raise self._fail[stage]

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -32,7 +32,6 @@ from handlers.observability.tracing import COMPUTE, TRANSFER, Span
 
 if TYPE_CHECKING:
     from handlers.observability.tracing import Timeline
-    from handlers.testing.faults import FaultInjector
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +106,12 @@ class Job:
     cancel: CancelToken = field(default_factory=CancelToken)
 
 
+class FaultHook(Protocol):
+    """Consulted just before each run; raises, blocks or returns (``handlers.testing.faults``)."""
+
+    def check(self, stage: str, executor: str, cancel: CancelToken) -> None: ...
+
+
 class Executor:
     """Base: a job queue drained by one thread; subclasses load sessions and run them."""
 
@@ -119,7 +124,7 @@ class Executor:
         self._ready: Future = Future()
         self._thread = threading.Thread(target=self._main, name=f"hetserve-{name}", daemon=True)
         self.stages: frozenset[str] = frozenset()
-        self.faults: FaultInjector | None = None  # consulted before each run (tests only)
+        self.faults: FaultHook | None = None  # consulted before each run (tests only)
         self.timeline: Timeline | None = None  # records this executor's spans when set
         # (job, perf_counter at its start) while a job runs; one tuple, so reads are atomic.
         self._running: tuple[Job, float] | None = None
@@ -150,12 +155,6 @@ class Executor:
             current[0].cancel.cancel()
             return True
         return future.cancel()
-
-    def inject_faults(self, stage: str) -> None:
-        """Subclasses call this at the top of their run path."""
-        current = self._running
-        if self.faults is not None and current is not None:
-            self.faults.check(stage, self.name, current[0].cancel)
 
     def run_options(self) -> Any:
         """ORT run options that the runtime can terminate, for the job now running."""
@@ -195,6 +194,13 @@ class Executor:
                 self._running = None
                 continue
             try:
+                self._fault_hook(job)
+            except Exception as exc:  # noqa: BLE001 - an injected fault fails only its job
+                self._running = None
+                self._discard(job)
+                job.future.set_exception(self._job_error(job, exc))
+                continue
+            try:
                 outputs = self._run(job.stage, job.feeds)
             except Exception as exc:  # noqa: BLE001 - one failed job must not end the thread
                 self._running = None
@@ -218,6 +224,14 @@ class Executor:
             return exc
         log.warning("executor %s: stage %s failed: %s", self.name, job.stage, exc)
         return executor_failure(exc, job.stage, self.name)
+
+    def _fault_hook(self, job: Job) -> None:
+        """The one place fault injection reaches a run: no subclass has to remember it."""
+        if self.faults is not None:
+            self.faults.check(job.stage, self.name, job.cancel)
+
+    def _discard(self, job: Job) -> None:
+        """A job that will not run: give back what ``submit`` reserved for it (default: nothing)."""
 
     def _on_thread_start(self) -> None:
         pass
@@ -294,7 +308,6 @@ class CpuExecutor(Executor):
         return self._input_names[stage]
 
     def _run(self, stage: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.inject_faults(stage)
         session = self._sessions[stage]
         names = self._output_names[stage]
         inputs = {k: feeds[k] for k in self._input_names[stage]}

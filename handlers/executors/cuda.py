@@ -647,7 +647,6 @@ class CudaExecutor(Executor):
             self.staging.claim(ticket)
             if ticket.error is not None:
                 raise ticket.error
-            self.inject_faults(ticket.stage)  # inside the try: the slot is released either way
             return self._compute(ticket)
         except Exception as exc:
             raise self._failure(ticket, exc) from exc
@@ -657,6 +656,12 @@ class CudaExecutor(Executor):
             current = self._running
             if current is not None:  # the host thread's launches and waits for this job
                 self.trace(f"{self.name}/host", HOST, ticket.stage, current[1], time.perf_counter())
+
+    def _discard(self, job: Job) -> None:
+        """A job failed before its run (an injected fault): free its slot once its copy is done."""
+        ticket = job.feeds
+        if isinstance(ticket, _Ticket):
+            self.staging.release(ticket, ticket.copy_done)
 
     def _compute(self, ticket: _Ticket) -> dict[str, Any]:
         backend, stream = self.backend, self.compute_stream

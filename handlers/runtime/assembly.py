@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,7 +25,10 @@ from handlers.hardware.topology import CoreGroup, plan_groups, probe
 from handlers.runtime.config import ConfigError, RuntimeConfig
 from handlers.runtime.flow import Runtime, StagePlan
 from handlers.runtime.perf_model import PerfHistory
-from handlers.testing.faults import FaultInjector, Quarantine
+from handlers.runtime.quarantine import Quarantine
+
+if TYPE_CHECKING:
+    from handlers.testing.faults import FaultInjector
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +175,7 @@ def _build(
                 transfer_observer=observe_transfer,
             ))
     _start_all(executors)
-    injector = FaultInjector(config.faults) if config.faults else None
+    injector = _fault_injector(config)
     for executor in executors:
         executor.faults = injector
     runtime = Runtime(
@@ -201,6 +205,15 @@ def _build(
         log.warning("hetserve: fault injection armed (tests only): %s", config.faults)
         injector.arm()
     return runtime
+
+
+def _fault_injector(config: RuntimeConfig) -> FaultInjector | None:
+    """Tests only: the test-support module is imported only when a config asks for faults."""
+    if not config.faults:
+        return None
+    from handlers.testing.faults import FaultInjector
+
+    return FaultInjector(config.faults)
 
 
 def gpu_pad_batch(config: RuntimeConfig, head_lanes: int) -> int:

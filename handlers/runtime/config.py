@@ -9,10 +9,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from handlers.protocol.validation import RequestLimits
-from handlers.testing.faults import FaultSpec, parse_faults
+
+if TYPE_CHECKING:
+    from handlers.testing.faults import FaultSpec
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # TorchServe's own default when model-config.yaml has no responseTimeout.
@@ -100,7 +102,7 @@ class RuntimeConfig:
             )
         try:
             limits = RequestLimits.from_mapping(section.pop("limits", None) or {})
-            faults = parse_faults(section.pop("faults", None))
+            faults = _test_faults(section.pop("faults", None))
             response_s = float((model_yaml or {}).get("responseTimeout") or TORCHSERVE_RESPONSE_TIMEOUT_S)
             section.setdefault("batch_size", int((model_yaml or {}).get("batchSize") or 1))
             if section.get("request_timeout_s") is None:
@@ -124,6 +126,15 @@ class RuntimeConfig:
             or Path.home() / ".cache" / "hetserve"
         )
         return base / f"{model_name}-{manifest_digest[:12]}-perf.json"
+
+
+def _test_faults(section: Any) -> tuple[FaultSpec, ...]:
+    """The faults section, for tests only: the test-support module loads only when one is given."""
+    if not section:
+        return ()
+    from handlers.testing.faults import parse_faults
+
+    return parse_faults(section)
 
 
 def _check_policy(policy: str) -> None:

@@ -7,7 +7,7 @@ micro-batch i runs elsewhere. Outputs are reassembled in request order.
 
 Faults stay local: a stage that fails is retried once on another executor; a stage that runs past
 ``stage_timeout_s`` is cancelled by the supervisor thread and retried the same way, and its
-executor is quarantined (``handlers.testing.faults.Quarantine``) until a background re-probe succeeds;
+executor is quarantined (``handlers.runtime.quarantine``) until a background re-probe succeeds;
 a request that outlives ``request_timeout_s`` (kept below TorchServe's responseTimeout, which
 would otherwise kill the worker) is answered with a timeout and its work abandoned.
 """
@@ -29,6 +29,7 @@ import numpy as np
 from handlers.errors import ExecutorFailed, ExecutorOutOfMemory, StageTimeout
 from handlers.executors.base import Executor
 from handlers.runtime.perf_model import PerfHistory
+from handlers.runtime.quarantine import Quarantine
 from handlers.runtime.scheduler import (
     ExecutorClock,
     ExecutorSpec,
@@ -36,7 +37,6 @@ from handlers.runtime.scheduler import (
     build_candidates,
     choose_executor,
 )
-from handlers.testing.faults import Quarantine
 
 log = logging.getLogger(__name__)
 
