@@ -68,7 +68,8 @@ class InferenceService:
         self.config = config
         self.state_path = state_path
         self.model_version = model_version
-        self._last_save = time.monotonic()
+        if state_path is not None:  # periodic saves run on the supervisor, off the request path
+            runtime.supervisor.save_every(self.save_history, config.save_interval_s)
         # When set, each batch's host phases (decode, assemble, run, encode) are recorded on
         # lane "handler": what the request path costs around the executors' work.
         self.timeline: Timeline | None = None
@@ -113,7 +114,6 @@ class InferenceService:
         self._trace("decode", started, len(requests))
         for group in _groups_by_shape(decoded):
             self._run_group(group, replies)
-        self._maybe_save()
         return [r if r is not None else _internal_error() for r in replies]
 
     def _decode(self, request: RawRequest) -> DecodedRequest:
@@ -177,15 +177,9 @@ class InferenceService:
         if self.state_path is None:
             return
         try:
-            with self.runtime.history_lock():
-                self.runtime.history.save(self.state_path)
+            self.runtime.history.save(self.state_path)  # PerfHistory locks itself
         except OSError as exc:
             log.warning("could not save the performance history to %s: %s", self.state_path, exc)
-        self._last_save = time.monotonic()
-
-    def _maybe_save(self) -> None:
-        if time.monotonic() - self._last_save >= self.config.save_interval_s:
-            self.save_history()
 
     def drain_stats(self) -> RuntimeStats:
         return self.runtime.drain_stats()

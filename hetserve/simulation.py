@@ -2,9 +2,9 @@
 
 Micro-batches arrive as a Poisson stream. The head always runs on the GPU (one stream, FIFO);
 the tail runs on the GPU or on one of K CPU core groups, after a GPU->CPU copy that occupies no
-executor. Policy ``dmda`` runs the real runtime pieces: a PerfHistory learnt from the simulated
-run times, an ExecutorClock for free times, and choose_executor; the fixed policies are the
-baselines it must beat.
+executor. Policy ``dmda`` runs the live placement step (``handlers.runtime.placement.Placer``:
+a PerfHistory learnt from the simulated run times, predicted free times, dmda's choice); the
+fixed policies are the baselines it must beat.
 
     python -m hetserve.simulation          # prints the default sweep
 """
@@ -18,13 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from handlers.runtime.perf_model import PerfHistory
-from handlers.runtime.scheduler import (
-    Candidate,
-    ExecutorClock,
-    ExecutorSpec,
-    build_candidates,
-    choose_executor,
-)
+from handlers.runtime.placement import Placer
 
 POLICIES = ("dmda", "always_gpu", "always_cpu")
 GPU = "cuda:0"
@@ -89,9 +83,10 @@ def simulate(config: SimConfig, policy: str) -> SimResult:
 
     now = 0.0
     history = PerfHistory(alpha=0.3, clock=lambda: now)
-    clock = ExecutorClock(clock=lambda: now)
-    executors = [ExecutorSpec(GPU, GPU)] + [ExecutorSpec(c, "cpu") for c in cpus]
-    actual_free = {ex.name: 0.0 for ex in executors}
+    devices = {GPU: GPU, **{c: "cpu" for c in cpus}}
+    predictor = _NoisyTails(history, config.prediction_noise, noise_rng)
+    placer = Placer(predictor if config.prediction_noise else history, devices, lambda: now)
+    actual_free = dict.fromkeys(devices, 0.0)
     events: list[tuple[float, int, int, str, float]] = [
         (a, _ARRIVAL, i, "", 0.0) for i, a in enumerate(arrivals)
     ]
@@ -109,14 +104,12 @@ def simulate(config: SimConfig, policy: str) -> SimResult:
         now, kind, i, executor, duration = heapq.heappop(events)
         head_draw, tail_draw, copy_draw = draws[i]
         if kind == _ARRIVAL:
-            predicted = history.predict_run("head", GPU, config.batch)
-            head = choose_executor(now, [Candidate(GPU, clock.free_at(GPU), predicted)])
-            clock.reserve(GPU, head.start, head.end)
+            placer.place("head", config.batch, {"x": _OnDevice(GPU, 0)}, [GPU])
             run(GPU, now, config.head_gpu_s * head_draw, _DONE_HEAD, i)
         elif kind == _DONE_HEAD:
-            clock.complete(GPU, now)
+            placer.complete(GPU, now)
             history.observe_run("head", GPU, config.batch, duration)
-            target = _place_tail(policy, now, config, history, clock, executors, noise_rng)
+            target = _place_tail(policy, now, config, history, placer)
             if target == GPU:
                 ready, run_s = now, config.tail_gpu_s * tail_draw
             else:
@@ -126,7 +119,7 @@ def simulate(config: SimConfig, policy: str) -> SimResult:
                 on_cpu += 1
             run(target, ready, run_s, _DONE_TAIL, i)
         else:
-            clock.complete(executor, now)
+            placer.complete(executor, now)
             history.observe_run("tail", executor, config.batch, duration)
             latencies[i] = now - arrivals[i]
             last_end = max(last_end, now)
@@ -143,43 +136,49 @@ def simulate(config: SimConfig, policy: str) -> SimResult:
     )
 
 
+@dataclass(frozen=True)
+class _OnDevice:
+    """A stand-in for a tensor the previous stage left on ``device``: what placement reads."""
+
+    device: str
+    nbytes: int
+
+
+class _NoisyTails:
+    """The history as the placer sees it, with log-normal error on each tail run prediction."""
+
+    def __init__(self, history: PerfHistory, sigma: float, rng: random.Random) -> None:
+        self._history, self._sigma, self._rng = history, sigma, rng
+
+    def predict_run(self, stage: str, executor: str, batch: int) -> float | None:
+        run_s = self._history.predict_run(stage, executor, batch)
+        if run_s is None or stage != "tail":
+            return run_s
+        return run_s * self._rng.lognormvariate(0.0, self._sigma)
+
+    def predict_transfer(self, link: str, nbytes: int) -> float | None:
+        return self._history.predict_transfer(link, nbytes)
+
+
 def _place_tail(
-    policy: str,
-    now: float,
-    config: SimConfig,
-    history: PerfHistory,
-    clock: ExecutorClock,
-    executors: Sequence[ExecutorSpec],
-    noise_rng: random.Random,
+    policy: str, now: float, config: SimConfig, history: PerfHistory, placer: Placer
 ) -> str:
+    clock = placer.free_times
     if policy == "always_gpu":
         target = GPU
     elif policy == "always_cpu":
         target = min(
-            (ex.name for ex in executors if ex.name != GPU),
+            (name for name in placer.devices if name != GPU),
             key=lambda name: (clock.free_at(name), int(name[3:])),
         )
     else:
-        candidates = build_candidates(
-            history, "tail", config.batch, config.cut_bytes, GPU, executors, clock.snapshot()
-        )
-        if config.prediction_noise:
-            candidates = [
-                Candidate(c.executor, c.free_at, _noisy(c.run_s, config, noise_rng), c.transfer_s)
-                for c in candidates
-            ]
-        placement = choose_executor(now, candidates)
-        clock.reserve(placement.executor, placement.start, placement.end)
-        return placement.executor
+        feeds = {"cut": _OnDevice(GPU, config.cut_bytes)}
+        return placer.place("tail", config.batch, feeds, list(placer.devices)).executor
     # Fixed policies still book the clock so free times (and always_cpu's choice) stay true.
     run_s = history.predict_run("tail", target, config.batch) or 0.0
     start = max(now, clock.free_at(target))
     clock.reserve(target, start, start + run_s)
     return target
-
-
-def _noisy(run_s: float | None, config: SimConfig, rng: random.Random) -> float | None:
-    return None if run_s is None else run_s * rng.lognormvariate(0.0, config.prediction_noise)
 
 
 def sweep(rates: Sequence[float], **config: object) -> list[SimResult]:

@@ -61,7 +61,7 @@ def make_runtime(executors, head, tail, micro_batch=2, timeout=5.0, **options):
         StagePlan("tail", ("h",), ("y",), tuple(tail)),
     ]
     runtime = Runtime(plans, executors, PerfHistory(), ["y"], micro_batch=micro_batch,
-                      stage_timeout_s=timeout, **options)
+                      stage_timeout_s=timeout, **options).start()
     runtime_ref.append(runtime)
     return runtime
 
@@ -425,7 +425,7 @@ def test_a_real_onnx_runtime_run_is_terminated_at_the_stage_deadline(tmp_path):
     executor.submit("whole", {"x": x}, 1000).result()
     full = time.perf_counter() - started
     runtime = Runtime([StagePlan("whole", ("x",), (out,), ("cpu0",))], [executor], PerfHistory(),
-                      [out], micro_batch=1000, stage_timeout_s=full / 8)
+                      [out], micro_batch=1000, stage_timeout_s=full / 8).start()
     try:
         started = time.perf_counter()
         (outcome,) = runtime.run({"x": x})
@@ -509,3 +509,37 @@ def test_switches_must_be_booleans():
 )
 def test_warm_up_runs_each_gpu_shape_once(largest, pad, done, sizes):
     assert warmup_sizes(largest, pad, done) == sizes
+
+
+def test_the_supervisor_saves_the_history_periodically_off_the_request_path():
+    runtime = make_runtime([FnExecutor("cpu0", BOTH)], ["cpu0"], ["cpu0"])
+    saved_by: list[str] = []
+    try:
+        runtime.supervisor.save_every(lambda: saved_by.append(threading.current_thread().name), 0.05)
+        np.testing.assert_array_equal(runtime.infer(x_batch(2))["y"], x_batch(2)["x"] * 2 + 1)
+        assert wait_for(lambda: len(saved_by) >= 2, 5.0)
+        assert set(saved_by) == {"hetserve-supervisor"}, "saves run on the supervisor thread"
+    finally:
+        runtime.close()
+    count = len(saved_by)
+    time.sleep(0.2)
+    assert len(saved_by) == count, "close() stops the periodic saves"
+
+
+def test_the_placer_books_the_earliest_predicted_end_and_frees_on_completion():
+    from handlers.runtime.placement import Placer
+
+    now = [0.0]
+    history = PerfHistory(clock=lambda: now[0])
+    history.observe_run("tail", "cpu0", 2, 0.010)
+    history.observe_run("tail", "cpu1", 2, 0.004)
+    placer = Placer(history, {"cpu0": "cpu", "cpu1": "cpu"}, lambda: now[0])
+    feeds = x_batch(2)
+    first = placer.place("tail", 2, feeds, ["cpu0", "cpu1"])
+    second = placer.place("tail", 2, feeds, ["cpu0", "cpu1"])
+    third = placer.place("tail", 2, feeds, ["cpu0", "cpu1"])
+    # cpu1 ends first twice (0.004, 0.008), then cpu0 (0.010) beats cpu1's 0.012
+    assert [p.executor for p in (first, second, third)] == ["cpu1", "cpu1", "cpu0"]
+    assert placer.place("tail", 2, feeds, ["cpu1"]).start == pytest.approx(0.008)
+    placer.complete("cpu1", 0.006)  # finished 2 ms late: the runs booked behind it move too
+    assert placer.free_times.free_at("cpu1") == pytest.approx(0.014)

@@ -184,7 +184,7 @@ def test_a_two_group_pipeline_runs_heads_beside_tails(tmp_path):
         executor.timeline = timeline
         executor.start(timeout=30)
     plans = [StagePlan("head", ("x",), ("h",), ("cpu0",)), StagePlan("tail", ("h",), ("y",), ("cpu1",))]
-    runtime = Runtime(plans, executors, PerfHistory(), ["y"], micro_batch=1)
+    runtime = Runtime(plans, executors, PerfHistory(), ["y"], micro_batch=1).start()
     try:
         x = np.arange(24, dtype=np.float32).reshape(6, 4)
         np.testing.assert_array_equal(runtime.infer({"x": x})["y"], x * 6)

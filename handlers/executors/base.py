@@ -126,7 +126,9 @@ class Executor:
         self.stages: frozenset[str] = frozenset()
         self.faults: FaultHook | None = None  # consulted before each run (tests only)
         self.timeline: Timeline | None = None  # records this executor's spans when set
-        # (job, perf_counter at its start) while a job runs; one tuple, so reads are atomic.
+        # Stamps job starts (what stage deadlines compare with); the runtime injects its own.
+        self.clock: Callable[[], float] = time.perf_counter
+        # (job, clock() at its start) while a job runs; one tuple, so reads are atomic.
         self._running: tuple[Job, float] | None = None
 
     def start(self, timeout: float | None = None) -> None:
@@ -143,7 +145,7 @@ class Executor:
         return job.future
 
     def running(self) -> tuple[Future, float] | None:
-        """The running job's future and the perf_counter time it started, if any."""
+        """The running job's future and the time (on ``clock``) it started, if any."""
         current = self._running
         return (current[0].future, current[1]) if current is not None else None
 
@@ -188,7 +190,7 @@ class Executor:
         self._ready.set_result(None)
         while (job := self._jobs.get()) is not None:
             # Visible as running before it starts, so an interrupt in between is not lost.
-            started = time.perf_counter()
+            started = self.clock()
             self._running = (job, started)
             if not job.future.set_running_or_notify_cancel():
                 self._running = None
@@ -207,7 +209,7 @@ class Executor:
                 job.future.set_exception(self._job_error(job, exc))
                 continue
             self._running = None
-            elapsed = time.perf_counter() - started
+            elapsed = self.clock() - started
             if self._observer is not None and job.observe:
                 self._observer(job.stage, self.name, job.batch, elapsed)
             job.future.set_result(outputs)

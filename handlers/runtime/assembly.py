@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -186,14 +187,16 @@ def _build(
         micro_batch=config.micro_batch,
         stage_timeout_s=config.stage_timeout_s,
         request_timeout_s=config.request_timeout_s,
+        clock=time.perf_counter,  # the one clock: placement, deadlines, quarantine back-off
         quarantine=Quarantine(
             [e.name for e in executors],
             after_failures=config.quarantine_after,
             backoff_s=config.probe_backoff_s,
             max_backoff_s=config.probe_backoff_max_s,
+            clock=time.perf_counter,
         ),
         probe_feeds=probe_feeds(plans, manifest, config),
-    )
+    ).start()
     runtime_ref.append(runtime)
     try:
         calibrate(runtime, manifest, config)

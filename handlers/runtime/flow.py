@@ -6,10 +6,15 @@ completion (``handlers.runtime.scheduler``), so the head of micro-batch i+1 runs
 micro-batch i runs elsewhere. Outputs are reassembled in request order.
 
 Faults stay local: a stage that fails is retried once on another executor; a stage that runs past
-``stage_timeout_s`` is cancelled by the supervisor thread and retried the same way, and its
-executor is quarantined (``handlers.runtime.quarantine``) until a background re-probe succeeds;
-a request that outlives ``request_timeout_s`` (kept below TorchServe's responseTimeout, which
-would otherwise kill the worker) is answered with a timeout and its work abandoned.
+``stage_timeout_s`` is cancelled by the supervisor (``handlers.runtime.supervisor``) and retried
+the same way, and its executor is quarantined (``handlers.runtime.quarantine``) until a
+background re-probe succeeds; a request that outlives ``request_timeout_s`` (kept below
+TorchServe's responseTimeout, which would otherwise kill the worker) is answered with a timeout
+and its work abandoned.
+
+This module keeps only the micro-batch flow; placement is ``handlers.runtime.placement.Placer``.
+The supervisor shares the runtime's ``lock``, ``attempts`` and ``probes`` (both sides of one
+state machine), which is why they are public here.
 """
 
 from __future__ import annotations
@@ -29,14 +34,10 @@ import numpy as np
 from handlers.errors import ExecutorFailed, ExecutorOutOfMemory, StageTimeout
 from handlers.executors.base import Executor
 from handlers.runtime.perf_model import PerfHistory
+from handlers.runtime.placement import Placer
 from handlers.runtime.quarantine import Quarantine
-from handlers.runtime.scheduler import (
-    ExecutorClock,
-    ExecutorSpec,
-    Placement,
-    build_candidates,
-    choose_executor,
-)
+from handlers.runtime.scheduler import Placement
+from handlers.runtime.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -146,28 +147,30 @@ class Runtime:
         # A micro-batch may run each stage and one retry, each up to the stage deadline.
         self.request_timeout_s = request_timeout_s or stage_timeout_s * (len(self.stages) + 1)
         self.quarantine = quarantine or Quarantine(list(self.executors))
-        self._probe_feeds = probe_feeds
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._free = ExecutorClock(clock=clock)
+        self.probe_feeds = probe_feeds
+        self.clock = clock
+        for executor in executors:  # job start stamps, which the deadlines compare with
+            executor.clock = clock
+        self.lock = threading.Lock()
+        self.placer = Placer(history, {e.name: e.device for e in executors}, clock)
         self.stats = RuntimeStats()
-        self._attempts: dict[Future, _Attempt] = {}
-        self._probes: dict[Future, str] = {}
-        self._stop = threading.Event()
-        self._interval = supervise_interval_s
-        self._supervisor = threading.Thread(
-            target=self._supervise, name="hetserve-supervisor", daemon=True
-        )
-        self._supervisor.start()
+        self.attempts: dict[Future, _Attempt] = {}  # stage runs in flight
+        self.probes: dict[Future, str] = {}  # re-probes in flight -> executor
+        self.supervisor = Supervisor(self, supervise_interval_s)
+
+    def start(self) -> Runtime:
+        """Start the supervisor (deadlines, re-probes, periodic saves); returns self."""
+        self.supervisor.start()
+        return self
 
     # -- observations from executor threads --
     def observe_run(self, stage: str, executor: str, batch: int, seconds: float) -> None:
-        with self._lock:
+        with self.lock:
             self.history.observe_run(stage, executor, batch, seconds)
             self.stats.run_ms.append((stage, executor, seconds * 1e3))
 
     def observe_transfer(self, link: str, nbytes: int, seconds: float) -> None:
-        with self._lock:
+        with self.lock:
             self.history.observe_transfer(link, nbytes, seconds)
 
     # -- the request path --
@@ -178,15 +181,15 @@ class Runtime:
             _Flow(start, stop, {k: v[start:stop] for k, v in feeds.items()})
             for start, stop in self.micro_batches(total)
         ]
-        with self._lock:
+        with self.lock:
             self.stats.micro_batches += len(flows)
         for flow in flows:
             self._advance(flow)
-        deadline = self._clock() + self.request_timeout_s
+        deadline = self.clock() + self.request_timeout_s
         outcomes = []
         for flow in flows:
             try:
-                result = flow.done.result(timeout=max(deadline - self._clock(), 0.0))
+                result = flow.done.result(timeout=max(deadline - self.clock(), 0.0))
                 outcomes.append(MicroBatchOutcome(flow.start, flow.stop, result, None))
             except FutureTimeout:
                 self._abandon(flow)
@@ -226,16 +229,7 @@ class Runtime:
             return
         stage = self.stages[flow.stage_index]
         feeds = {name: flow.tensors[name] for name in stage.inputs}
-        with self._lock:
-            out = exclude | self.quarantine.excluded()
-            if all(c in out for c in stage.candidates):
-                placement = None
-            else:
-                placement = self._place(stage, flow.batch, feeds, out)
-                self.stats.placements[(stage.name, placement.executor)] += 1
-                self.stats.queue_ms.append(
-                    (stage.name, max(placement.start - self._clock(), 0.0) * 1e3)
-                )
+        placement = self.place(stage, flow.batch, feeds, exclude)
         if placement is None:
             self._finish(flow, self._no_executor_error(stage, exclude))
             return
@@ -243,22 +237,39 @@ class Runtime:
         try:
             future = executor.submit(stage.name, feeds, flow.batch)
         except ExecutorFailed as exc:
-            with self._lock:
-                self._free.complete(placement.executor)
+            with self.lock:
+                self.placer.complete(placement.executor)
             self._finish(flow, exc)
             return
         attempt = _Attempt(flow, stage, placement.executor, exclude)
-        with self._lock:
+        with self.lock:
             # Registered before the callback: a future already done runs it at once and unregisters.
-            self._attempts[future] = attempt
+            self.attempts[future] = attempt
             flow.attempt = (attempt, future)
         future.add_done_callback(lambda f: self._stage_done(attempt, f))
 
+    def place(
+        self, stage: StagePlan, batch: int, feeds: Mapping[str, Any], exclude: frozenset[str]
+    ) -> Placement | None:
+        """The live placement decision (lock, quarantine, Placer, statistics); None when every
+        candidate is quarantined or excluded. benchmarks/scheduler_decision_cost.py times this."""
+        with self.lock:
+            out = exclude | self.quarantine.excluded()
+            if all(c in out for c in stage.candidates):
+                return None
+            allowed = [c for c in stage.candidates if c not in out]
+            placement = self.placer.place(stage.name, batch, feeds, allowed)
+            self.stats.placements[(stage.name, placement.executor)] += 1
+            self.stats.queue_ms.append(
+                (stage.name, max(placement.start - self.clock(), 0.0) * 1e3)
+            )
+            return placement
+
     def _stage_done(self, attempt: _Attempt, future: Future) -> None:
         name, flow = attempt.executor, attempt.flow
-        with self._lock:
-            self._free.complete(name)
-            self._attempts.pop(future, None)
+        with self.lock:
+            self.placer.complete(name)
+            self.attempts.pop(future, None)
             if attempt.settled:  # timed out or abandoned: that path answered already
                 return
             attempt.settled = True
@@ -272,18 +283,18 @@ class Runtime:
                 elif isinstance(exc, ExecutorOutOfMemory):
                     pass  # a sign of load, not of a broken executor: the retry handles it
                 elif self.quarantine.record_failure(name, attempt.stage.name, str(exc)):
-                    self._on_quarantined(name)
+                    self.on_quarantined(name)
         if rerouted:
             self._advance(flow, attempt.exclude)
         elif exc is not None:
-            self._retry_or_fail(attempt, exc)
+            self.retry_or_fail(attempt, exc)
         else:
             flow.tensors.update(future.result())
             flow.stage_index += 1
             self._advance(flow)
 
-    def _retry_or_fail(self, attempt: _Attempt, exc: BaseException) -> None:
-        with self._lock:
+    def retry_or_fail(self, attempt: _Attempt, exc: BaseException) -> None:
+        with self.lock:
             retry = self._retry_set(attempt.stage, attempt.executor, exc, attempt.exclude)
         if retry is None:
             self._finish(attempt.flow, exc)
@@ -308,7 +319,7 @@ class Runtime:
         return frozenset(c for c in stage.candidates if c not in others)
 
     def _no_executor_error(self, stage: StagePlan, exclude: frozenset[str]) -> ExecutorFailed:
-        with self._lock:
+        with self.lock:
             held = [f"{c}: {self.quarantine.reason(c)}" for c in stage.candidates
                     if self.quarantine.is_quarantined(c)]
         failed = sorted(exclude)
@@ -328,138 +339,31 @@ class Runtime:
 
     def _abandon(self, flow: _Flow) -> None:
         """The request gave up on this micro-batch: stop its work, answer nothing more."""
-        with self._lock:
+        with self.lock:
             flow.abandoned = True
             current = flow.attempt
             if current is None or current[0].settled:
                 return
             attempt, future = current
             attempt.settled = True
-            self._attempts.pop(future, None)
+            self.attempts.pop(future, None)
         self.executors[attempt.executor].interrupt(future)
 
-    # -- the supervisor thread: stage deadlines and re-probes --
-    def _supervise(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                self._enforce_deadlines()
-                self._start_probes()
-            except Exception:  # noqa: BLE001 - the supervisor must outlive any one bad pass
-                log.exception("hetserve supervisor pass failed")
-
-    def _enforce_deadlines(self) -> None:
-        now = time.perf_counter()  # the executors stamp job starts with it
-        overdue: list[tuple[str, Future, _Attempt | None]] = []
-        for name, executor in self.executors.items():
-            running = executor.running()
-            if running is None or now - running[1] <= self.stage_timeout_s:
-                continue
-            future = running[0]
-            with self._lock:
-                attempt = self._attempts.pop(future, None)
-                if attempt is None or attempt.settled:
-                    if future in self._probes:
-                        overdue.append((name, future, None))
-                    continue  # otherwise a calibration run, or one already handled
-                attempt.settled = True
-                self.stats.timeouts[(attempt.stage.name, name)] += 1
-                reason = f"missed the {self.stage_timeout_s:g} s stage deadline"
-                if self.quarantine.quarantine(name, attempt.stage.name, reason):
-                    self._on_quarantined(name)
-            overdue.append((name, future, attempt))
-        # Move the queued jobs first: once interrupted, the executor would take the next one.
-        self._reroute_queued()
-        for name, future, attempt in overdue:
-            self.executors[name].interrupt(future)
-            if attempt is not None:
-                error = StageTimeout(
-                    f"stage {attempt.stage.name!r} on {name} missed the "
-                    f"{self.stage_timeout_s:g} s stage deadline"
-                )
-                self._retry_or_fail(attempt, error)
-
-    def _on_quarantined(self, name: str) -> None:
+    def on_quarantined(self, name: str) -> None:
         """Under the lock."""
         self.stats.quarantines[name] += 1
         log.warning("hetserve: executor %s quarantined (%s)", name, self.quarantine.reason(name))
 
-    def _reroute_queued(self) -> None:
-        """Jobs still queued on a quarantined executor move elsewhere instead of waiting there."""
-        with self._lock:
-            out = self.quarantine.excluded()
-            queued = [f for f, a in self._attempts.items() if a.executor in out and not a.settled]
-        for future in queued:
-            future.cancel()  # fails for a running job; a queued one reroutes in _stage_done
-
-    def _start_probes(self) -> None:
-        with self._lock:
-            due = self.quarantine.due_probes()
-        for name, stage in due:
-            if self._probe_feeds is None:  # nothing to probe with: the next real job is the probe
-                self._probe_done(name, None)
-                continue
-            try:
-                feeds = self._probe_feeds(stage)
-                batch = next(iter(feeds.values())).shape[0]
-                future = self.executors[name].submit(stage, feeds, batch, observe=False)
-            except Exception as exc:  # noqa: BLE001 - a probe that cannot start has failed
-                log.warning("hetserve: could not probe executor %s: %s", name, exc)
-                with self._lock:
-                    self.quarantine.probe_result(name, False)
-                continue
-            with self._lock:
-                self._probes[future] = name
-            future.add_done_callback(lambda f, name=name: self._probe_done(name, f))
-
-    def _probe_done(self, name: str, future: Future | None) -> None:
-        ok = future is None or (not future.cancelled() and future.exception() is None)
-        with self._lock:
-            if future is not None:
-                self._probes.pop(future, None)
-            self.quarantine.probe_result(name, ok)
-            self.stats.probes[(name, "ok" if ok else "failed")] += 1
-        if ok:
-            log.warning("hetserve: executor %s back in service after a successful probe", name)
-        else:
-            log.warning("hetserve: probe of executor %s failed; it stays quarantined", name)
-
-    def _place(
-        self,
-        stage: StagePlan,
-        batch: int,
-        feeds: Mapping[str, Any],
-        exclude: frozenset[str] = frozenset(),
-    ) -> Placement:
-        allowed = [
-            ExecutorSpec(name, self.executors[name].device)
-            for name in stage.candidates
-            if name not in exclude
-        ]
-        data_device = next((v.device for v in feeds.values() if not isinstance(v, np.ndarray)), "cpu")
-        nbytes = sum(int(v.nbytes) for v in feeds.values())
-        free_at = {spec.name: self._free.free_at(spec.name) for spec in allowed}
-        candidates = build_candidates(
-            self.history, stage.name, batch, nbytes, data_device, allowed, free_at
-        )
-        placement = choose_executor(self._clock(), candidates)
-        self._free.reserve(placement.executor, placement.start, placement.end)
-        return placement
-
-    def history_lock(self) -> threading.Lock:
-        """Hold this while reading or saving the history: executor threads update it."""
-        return self._lock
-
     def drain_stats(self) -> RuntimeStats:
-        with self._lock:
+        with self.lock:
             return self.stats.drain()
 
     def in_flight(self) -> int:
         """Stage runs and probes not yet settled: 0 when the runtime is idle (tests check leaks)."""
-        with self._lock:
-            return len(self._attempts) + len(self._probes)
+        with self.lock:
+            return len(self.attempts) + len(self.probes)
 
     def close(self) -> None:
-        self._stop.set()
-        self._supervisor.join(timeout=5.0)
+        self.supervisor.close()
         for executor in self.executors.values():
             executor.close()
