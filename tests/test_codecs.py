@@ -951,3 +951,22 @@ def test_fuzz_arrays_decode_exactly_or_refuse_safely(case, fmt):
         assert result.had_batch_dim == (array.ndim == len(spec.shape))
         expected = array.astype(spec.dtype).reshape(result.arrays[spec.name].shape)
         np.testing.assert_array_equal(result.arrays[spec.name], expected)
+
+
+def test_each_body_format_is_one_codec_and_the_first_match_wins():
+    from handlers.protocol.codecs import CODECS
+
+    npy, raw, v2, plain = CODECS
+    assert [c.format for c in CODECS] == ["npy", "raw", "kservev2", "json"]
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((1, 3), np.float32))
+    npy_body, octets = buffer.getvalue(), "application/octet-stream"
+    assert npy.matches(npy_body, octets, {})  # the magic wins over the content type ...
+    assert not npy.matches(npy_body, octets, {"X-Tensor-Shape": "1,3"})  # ... unless described raw
+    assert raw.matches(npy_body, octets, {"X-Tensor-Shape": "1,3"})
+    document = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}
+    assert v2.matches(document, None, None) and not v2.matches(b"{}", None, None)
+    assert [c.format for c in CODECS if c.matches({"x": [1.0]}, None, None)] == ["json"]
+    # Errors answer in the codec's own form.
+    assert json.loads(v2.error(RequestError(400, "bad")).body) == {"error": "bad"}
+    assert json.loads(plain.error(RequestError(400, "bad")).body)["type"] == "BadRequest"

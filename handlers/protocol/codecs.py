@@ -11,6 +11,11 @@ Body formats (``DecodedRequest.format``), told apart by the body first and the c
 Responses mirror the request's format. Raw and .npy bodies carry one tensor each way; the
 response tensor is the only output or the one named by X-Output-Name.
 
+Each format is one ``Codec`` object (``matches`` / ``decode`` / ``encode`` / ``error``) over the
+shared checks in ``handlers.protocol.validation``. ``CODECS`` lists them in the order they are
+tried: a request's codec is chosen once, from its bytes (or, for the JSON family, from the
+parsed document), and that codec alone decodes the request and answers it.
+
 Only RequestError leaves ``decode_request`` for anything the client sent, and nothing sized by a
 client's claim is allocated before the claim is checked against the body and the limits.
 Standard library + numpy only: this module runs inside TorchServe workers.
@@ -29,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from handlers.protocol.json_tensors import json_list, nested_to_array
 from handlers.protocol.kserve_v2 import (
     FORMAT_V2,
     MAX_RANK,
@@ -38,8 +44,6 @@ from handlers.protocol.kserve_v2 import (
     check_output_name,
     decode_v2,
     is_v2_document,
-    json_list,
-    nested_to_array,
     v2_error,
     v2_response,
 )
@@ -178,7 +182,7 @@ def _decode_body(body, content_type, headers, inputs, limits, outputs) -> Decode
     if body is None or (isinstance(body, (bytes, bytearray)) and not body):
         raise RequestError(BAD_REQUEST, "empty request body")
     if not isinstance(body, (bytes, bytearray)):
-        return _decode_json_value(body, inputs, limits, outputs)  # decoded by TorchServe already
+        return _decode_document(body, inputs, limits, outputs)  # decoded by TorchServe already
     if len(body) > limits.max_body_bytes:
         raise RequestError(
             PAYLOAD_TOO_LARGE,
@@ -190,17 +194,13 @@ def _decode_body(body, content_type, headers, inputs, limits, outputs) -> Decode
             "the KServe v2 binary tensor extension is not supported; send tensor data as JSON",
             FORMAT_V2,
         )
-    explicit_raw = media == RAW_CONTENT_TYPE and (
-        header(headers, SHAPE_HEADER) is not None or header(headers, DTYPE_HEADER) is not None
-    )
-    if body.startswith(NPY_MAGIC) and not explicit_raw:
-        return _decode_npy(body, headers, inputs, limits, outputs)
-    if media == RAW_CONTENT_TYPE:
-        return _decode_raw(body, headers, inputs, limits, outputs)
+    codec = next((c for c in CODECS if c.matches(body, media, headers)), None)
+    if codec is not None:
+        return codec.decode(body, headers, inputs, limits, outputs)
     if media in NPY_CONTENT_TYPES:
         raise RequestError(BAD_REQUEST, "body is not a .npy file (no NumPy magic at its start)")
     if _is_json_media(media) or _JSON_START.match(body):
-        return _decode_json_value(_parse_json(body, limits), inputs, limits, outputs)
+        return _decode_document(_parse_json(body, limits), inputs, limits, outputs)
     shown = "none given" if media is None else quoted(media)
     raise RequestError(
         UNSUPPORTED_MEDIA_TYPE,
@@ -331,15 +331,12 @@ def json_nesting_depth(data: bytes | bytearray) -> int:
     return deepest
 
 
-def _decode_json_value(
+def _decode_document(
     value: Any, inputs: tuple[TensorSpec, ...], limits: RequestLimits, outputs
 ) -> DecodedRequest:
-    if is_v2_document(value):
-        v2 = decode_v2(value, inputs, limits, outputs)
-        return DecodedRequest(
-            v2.arrays, v2.batch, FORMAT_V2, v2.had_batch_dim, v2.request_id, v2.output_names
-        )
-    return _decode_plain_json(value, inputs, limits)
+    """A parsed JSON document: the JSON-family codec whose shape it has decodes it."""
+    codec = next(c for c in CODECS if c.matches(value, JSON_CONTENT_TYPE, None))
+    return codec.decode(value, None, inputs, limits, outputs)
 
 
 @_stamp(FORMAT_JSON)
@@ -560,50 +557,23 @@ def encode_response(
     Raises ``RequestError`` (400) for an unknown requested output, ``ValueError`` for outputs
     that do not match the request (a server bug, not the client's).
     """
-    names = _response_names(outputs, request, output_specs)
+    codec = _BY_FORMAT.get(request.format)
+    if codec is None:
+        raise ValueError(f"unknown request format {request.format!r}")
+    names = _response_names(outputs, request, output_specs, codec)
     arrays = {name: _unbatched(name, outputs[name], request) for name in names}
-    if request.format == FORMAT_JSON:
-        body = {"outputs": {name: json_list(a) for name, a in arrays.items()}}
-        return EncodedResponse(_dumps(body), JSON_CONTENT_TYPE)
-    if request.format == FORMAT_V2:
-        response = v2_response(
-            arrays,
-            model_name=model_name,
-            model_version=model_version,
-            request_id=request.request_id if request.request_id is not None else request_id,
-        )
-        return EncodedResponse(_dumps(response), JSON_CONTENT_TYPE)
-    ((name, array),) = arrays.items()
-    array = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
-    tensor_headers = {
-        "X-Tensor-Name": name,
-        "X-Tensor-Shape": ",".join(map(str, array.shape)),
-        "X-Tensor-Dtype": array.dtype.name,
-    }
-    if request.format == FORMAT_RAW:
-        return EncodedResponse(array.tobytes(), RAW_CONTENT_TYPE, tensor_headers)
-    if request.format == FORMAT_NPY:
-        buffer = io.BytesIO()
-        np.lib.format.write_array(buffer, array, allow_pickle=False)
-        return EncodedResponse(buffer.getvalue(), NPY_CONTENT_TYPE, tensor_headers)
-    raise ValueError(f"unknown request format {request.format!r}")
+    if request.request_id is not None:
+        request_id = request.request_id
+    return codec.encode(arrays, request, model_name, model_version, request_id)
 
 
 def encode_error(err: RequestError, request_format: str | None = None) -> EncodedResponse:
     """A client error as JSON; KServe v2 requests get the protocol's ``{"error": message}``."""
-    request_format = request_format or err.request_format
-    if request_format == FORMAT_V2:
-        body: dict[str, Any] = v2_error(err.message)
-    else:
-        body = {
-            "code": err.status,
-            "type": _ERROR_TYPES.get(err.status, "RequestError"),
-            "message": err.message,
-        }
-    return EncodedResponse(_dumps(body), JSON_CONTENT_TYPE, {}, err.status)
+    codec = _BY_FORMAT.get(request_format or err.request_format, JSON_CODEC)
+    return codec.error(err)
 
 
-def _response_names(outputs, request: DecodedRequest, output_specs) -> list[str]:
+def _response_names(outputs, request: DecodedRequest, output_specs, codec: Codec) -> list[str]:
     if output_specs:
         available = [spec.name for spec in output_specs]
         missing = [name for name in available if name not in outputs]
@@ -622,7 +592,7 @@ def _response_names(outputs, request: DecodedRequest, output_specs) -> list[str]
         names = list(request.output_names)
     else:
         names = available
-    if request.format in (FORMAT_RAW, FORMAT_NPY) and len(names) != 1:
+    if codec.one_tensor and len(names) != 1:
         raise RequestError(
             BAD_REQUEST,
             f"the {OUTPUT_HEADER} header is required: the model's outputs are {name_list(names)}",
@@ -644,3 +614,138 @@ def _unbatched(name: str, array: np.ndarray, request: DecodedRequest) -> np.ndar
 
 def _dumps(document: Any) -> str:
     return json.dumps(document, separators=(",", ":"), allow_nan=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# one codec per body format
+
+
+class Codec:
+    """One body format: which requests are its own, how to decode them, how to answer them.
+
+    ``matches`` sees the body as it arrived (bytes) or, for the JSON family, the parsed
+    document; a request is decoded and answered by the one codec chosen for it.
+    """
+
+    format = ""
+    one_tensor = False  # raw and .npy bodies carry a single tensor each way
+
+    def matches(self, body: Any, media: str | None, headers: Mapping[str, Any] | None) -> bool:
+        raise NotImplementedError
+
+    def decode(self, body: Any, headers, inputs, limits: RequestLimits, outputs) -> DecodedRequest:
+        raise NotImplementedError
+
+    def encode(
+        self,
+        arrays: dict[str, np.ndarray],
+        request: DecodedRequest,
+        model_name: str,
+        model_version: str | None,
+        request_id: str | None,
+    ) -> EncodedResponse:
+        raise NotImplementedError
+
+    def error(self, err: RequestError) -> EncodedResponse:
+        """A client error as JSON (every format but KServe v2 answers errors this way)."""
+        body = {
+            "code": err.status,
+            "type": _ERROR_TYPES.get(err.status, "RequestError"),
+            "message": err.message,
+        }
+        return EncodedResponse(_dumps(body), JSON_CONTENT_TYPE, {}, err.status)
+
+
+def _one_tensor(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, str]]:
+    ((name, array),) = arrays.items()
+    array = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
+    tensor_headers = {
+        "X-Tensor-Name": name,
+        "X-Tensor-Shape": ",".join(map(str, array.shape)),
+        "X-Tensor-Dtype": array.dtype.name,
+    }
+    return array, tensor_headers
+
+
+class NpyCodec(Codec):
+    format = FORMAT_NPY
+    one_tensor = True
+
+    def matches(self, body, media, headers) -> bool:
+        if not isinstance(body, (bytes, bytearray)) or not body.startswith(NPY_MAGIC):
+            return False
+        # Raw bytes that happen to start with the magic, described by raw headers, stay raw.
+        explicit_raw = media == RAW_CONTENT_TYPE and (
+            header(headers, SHAPE_HEADER) is not None or header(headers, DTYPE_HEADER) is not None
+        )
+        return not explicit_raw
+
+    def decode(self, body, headers, inputs, limits, outputs) -> DecodedRequest:
+        return _decode_npy(body, headers, inputs, limits, outputs)
+
+    def encode(self, arrays, request, model_name, model_version, request_id) -> EncodedResponse:
+        array, tensor_headers = _one_tensor(arrays)
+        buffer = io.BytesIO()
+        np.lib.format.write_array(buffer, array, allow_pickle=False)
+        return EncodedResponse(buffer.getvalue(), NPY_CONTENT_TYPE, tensor_headers)
+
+
+class RawCodec(Codec):
+    format = FORMAT_RAW
+    one_tensor = True
+
+    def matches(self, body, media, headers) -> bool:
+        return isinstance(body, (bytes, bytearray)) and media == RAW_CONTENT_TYPE
+
+    def decode(self, body, headers, inputs, limits, outputs) -> DecodedRequest:
+        return _decode_raw(body, headers, inputs, limits, outputs)
+
+    def encode(self, arrays, request, model_name, model_version, request_id) -> EncodedResponse:
+        array, tensor_headers = _one_tensor(arrays)
+        return EncodedResponse(array.tobytes(), RAW_CONTENT_TYPE, tensor_headers)
+
+
+class KServeV2Codec(Codec):
+    """Open Inference Protocol JSON; the protocol itself lives in ``handlers.protocol.kserve_v2``."""
+
+    format = FORMAT_V2
+
+    def matches(self, body, media, headers) -> bool:
+        return not isinstance(body, (bytes, bytearray)) and is_v2_document(body)
+
+    def decode(self, body, headers, inputs, limits, outputs) -> DecodedRequest:
+        v2 = decode_v2(body, inputs, limits, outputs)
+        return DecodedRequest(
+            v2.arrays, v2.batch, FORMAT_V2, v2.had_batch_dim, v2.request_id, v2.output_names
+        )
+
+    def encode(self, arrays, request, model_name, model_version, request_id) -> EncodedResponse:
+        response = v2_response(
+            arrays, model_name=model_name, model_version=model_version, request_id=request_id
+        )
+        return EncodedResponse(_dumps(response), JSON_CONTENT_TYPE)
+
+    def error(self, err: RequestError) -> EncodedResponse:
+        return EncodedResponse(_dumps(v2_error(err.message)), JSON_CONTENT_TYPE, {}, err.status)
+
+
+class JsonCodec(Codec):
+    """{"input name": nested lists}, or a bare nested list for a single-input model."""
+
+    format = FORMAT_JSON
+
+    def matches(self, body, media, headers) -> bool:
+        return not isinstance(body, (bytes, bytearray))  # any other parsed JSON document
+
+    def decode(self, body, headers, inputs, limits, outputs) -> DecodedRequest:
+        return _decode_plain_json(body, inputs, limits)
+
+    def encode(self, arrays, request, model_name, model_version, request_id) -> EncodedResponse:
+        body = {"outputs": {name: json_list(a) for name, a in arrays.items()}}
+        return EncodedResponse(_dumps(body), JSON_CONTENT_TYPE)
+
+
+JSON_CODEC = JsonCodec()
+# In the order they are tried; the JSON family last, on the parsed document.
+CODECS: tuple[Codec, ...] = (NpyCodec(), RawCodec(), KServeV2Codec(), JSON_CODEC)
+_BY_FORMAT = {codec.format: codec for codec in CODECS}
