@@ -32,6 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from handlers.artifact.contract import read_archive  # noqa: E402
 from handlers.executors.base import CpuExecutor  # noqa: E402
 from handlers.hardware.topology import CoreGroup, Topology, core_groups, probe  # noqa: E402
 from hetserve.machine import machine_info, run_record  # noqa: E402
@@ -56,11 +57,11 @@ def build_archive(model: str, ratio: float, work: Path) -> Path:
 
 
 def stage_files(folder: Path) -> dict[str, Path]:
-    manifest = json.loads((folder / "hetserve-manifest.json").read_text())
-    files = {"whole": folder / manifest["whole_model"]}
-    if manifest["partitions"]:
-        part = manifest["partitions"][0]
-        files.update(head=folder / part["head"], tail=folder / part["tail"])
+    manifest = read_archive(folder).manifest
+    files = {"whole": folder / manifest.whole_model}
+    if manifest.partitions:
+        part = manifest.partitions[0]
+        files.update(head=folder / part.head, tail=folder / part.tail)
     return files
 
 

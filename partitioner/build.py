@@ -21,6 +21,7 @@ from typing import Any
 import onnx
 
 from handlers.artifact.manifest import (
+    MANIFEST_NAME,
     FileEntry,
     Manifest,
     Partition,
@@ -226,7 +227,7 @@ def _cpu_session(path: Path):
 def _hash_files(out_dir: Path) -> dict[str, FileEntry]:
     files = {}
     for path in sorted(out_dir.rglob("*")):
-        if path.is_file() and path.name != "hetserve-manifest.json":
+        if path.is_file() and path.name != MANIFEST_NAME:
             rel = path.relative_to(out_dir).as_posix()
             files[rel] = FileEntry(sha256=sha256_file(path), size=path.stat().st_size)
     return files

@@ -13,7 +13,7 @@ import math
 import os
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -356,3 +356,14 @@ def _read_int(path: Path) -> int | None:
         return int(text) if text is not None else None
     except ValueError:
         return None
+
+
+def split_cpu_groups(
+    groups: Sequence[CoreGroup], head_groups: int
+) -> tuple[list[CoreGroup], list[CoreGroup]]:
+    """(head groups, tail groups) of a CPU-only worker: the first ``head_groups`` (at most all
+    but one) for heads and the rest for tails; 0 or a single group: every group runs both."""
+    if head_groups <= 0 or len(groups) < 2:
+        return list(groups), list(groups)
+    k = min(head_groups, len(groups) - 1)
+    return list(groups[:k]), list(groups[k:])

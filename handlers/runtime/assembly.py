@@ -22,7 +22,7 @@ import numpy as np
 from handlers.artifact.manifest import Manifest, TensorSpec, random_batch
 from handlers.executors.base import CpuExecutor, Executor, ExecutorLoadError
 from handlers.executors.cuda import cuda_unavailable_reason
-from handlers.hardware.topology import CoreGroup, plan_groups, probe
+from handlers.hardware.topology import plan_groups, probe, split_cpu_groups
 from handlers.runtime.config import ConfigError, RuntimeConfig
 from handlers.runtime.flow import Runtime, StagePlan
 from handlers.runtime.perf_model import PerfHistory
@@ -55,15 +55,6 @@ def stage_plans(
         StagePlan("tail", cut, tail_out, tuple(tail_executors)),
     ]
     return plans, {"head": partition.head, "tail": partition.tail}
-
-
-def split_cpu_groups(
-    groups: Sequence[CoreGroup], head_groups: int
-) -> tuple[list[CoreGroup], list[CoreGroup]]:
-    if head_groups <= 0 or len(groups) < 2:
-        return list(groups), list(groups)
-    k = min(head_groups, len(groups) - 1)
-    return list(groups[:k]), list(groups[k:])
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,12 @@ Unknown keys are errors, not silently ignored: a typo in a knob must not quietly
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from handlers.artifact.contract import state_file
 from handlers.protocol.validation import RequestLimits
 
 if TYPE_CHECKING:
@@ -120,12 +120,7 @@ class RuntimeConfig:
             raise ConfigError(f"bad hetserve option: {exc}") from None
 
     def state_path(self, model_name: str, manifest_digest: str) -> Path:
-        base = Path(
-            self.state_dir
-            or os.environ.get("HETSERVE_STATE_DIR")
-            or Path.home() / ".cache" / "hetserve"
-        )
-        return base / f"{model_name}-{manifest_digest[:12]}-perf.json"
+        return state_file(model_name, manifest_digest, self.state_dir)
 
 
 def _test_faults(section: Any) -> tuple[FaultSpec, ...]:
