@@ -204,18 +204,6 @@ def test_a_two_group_pipeline_runs_heads_beside_tails(tmp_path):
 # ---- the handler's phases around the executors' work -----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from hetserve.cli import main
-
-    work = tmp_path_factory.mktemp("tiny")
-    out = work / "model"
-    args = ["partition", "--model", "zoo:resnet18-tiny", "--ratios", "0.8", "--cost", "flops",
-            "--quiet", "--out-dir", str(out), "--report", str(work / "report.json")]
-    assert main(args) == 0
-    return out
-
-
 def test_the_service_records_decode_assemble_run_encode_around_the_stages(tiny_model_dir, tmp_path):
     from handlers.service import InferenceService, RawRequest
 
