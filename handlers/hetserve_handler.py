@@ -39,7 +39,7 @@ class HetServeHandler:
         version = ((context.manifest or {}).get("model") or {}).get("modelVersion", "1.0")
         try:
             self.service = InferenceService.load(model_dir, context.model_yaml_config, version)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - re-raised as the one type TorchServe reports
             # TorchServe only reports RuntimeError/MemoryError as a load failure; anything else
             # (ONNX Runtime's errors included) would kill the worker without a clear reason.
             # One line, so an operator grepping the model log sees file and reason together.

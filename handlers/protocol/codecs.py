@@ -514,7 +514,7 @@ def _read_npy_header(body) -> tuple[tuple[int, ...], bool, np.dtype, int]:
             )
     except RequestError:
         raise
-    except Exception:
+    except Exception:  # noqa: BLE001 - any parse failure is the client's malformed header
         # numpy mostly says ValueError, but its header parsing (ast, tokenize for old headers,
         # dtype construction) has no closed list of failures on hostile input; all mean the same.
         raise RequestError(BAD_REQUEST, "malformed .npy header") from None
