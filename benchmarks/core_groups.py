@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from handlers.artifact.contract import read_archive  # noqa: E402
-from handlers.executors.base import CpuExecutor  # noqa: E402
+from handlers.executors.cpu import CpuExecutor  # noqa: E402
 from handlers.hardware.topology import CoreGroup, Topology, core_groups, probe  # noqa: E402
 from hetserve.machine import machine_info, run_record  # noqa: E402
 
@@ -129,7 +129,7 @@ class _Session:
     def __init__(self, path: Path, group: CoreGroup | None = None, threads: int = 1) -> None:
         import onnxruntime as ort
 
-        from handlers.executors.base import cpu_session_options
+        from handlers.executors.cpu import cpu_session_options
 
         if group is not None:
             options = cpu_session_options(group, spinning=False)

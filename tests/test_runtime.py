@@ -414,7 +414,7 @@ def _slow_onnx(path, n=1000, depth=40):
 
 
 def test_a_real_onnx_runtime_run_is_terminated_at_the_stage_deadline(tmp_path):
-    from handlers.executors.base import CpuExecutor
+    from handlers.executors.cpu import CpuExecutor
     from handlers.hardware.topology import CoreGroup
 
     out = _slow_onnx(tmp_path / "slow.onnx")

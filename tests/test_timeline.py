@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from handlers.executors.base import CpuExecutor
+from handlers.executors.cpu import CpuExecutor
 from handlers.hardware.topology import CoreGroup
 from handlers.observability.tracing import (
     COMPUTE,
