@@ -60,7 +60,7 @@ class HetServeHandler:
             raise _prediction_error(refused, ENVELOPE_STATUS)
         try:
             requests = [_raw_request(item, context, i) for i, item in enumerate(data or [])]
-            replies = self.service.handle(requests)
+            replies = self._service().handle(requests)
         except Exception:  # noqa: BLE001 - a bug must answer each request, not kill the batch
             log.exception("hetserve: unexpected failure handling a batch of %d", len(data or []))
             replies = [_INTERNAL_ERROR] * len(data or [])
@@ -70,10 +70,15 @@ class HetServeHandler:
             for key, value in reply.headers.items():
                 context.set_response_header(i, key, value)
         try:
-            emit_runtime_metrics(context.metrics, context.model_name, self.service.drain_stats())
+            emit_runtime_metrics(context.metrics, context.model_name, self._service().drain_stats())
         except Exception:  # noqa: BLE001 - metrics must never cost a client its answer
             log.exception("hetserve: could not emit runtime metrics")
         return [_wire(reply.body) for reply in replies]
+
+    def _service(self) -> InferenceService:
+        if self.service is None:
+            raise RuntimeError("hetserve handler used before initialize")
+        return self.service
 
 
 def _prediction_error(message: str, status: int) -> Exception:
@@ -89,8 +94,10 @@ def _raw_request(item: dict[str, Any], context: Any, index: int) -> RawRequest:
     headers = {
         k.lower(): v for k, v in context.get_all_request_header(index).items() if isinstance(v, str)
     }
-    name = "body" if "body" in item else "data" if "data" in item else next(iter(item), None)
-    part = context.get_all_request_header(index).get(name)
+    name: str | None = next(iter(item), None)  # else the first part, whatever its name
+    if "body" in item or "data" in item:
+        name = "body" if "body" in item else "data"
+    part = context.get_all_request_header(index).get(name) if name else None
     content_type = (
         part.get("content-type") if isinstance(part, dict) else headers.get("content-type")
     )

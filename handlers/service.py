@@ -200,7 +200,7 @@ def _slice_outcomes(
             continue
         if outcome.error is not None:
             return outcome.error
-        for name, value in outcome.outputs.items():
+        for name, value in (outcome.outputs or {}).items():
             pieces.setdefault(name, []).append(value[lo - outcome.start : hi - outcome.start])
     return {n: p[0] if len(p) == 1 else np.concatenate(p) for n, p in pieces.items()}
 

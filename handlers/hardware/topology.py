@@ -310,7 +310,7 @@ def _numa_map(node_root: Path) -> dict[int, int]:
     for entry in entries:
         match = _NODE_DIR.match(entry.name)
         text = _read(entry / "cpulist") if match else None
-        if text is None:
+        if text is None or match is None:
             continue
         try:
             for cpu in parse_cpu_list(text):

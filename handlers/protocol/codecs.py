@@ -449,13 +449,14 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 
 
 def _infer_raw_shape(nbytes: int, spec: TensorSpec, itemsize: int) -> tuple[int, ...]:
-    sample = spec.sample_shape
-    if any(d is None for d in sample):
+    dims = spec.sample_shape
+    if any(d is None for d in dims):
         raise RequestError(
             BAD_REQUEST,
             f"the {SHAPE_HEADER} header is required: input {spec.name!r} has dynamic dims "
-            f"{format_shape(sample)}",
+            f"{format_shape(dims)}",
         )
+    sample = tuple(d for d in dims if d is not None)  # all of them, checked above
     sample_bytes = math.prod(sample) * itemsize
     if sample_bytes == 0 or nbytes % sample_bytes:
         raise RequestError(
@@ -569,7 +570,7 @@ def encode_response(
 
 def encode_error(err: RequestError, request_format: str | None = None) -> EncodedResponse:
     """A client error as JSON; KServe v2 requests get the protocol's ``{"error": message}``."""
-    codec = _BY_FORMAT.get(request_format or err.request_format, JSON_CODEC)
+    codec = _BY_FORMAT.get(request_format or err.request_format or "", JSON_CODEC)
     return codec.error(err)
 
 

@@ -33,7 +33,7 @@ def nested_to_array(
     The shape is read along the first elements, its size checked against ``budget``, and every
     list checked (iteratively) before numpy allocates anything.
     """
-    shape = []
+    shape: list[int] = []
     node = value
     while isinstance(node, list):
         if len(shape) == max_rank:

@@ -254,9 +254,9 @@ def calibrate(
     for plan in runtime.stages:
         for name in plan.candidates:
             executor = runtime.executors[name]
-            known = runtime.history.is_calibrated(plan.name, name)
-            runs = 1 if known else max(config.calibration_runs, 1)
-            for batch in batches if not known else batches[:1]:
+            calibrated = runtime.history.is_calibrated(plan.name, name)
+            runs = 1 if calibrated else max(config.calibration_runs, 1)
+            for batch in batches if not calibrated else batches[:1]:
                 feeds = {n: random_batch(specs[n], batch, rng) for n in plan.inputs}
                 executor.submit(plan.name, feeds, batch, observe=False).result(
                     timeout=config.stage_timeout_s * 4

@@ -207,11 +207,10 @@ class Runtime:
         for outcome in outcomes:
             if outcome.error is not None:
                 raise outcome.error
-        if len(outcomes) == 1:
-            return dict(outcomes[0].outputs)
-        return {
-            name: np.concatenate([o.outputs[name] for o in outcomes]) for name in self.model_outputs
-        }
+        outputs = [o.outputs for o in outcomes if o.outputs is not None]  # all: no error above
+        if len(outputs) == 1:
+            return dict(outputs[0])
+        return {name: np.concatenate([o[name] for o in outputs]) for name in self.model_outputs}
 
     def micro_batches(self, total: int) -> list[tuple[int, int]]:
         size = self.micro_batch

@@ -184,9 +184,9 @@ class PerfHistory:
         for key, entry in other._runs.items():
             if key not in runs or entry.updated > runs[key].updated:
                 runs[key] = entry
-        for link, entry in other._links.items():
-            if link not in links or entry.updated > links[link].updated:
-                links[link] = entry
+        for link, link_entry in other._links.items():
+            if link not in links or link_entry.updated > links[link].updated:
+                links[link] = link_entry
         merged._set(runs, links)
         return merged
 

@@ -10,6 +10,7 @@ runtime's lock (``PerfHistory`` locks itself). It works on the state the runtime
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -125,7 +126,7 @@ class Supervisor:
                 continue
             with rt.lock:
                 rt.probes[future] = name
-            future.add_done_callback(lambda f, name=name: self._probe_done(name, f))
+            future.add_done_callback(functools.partial(self._probe_done, name))
 
     def _probe_done(self, name: str, future: Future | None) -> None:
         rt = self.runtime
