@@ -10,7 +10,7 @@
     python benchmarks/core_groups.py --quick              # resnet18-tiny, short runs (~1 min)
 
 Runs unchanged on a 2-core box and a 16-core GPU machine (core counts and group sizes come from
-`handlers.topology.probe`). Writes benchmarks/results/core_groups.json and core_groups.png.
+`handlers.hardware.topology.probe`). Writes benchmarks/results/core_groups.json and core_groups.png.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from handlers.executors import CpuExecutor  # noqa: E402
-from handlers.topology import CoreGroup, Topology, core_groups, probe  # noqa: E402
+from handlers.artifact.contract import read_archive  # noqa: E402
+from handlers.executors.cpu import CpuExecutor  # noqa: E402
+from handlers.hardware.topology import CoreGroup, Topology, core_groups, probe  # noqa: E402
 from hetserve.machine import machine_info, run_record  # noqa: E402
 
 
@@ -56,11 +57,11 @@ def build_archive(model: str, ratio: float, work: Path) -> Path:
 
 
 def stage_files(folder: Path) -> dict[str, Path]:
-    manifest = json.loads((folder / "hetserve-manifest.json").read_text())
-    files = {"whole": folder / manifest["whole_model"]}
-    if manifest["partitions"]:
-        part = manifest["partitions"][0]
-        files.update(head=folder / part["head"], tail=folder / part["tail"])
+    manifest = read_archive(folder).manifest
+    files = {"whole": folder / manifest.whole_model}
+    if manifest.partitions:
+        part = manifest.partitions[0]
+        files.update(head=folder / part.head, tail=folder / part.tail)
     return files
 
 
@@ -128,7 +129,7 @@ class _Session:
     def __init__(self, path: Path, group: CoreGroup | None = None, threads: int = 1) -> None:
         import onnxruntime as ort
 
-        from handlers.executors import cpu_session_options
+        from handlers.executors.cpu import cpu_session_options
 
         if group is not None:
             options = cpu_session_options(group, spinning=False)

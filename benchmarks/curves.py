@@ -15,7 +15,6 @@ import argparse
 import json
 import sys
 import tempfile
-import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,6 +26,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from serving_cpu import build_hetserve_mar, fill, physical_cores  # noqa: E402
 
+from handlers.artifact.contract import read_archive  # noqa: E402
 from hetserve.knee import Criteria, find_knee, plot_curves  # noqa: E402
 from hetserve.loadgen import Target, idle_latency, run_closed_loop, run_open_loop, wait_until_idle  # noqa: E402
 from hetserve.machine import machine_info, run_record  # noqa: E402
@@ -87,8 +87,7 @@ def main() -> int:
     for model in args.models.split(","):
         print(f"== {model}", flush=True)
         mar = build_hetserve_mar(model, store)
-        with zipfile.ZipFile(mar) as z:
-            shape = (1, *json.loads(z.read("hetserve-manifest.json"))["inputs"][0]["shape"][1:])
+        shape = (1, *read_archive(mar).manifest.inputs[0].sample_shape)
         rows, curves = {}, {}
         for n in (int(x) for x in args.batch_sizes.split(",")):
             config = fill({**BASE, "batchSize": n, "maxBatchDelay": args.max_batch_delay}, cores)

@@ -40,7 +40,7 @@ def mar_from_model_dir(model_dir: Path, store: Path, name: str) -> Path:
     without a second export, profile and cut (minutes of device time per model)."""
     from dataclasses import replace
 
-    from handlers.manifest import (
+    from handlers.artifact.manifest import (
         MANIFEST_NAME,
         FileEntry,
         read_manifest,

@@ -168,8 +168,8 @@ def executor_host_time(path: Path, name: str, x: np.ndarray, batch: int, runs: i
                        graph: bool) -> dict[str, Any]:
     """One job at a time: its wall time, and from the timeline its GPU compute and the host
     thread's span; the host time beside the compute is what CUDA graphs should cut."""
-    from handlers.cuda_executor import CudaExecutor, CudaGraphSession
-    from handlers.timeline import Timeline
+    from handlers.executors.cuda import CudaExecutor, CudaGraphSession
+    from handlers.observability.tracing import Timeline
 
     executor = CudaExecutor({"whole": path}, 0, 0, pad_batch=batch, cuda_graph=graph)
     executor.start(timeout=300)

@@ -37,6 +37,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from handlers.artifact.contract import read_archive  # noqa: E402
 from hetserve.knee import Criteria, plot_curves, sweep_rates  # noqa: E402
 from hetserve.loadgen import LoadResult, Record, arrival_offsets, summarize  # noqa: E402
 from hetserve.machine import machine_info, run_record  # noqa: E402
@@ -321,8 +322,8 @@ def sweep_row(name: str, handle, args, sample: tuple[int, ...], seed: int,
 
 def bench_model(model: str, args, work: Path, partial: Path | None = None) -> dict[str, Any]:
     model_dir = build_model_dir(model, args.ratio, args.batch, work)
-    manifest = json.loads((model_dir / "hetserve-manifest.json").read_text())
-    sample = tuple(manifest["inputs"][0]["shape"][1:])
+    manifest = read_archive(model_dir).manifest
+    sample = tuple(manifest.inputs[0].sample_shape)
     rows = []
     wanted = hetserve_rows(args.streams, args.ratio, args.groups, args.batch)
     if args.rows:
@@ -352,8 +353,8 @@ def bench_model(model: str, args, work: Path, partial: Path | None = None) -> di
     best_gpu = max((r["knee_rate"] or 0 for r in rows if r["name"][0] in "ab"), default=0)
     for r in rows:
         r["vs_best_gpu_only"] = (r["knee_rate"] or 0) / best_gpu if best_gpu else None
-    partitions = manifest.get("partitions", [])
-    return {"model": model, "partition": partitions[0] if partitions else None, "rows": rows}
+    partitions = manifest.partitions
+    return {"model": model, "partition": partitions[0].to_json() if partitions else None, "rows": rows}
 
 
 def gpu_info() -> dict[str, Any]:

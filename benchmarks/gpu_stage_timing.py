@@ -47,13 +47,14 @@ def main() -> int:
 
     import onnxruntime as ort
 
-    from handlers.cuda_executor import CudaExecutor
+    from handlers.artifact.contract import read_archive
+    from handlers.executors.cuda import CudaExecutor
     from handlers.service import InferenceService, RawRequest
 
-    manifest = json.loads((args.model_dir / "hetserve-manifest.json").read_text())
-    sample = tuple(manifest["inputs"][0]["shape"][1:])
-    whole = args.model_dir / manifest["whole_model"]
-    name = manifest["inputs"][0]["name"]
+    manifest = read_archive(args.model_dir).manifest
+    sample = tuple(manifest.inputs[0].sample_shape)
+    whole = args.model_dir / manifest.whole_model
+    name = manifest.inputs[0].name
     rows: dict[str, dict] = {}
     rng = np.random.default_rng(0)
     batches = [int(b) for b in args.batches.split(",")]

@@ -28,7 +28,6 @@ import argparse
 import json
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from gpu_baselines import build_stock_onnx_mar, mar_from_model_dir  # noqa: E402
 from serving_cpu import BASELINE, build_hetserve_mar, build_stock_mar, sweep_server  # noqa: E402
 
-from handlers.cuda_executor import cuda_available  # noqa: E402
+from handlers.artifact.contract import read_archive  # noqa: E402
+from handlers.executors.cuda import cuda_available  # noqa: E402
 from hetserve.knee import Criteria, plot_curves  # noqa: E402
 from hetserve.machine import machine_info, run_record  # noqa: E402
 from partitioner.archive import with_config  # noqa: E402
@@ -117,9 +117,7 @@ def main() -> int:
         else:
             mar = build_hetserve_mar(model, store, str(args.ratio), "--profile-device", device,
                                      "--profile-batch", str(args.batch))
-        with zipfile.ZipFile(mar) as archive:
-            manifest = json.loads(archive.read("hetserve-manifest.json"))
-        shape = (1, *manifest["inputs"][0]["shape"][1:])
+        shape = (1, *read_archive(mar).manifest.inputs[0].sample_shape)
         body = np.random.default_rng(1).standard_normal(shape).astype(np.float32).tobytes()
         report: dict[str, Any] = {
             "benchmark": "gpu_torchserve", **run_record(), "machine": machine_info(),

@@ -19,6 +19,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from handlers.artifact.contract import read_archive  # noqa: E402
 from hetserve.machine import machine_info, run_record  # noqa: E402
 
 
@@ -48,11 +49,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         with zipfile.ZipFile(args.mar) as archive:
             archive.extractall(tmp)
-        manifest = json.loads((Path(tmp) / "hetserve-manifest.json").read_text())
-        whole = Path(tmp) / manifest["whole_model"]
+        manifest = read_archive(Path(tmp)).manifest
+        whole = Path(tmp) / manifest.whole_model
         rows = [{"threads": t, "batch": b, "samples_per_s": round(samples_per_s(whole, t, b, args.seconds), 1)}
                 for t in (1, 2) for b in (1, 8)]
-    result = {**run_record(), "machine": machine_info(), "model": manifest["model_name"], "rows": rows}
+    result = {**run_record(), "machine": machine_info(), "model": manifest.model_name, "rows": rows}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for row in rows:
         print(row)

@@ -63,7 +63,7 @@ HETSERVE_ROWS = {
 
 
 def physical_cores() -> int:
-    from handlers.topology import probe
+    from handlers.hardware.topology import probe
 
     return len(probe().cores)
 
@@ -133,7 +133,7 @@ def build_stock_onnx_mar(model: str, store: Path, hetserve_mar: Path) -> Path:
     from model_archiver.model_archiver_config import ModelArchiverConfig
     from model_archiver.model_packaging import generate_model_archive
 
-    from handlers.archive_safety import external_refs
+    from handlers.artifact.archive_safety import external_refs
 
     name = f"stock_onnx_{model.replace('-', '_')}"
     mar = store / f"{name}.mar"

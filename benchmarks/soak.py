@@ -64,7 +64,7 @@ GATHERING = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 
 
 def executor_names() -> list[str]:
     """The CPU core groups a worker on this machine serves from (as the handler plans them)."""
-    from handlers.topology import plan_groups, probe
+    from handlers.hardware.topology import plan_groups, probe
 
     return [g.name for g in plan_groups(probe(), "numa", min_groups=2)]
 

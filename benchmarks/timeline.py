@@ -1,7 +1,7 @@
 """Transfer vs compute timeline (issue 6): what each executor, stream and copy engine did.
 
 One configuration is served in process (the batcher of ``gpu_serving.py`` in front of
-``InferenceService.handle``) at a fixed Poisson rate, with a ``handlers.timeline.Timeline``
+``InferenceService.handle``) at a fixed Poisson rate, with a ``handlers.observability.tracing.Timeline``
 attached to every executor. Written per run:
 
   timeline-<model>-<row>.json   overlap report over the measured window (how much transfer time
@@ -38,16 +38,14 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from gpu_serving import FrontEnd, build_model_dir, hetserve_workers, run_open_loop  # noqa: E402
 
-from handlers.timeline import (  # noqa: E402
+from handlers.observability.tracing import (  # noqa: E402
     HOST,
     LanePrefix,
     Span,
     Timeline,
-    chrome_trace,
-    clip,
-    overlap_report,
 )
 from hetserve.machine import machine_info, run_record  # noqa: E402
+from hetserve.timeline_report import chrome_trace, clip, overlap_report  # noqa: E402
 
 ROWS: dict[str, dict[str, Any]] = {
     "a": {"ratio": 1.0, "cuda_streams": 1, "head_devices": "cuda", "micro_batch": 0},

@@ -13,9 +13,9 @@ import os
 from typing import Any
 
 from handlers.connection_guard import ConnectionGuard, hold_seconds
-from handlers.metrics import emit_runtime_metrics
+from handlers.observability.metrics import emit_runtime_metrics
+from handlers.protocol.kserve_v2 import ENVELOPE_STATUS, envelope_error
 from handlers.service import InferenceService, RawRequest, Reply
-from handlers.v2_codec import ENVELOPE_STATUS, envelope_error
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class HetServeHandler:
         version = ((context.manifest or {}).get("model") or {}).get("modelVersion", "1.0")
         try:
             self.service = InferenceService.load(model_dir, context.model_yaml_config, version)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - re-raised as the one type TorchServe reports
             # TorchServe only reports RuntimeError/MemoryError as a load failure; anything else
             # (ONNX Runtime's errors included) would kill the worker without a clear reason.
             # One line, so an operator grepping the model log sees file and reason together.
@@ -64,7 +64,7 @@ class HetServeHandler:
             raise _prediction_error(refused, ENVELOPE_STATUS)
         try:
             requests = [_raw_request(item, context, i) for i, item in enumerate(data or [])]
-            replies = self.service.handle(requests)
+            replies = self._service().handle(requests)
         except Exception:  # noqa: BLE001 - a bug must answer each request, not kill the batch
             log.exception("hetserve: unexpected failure handling a batch of %d", len(data or []))
             replies = [_INTERNAL_ERROR] * len(data or [])
@@ -74,10 +74,15 @@ class HetServeHandler:
             for key, value in reply.headers.items():
                 context.set_response_header(i, key, value)
         try:
-            emit_runtime_metrics(context.metrics, context.model_name, self.service.drain_stats())
+            emit_runtime_metrics(context.metrics, context.model_name, self._service().drain_stats())
         except Exception:  # noqa: BLE001 - metrics must never cost a client its answer
             log.exception("hetserve: could not emit runtime metrics")
         return [_wire(reply.body) for reply in replies]
+
+    def _service(self) -> InferenceService:
+        if self.service is None:
+            raise RuntimeError("hetserve handler used before initialize")
+        return self.service
 
 
 def _prediction_error(message: str, status: int) -> Exception:
@@ -93,8 +98,10 @@ def _raw_request(item: dict[str, Any], context: Any, index: int) -> RawRequest:
     headers = {
         k.lower(): v for k, v in context.get_all_request_header(index).items() if isinstance(v, str)
     }
-    name = "body" if "body" in item else "data" if "data" in item else next(iter(item), None)
-    part = context.get_all_request_header(index).get(name)
+    name: str | None = next(iter(item), None)  # else the first part, whatever its name
+    if "body" in item or "data" in item:
+        name = "body" if "body" in item else "data"
+    part = context.get_all_request_header(index).get(name) if name else None
     content_type = (
         part.get("content-type") if isinstance(part, dict) else headers.get("content-type")
     )

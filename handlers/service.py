@@ -18,26 +18,25 @@ from typing import Any
 
 import numpy as np
 
-from handlers.archive_digest import check_archive_digest
-from handlers.codecs import (
+from handlers.artifact.archive_digest import check_archive_digest
+from handlers.artifact.history_key import history_key
+from handlers.artifact.manifest import MANIFEST_NAME, Manifest, load_verified_manifest
+from handlers.errors import RequestError, http_error
+from handlers.observability.tracing import HOST, Span, Timeline
+from handlers.processors import Processors
+from handlers.protocol.codecs import (
     DecodedRequest,
     EncodedResponse,
     decode_request,
     encode_error,
     encode_response,
 )
-from handlers.dynamic_dims import DynamicDims, check_dynamic_dims
-from handlers.executors import ExecutorError
-from handlers.history_key import history_key
-from handlers.manifest import MANIFEST_NAME, Manifest, load_verified_manifest
-from handlers.perf_model import PerfHistory
-from handlers.pipeline import MicroBatchOutcome, Runtime, RuntimeStats, StageTimeout
-from handlers.plan import build_runtime
-from handlers.processors import Processors
-from handlers.response_size import body_size, min_response_bytes, too_large_message
-from handlers.runtime_config import RuntimeConfig
-from handlers.timeline import HOST, Span, Timeline
-from handlers.validation import RequestError
+from handlers.protocol.dynamic_dims import DynamicDims, check_dynamic_dims
+from handlers.protocol.response_size import body_size, min_response_bytes, too_large_message
+from handlers.runtime.assembly import build_runtime
+from handlers.runtime.config import RuntimeConfig
+from handlers.runtime.flow import MicroBatchOutcome, Runtime, RuntimeStats
+from handlers.runtime.perf_model import PerfHistory
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +77,8 @@ class InferenceService:
         self.config = config
         self.state_path = state_path
         self.model_version = model_version
-        self._last_save = time.monotonic()
+        if state_path is not None:  # periodic saves run on the supervisor, off the request path
+            runtime.supervisor.save_every(self.save_history, config.save_interval_s)
         # When set, each batch's host phases (decode, assemble, run, encode) are recorded on
         # lane "handler": what the request path costs around the executors' work.
         self.timeline: Timeline | None = None
@@ -129,7 +129,6 @@ class InferenceService:
         decoded = [(i, d) for i, d in decoded if not self._refuse_oversized(i, d, replies)]
         for group in _groups_by_shape(decoded):
             self._run_group(group, replies)
-        self._maybe_save()
         return [r if r is not None else _internal_error() for r in replies]
 
     def _refuse_oversized(self, index: int, request: DecodedRequest, replies: list[Reply | None]) -> bool:
@@ -187,7 +186,7 @@ class InferenceService:
             offset += request.batch
             mine = _slice_outcomes(outcomes, *rows)
             if isinstance(mine, BaseException):
-                replies[index] = _error_reply(failure_error(mine), request.format)
+                replies[index] = _error_reply(http_error(mine), request.format)
                 continue
             try:
                 encoded = self.processors.encode(mine, request) if self.processors else None
@@ -220,15 +219,9 @@ class InferenceService:
         if self.state_path is None:
             return
         try:
-            with self.runtime.history_lock():
-                self.runtime.history.save(self.state_path)
+            self.runtime.history.save(self.state_path)  # PerfHistory locks itself
         except OSError as exc:
             log.warning("could not save the performance history to %s: %s", self.state_path, exc)
-        self._last_save = time.monotonic()
-
-    def _maybe_save(self) -> None:
-        if time.monotonic() - self._last_save >= self.config.save_interval_s:
-            self.save_history()
 
     def drain_stats(self) -> RuntimeStats:
         return self.runtime.drain_stats()
@@ -249,21 +242,9 @@ def _slice_outcomes(
             continue
         if outcome.error is not None:
             return outcome.error
-        for name, value in outcome.outputs.items():
+        for name, value in (outcome.outputs or {}).items():
             pieces.setdefault(name, []).append(value[lo - outcome.start : hi - outcome.start])
     return {n: p[0] if len(p) == 1 else np.concatenate(p) for n, p in pieces.items()}
-
-
-def failure_error(exc: BaseException) -> RequestError:
-    """The client-facing error for a failed run: short, no internals beyond the stage."""
-    text = str(exc)
-    if "out of memory" in text.lower():
-        return RequestError(507, f"out of GPU memory and no CPU fallback succeeded: {text}")
-    if isinstance(exc, StageTimeout):
-        return RequestError(504, f"inference timed out: {text}")
-    if isinstance(exc, ExecutorError):
-        return RequestError(503, f"inference failed: {text}")
-    return RequestError(500, "internal error in the hetserve runtime")
 
 
 def _groups_by_shape(

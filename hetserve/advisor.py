@@ -19,13 +19,10 @@ Everything here is pure: plain numbers in, plain dataclasses out; no server need
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import json
 import math
-import os
 import statistics
-import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -280,7 +277,7 @@ def batch_compute_seconds(history, layout: Layout, batch: int) -> float:
 
 def curve_from_history(history, layout: Layout, max_batch: int = 64, overhead_s: float = 0.0,
                        transfer_per_sample_s: float = 0.0) -> ServiceCurve:
-    """A ServiceCurve for batches 1..max_batch from a `handlers.perf_model.PerfHistory`.
+    """A ServiceCurve for batches 1..max_batch from a `handlers.runtime.perf_model.PerfHistory`.
 
     The history's means are EWMAs of runs under whatever load came last: after an overloaded
     sweep a big bucket can read several times its idle cost (seen: 352 ms for a batch of 8 whose
@@ -294,25 +291,18 @@ def curve_from_history(history, layout: Layout, max_batch: int = 64, overhead_s:
 
 
 def layout_for(hetserve_section: Mapping, partitioned: bool, topology) -> Layout:
-    """The executors one worker builds for a config, as handlers/plan.py does on CPU only."""
-    from handlers.plan import split_cpu_groups
-    from handlers.topology import plan_groups
+    """The executors one CPU-only worker builds for a config (the archive contract's layout)."""
+    from handlers.artifact.contract import cpu_layout
 
-    policy = hetserve_section.get("core_groups") or "numa"
-    groups = plan_groups(topology, policy, min_groups=2 if partitioned else 1)
     micro = int(hetserve_section.get("micro_batch") or 0)
-    names = tuple(g.name for g in groups)
-    if not partitioned:
-        return Layout({"whole": names}, micro)
-    head, tail = split_cpu_groups(groups, int(hetserve_section.get("cpu_head_groups") or 0))
-    return Layout({"head": tuple(g.name for g in head), "tail": tuple(g.name for g in tail)}, micro)
+    return Layout(cpu_layout(hetserve_section, partitioned, topology), micro)
 
 
 def worker_topology(workers: int, topology=None):
     """The cores worker 0 gets when the launcher splits them over `workers` instances."""
     from dataclasses import replace
 
-    from handlers.topology import probe
+    from handlers.hardware.topology import probe
 
     topo = topology or probe()
     share = max(1, len(topo.cores) // max(1, workers))
@@ -445,34 +435,33 @@ def batch_choice(rows: Mapping[str, Mapping], checked: Mapping[str, dict]) -> li
 
 
 def default_state_dir() -> Path:
-    return Path(os.environ.get("HETSERVE_STATE_DIR") or Path.home() / ".cache" / "hetserve")
+    from handlers.artifact.contract import state_dir
+
+    return state_dir()
 
 
 def history_for_mar(mar, state_dir=None):
-    """(history path, manifest dict) for a .mar, as the runtime names its state file."""
-    with zipfile.ZipFile(mar) as z:
-        raw = z.read("hetserve-manifest.json")
-    manifest = json.loads(raw)
-    digest = hashlib.sha256(raw).hexdigest()
-    base = state_dir or default_state_dir()
-    path = base / f"{manifest['model_name']}-{digest[:12]}-perf.json"
-    # The runtime keys each file by served stages and core groups too: the newest one is the
-    # configuration served last.
-    keyed = sorted(base.glob(f"{manifest['model_name']}-{digest[:12]}-*-perf.json"),
-                   key=lambda p: p.stat().st_mtime)
-    return (keyed[-1] if keyed else path), manifest
+    """(history path, Archive) for a .mar: the state file the runtime serving it writes (an
+    explicit ``state_dir`` first, then the archive's own hetserve.state_dir, then the default)."""
+    from handlers.artifact.contract import read_archive
+
+    archive = read_archive(mar)
+    return archive.state_path(state_dir), archive
 
 
 def newest_history(model: str, state_dir=None):
-    found = sorted((state_dir or default_state_dir()).glob(f"{model}-*-perf.json"), key=lambda p: p.stat().st_mtime)
+    from handlers.artifact.contract import histories_of
+    from handlers.artifact.contract import state_dir as resolve
+
+    found = histories_of(model, state_dir)
     if not found:
-        raise FileNotFoundError(f"no performance history for {model!r} in {state_dir or default_state_dir()} "
+        raise FileNotFoundError(f"no performance history for {model!r} in {resolve(state_dir)} "
                                 "(serve the model once: the runtime writes it)")
     return found[-1]
 
 
 def load_history(path):
-    from handlers.perf_model import PerfHistory
+    from handlers.runtime.perf_model import PerfHistory
 
     return PerfHistory.from_json(json.loads(path.read_text()))
 
@@ -483,12 +472,12 @@ def advise_from_files(*, mar=None, history_path=None, state_dir=None, config: Ma
                       delays_ms=None) -> dict:
     config = dict(config or {})
     section = dict(config.get("hetserve") or {})
-    manifest = None
+    archive = None
     if mar is not None:
-        history_path, manifest = history_for_mar(mar, state_dir)
+        history_path, archive = history_for_mar(mar, state_dir)
     history = load_history(history_path)
-    if manifest is not None and section.get("ratio") is None:
-        partitioned = bool(manifest.get("partitions"))
+    if archive is not None and section.get("ratio") is None:
+        partitioned = archive.partitioned
     else:
         partitioned = _ratio_partitioned(section) and any(
             history.is_calibrated("head", e) for e in _executors_in(history))

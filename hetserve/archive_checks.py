@@ -95,7 +95,7 @@ def check_ratios(ratios: Sequence[float], default_ratio: float | None, served_ra
 
 def check_model_config(config: Mapping[str, Any]) -> None:
     """Top-level keys against TorchServe's, the hetserve section against RuntimeConfig."""
-    from handlers.runtime_config import RuntimeConfig
+    from handlers.runtime.config import RuntimeConfig
 
     known_top = [*TORCHSERVE_KEYS, HETSERVE_SECTION]
     for key, value in config.items():

@@ -284,7 +284,7 @@ def _shape_arg(given):
 
 
 def _dynamic_arg(args: argparse.Namespace):
-    from handlers.dynamic_dims import parse_declarations
+    from handlers.protocol.dynamic_dims import parse_declarations
 
     return parse_declarations(args.dynamic, args.dim)
 
@@ -412,7 +412,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
 
 def cmd_topology(args: argparse.Namespace) -> int:
-    from handlers.topology import plan_groups, probe
+    from handlers.hardware.topology import plan_groups, probe
 
     topo = probe(sys_root=args.sys_root)
     print(topo.describe())

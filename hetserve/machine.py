@@ -25,7 +25,7 @@ def _first(path: str, prefix: str) -> str | None:
 
 
 def machine_info() -> dict[str, Any]:
-    from handlers.topology import probe
+    from handlers.hardware.topology import probe
 
     mem_kb = _first("/proc/meminfo", "MemTotal")
     versions = {}

@@ -92,7 +92,7 @@ def inputs_from_runs(
     batch: int,
     cpu_groups: int,
 ) -> OffloadInputs:
-    """Inputs from two timeline reports' ``runs`` (``handlers.timeline.overlap_report``): one run
+    """Inputs from two timeline reports' ``runs`` (``handlers.observability.tracing.overlap_report``): one run
     with the tails on the GPU, one with them on the CPU. GPU runs are padded to the batch, so
     their mean run is a batch; CPU runs see the real rows, so they are scaled to ``batch``."""
 

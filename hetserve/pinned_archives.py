@@ -17,8 +17,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-from handlers.archive_digest import DIGEST_ENV, expected_digest
-from handlers.manifest import MANIFEST_NAME
+from handlers.artifact.archive_digest import DIGEST_ENV, expected_digest
+from handlers.artifact.manifest import MANIFEST_NAME
 
 HANDLER_ENTRY = "hetserve_handler.py"
 ARCHIVER_RECORD = "MAR-INF/MANIFEST.json"

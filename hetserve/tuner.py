@@ -24,7 +24,6 @@ import math
 import os
 import sys
 import time
-import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,8 @@ from typing import Any
 
 import yaml
 
+from handlers.artifact.contract import read_archive
+from handlers.artifact.manifest import Manifest
 from hetserve.knee import Criteria, offered_rate, sustains, sweep_rates
 from hetserve.loadgen import LoadResult
 
@@ -418,18 +419,12 @@ def report_markdown(report: dict) -> str:
 # ---------------------------------------------------------------------------- live trials
 
 
-def read_archive(mar: Path) -> tuple[dict, dict]:
-    """(model-config.yaml, hetserve manifest) of a .mar, parsed safely."""
-    with zipfile.ZipFile(mar) as z:
-        return yaml.safe_load(z.read("model-config.yaml")) or {}, json.loads(z.read("hetserve-manifest.json"))
-
-
-def sample_shape(manifest: Mapping[str, Any]) -> tuple[int, ...]:
-    spec = manifest["inputs"][0]
-    if spec["dtype"] != "float32" or any(d is None for d in spec["shape"][1:]):
+def sample_shape(manifest: Manifest) -> tuple[int, ...]:
+    spec = manifest.inputs[0]
+    if spec.dtype != "float32" or any(d is None for d in spec.sample_shape):
         raise ValueError("the tuner sends float32 tensors of a fixed sample shape; this model's input is "
-                         f"{spec['dtype']} {spec['shape']}")
-    return (1, *spec["shape"][1:])
+                         f"{spec.dtype} {list(spec.shape)}")
+    return (1, *spec.sample_shape)
 
 
 class LiveHarness:
@@ -456,8 +451,7 @@ class LiveHarness:
         self.server_key: str | None = None
         self.count = 0  # variants built
         self.starts = 0  # TorchServe starts
-        _, manifest = read_archive(mar)
-        self.shape = sample_shape(manifest)
+        self.shape = sample_shape(read_archive(mar).manifest)
 
     def close(self) -> None:
         if self.server is not None:
@@ -530,7 +524,7 @@ class LiveHarness:
 
 
 def physical_cores() -> int:
-    from handlers.topology import probe
+    from handlers.hardware.topology import probe
 
     return len(probe().cores)
 
@@ -543,14 +537,14 @@ def tune_archive(mar: Path, out: Path, options: TuneOptions, work: Path, harness
     from hetserve.tsprocess import BASE_CONFIG
 
     base_properties = base_properties or BASE_CONFIG
-    model_config, manifest = read_archive(mar)
+    archive = read_archive(mar)
     libraries = find_libraries({**os.environ, "VIRTUAL_ENV": os.environ.get("VIRTUAL_ENV") or sys.prefix})
     for note in libraries.notes:
         log(f"note: {note}")
     props = dict(line.split("=", 1) for line in base_properties.read_text().splitlines()
                  if "=" in line and not line.lstrip().startswith("#"))
-    defaults = shipped_defaults(model_config, manifest.get("default_ratio"), props)
-    ratios = [p["ratio"] for p in manifest.get("partitions", [])]
+    defaults = shipped_defaults(archive.model_config, archive.manifest.default_ratio, props)
+    ratios = [p.ratio for p in archive.manifest.partitions]
     space = with_defaults(search_space(physical_cores(), ratios, libraries), defaults)
     for knob, value in (fixed or {}).items():
         if knob not in space:
@@ -567,7 +561,7 @@ def tune_archive(mar: Path, out: Path, options: TuneOptions, work: Path, harness
               **study_report(study, options, space, libraries)}
     out.mkdir(parents=True, exist_ok=True)
     if report["best"]:
-        write_winner(out, model_config, report["best"]["params"], base_properties)
+        write_winner(out, archive.model_config, report["best"]["params"], base_properties)
     (out / "tune_report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (out / "tune_report.md").write_text(report_markdown(report))
     return report

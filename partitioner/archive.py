@@ -20,24 +20,24 @@ from typing import Any
 import yaml
 
 import handlers
-from handlers.archive_digest import DIGEST_ENV
+from handlers.artifact.archive_digest import DIGEST_ENV
+from handlers.artifact.manifest import MANIFEST_NAME
 from handlers.connection_guard import batching_problems
-from handlers.manifest import MANIFEST_NAME
 
 HANDLER_ENTRY = "hetserve_handler.py"
 MODEL_CONFIG_FILE = "model-config.yaml"
 
 
 def copy_runtime(dest: Path) -> None:
-    """Copy the ``handlers`` package (sources only, subpackages too) into ``dest/handlers``."""
+    """Copy the ``handlers`` package tree (Python sources only) into ``dest/handlers``."""
     src = Path(handlers.__file__).resolve().parent
     target = dest / "handlers"
     for path in sorted(src.rglob("*.py")):
-        rel = path.relative_to(src)
-        if "__pycache__" in rel.parts:
+        relative = path.relative_to(src)
+        if "__pycache__" in relative.parts:
             continue
-        (target / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, target / rel)
+        (target / relative.parent).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target / relative)
 
 
 def model_config(base: Path | None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -142,8 +142,8 @@ def _entry(data: bytes) -> dict[str, Any]:
 
 def response_size_warnings(stage_dir: Path, config: Mapping[str, Any]) -> list[str]:
     """One sample's answer already over the response limit: every request would get a 413."""
-    from handlers.manifest import Manifest
-    from handlers.response_size import archive_warnings
+    from handlers.artifact.manifest import Manifest
+    from handlers.protocol.response_size import archive_warnings
 
     path = stage_dir / MANIFEST_NAME
     if not path.is_file():

@@ -20,14 +20,15 @@ from typing import Any
 
 import onnx
 
-from handlers.dynamic_dims import DynamicDims
-from handlers.manifest import (
+from handlers.artifact.manifest import (
+    MANIFEST_NAME,
     FileEntry,
     Manifest,
     Partition,
     sha256_file,
     write_manifest,
 )
+from handlers.protocol.dynamic_dims import DynamicDims
 from partitioner.cuts import DEFAULT_TOLERANCE, CutResult, find_cut
 from partitioner.graph import evaluate
 from partitioner.onnx_graph import OnnxTaskGraph, build_task_graph
@@ -322,9 +323,9 @@ def check_loads(stage_dir: Path, config: Mapping[str, Any], manifest: Manifest) 
 
     import numpy as np
 
-    from handlers.manifest import random_batch
+    from handlers.artifact.manifest import random_batch
+    from handlers.artifact.state_dir import user_cache_root
     from handlers.service import InferenceService
-    from handlers.state_dir import user_cache_root
 
     rng = np.random.default_rng(0)
     # The check's history is thrown away, but it must live where a worker may write one.
@@ -406,7 +407,7 @@ def _cpu_session(path: Path):
 def _hash_files(out_dir: Path) -> dict[str, FileEntry]:
     files = {}
     for path in sorted(out_dir.rglob("*")):
-        if path.is_file() and path.name != "hetserve-manifest.json":
+        if path.is_file() and path.name != MANIFEST_NAME:
             rel = path.relative_to(out_dir).as_posix()
             files[rel] = FileEntry(sha256=sha256_file(path), size=path.stat().st_size)
     return files

@@ -22,7 +22,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from handlers.dynamic_dims import DynamicDims
+from handlers.protocol.dynamic_dims import DynamicDims
 from partitioner.loading import LoadedModel
 
 log = logging.getLogger(__name__)

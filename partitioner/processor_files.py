@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from handlers.manifest import Manifest
+from handlers.artifact.manifest import Manifest
 from handlers.processors import Processors, ProcessorsConfig
 
 IMAGENET = "imagenet"

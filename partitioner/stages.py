@@ -17,7 +17,7 @@ import onnx
 from onnx import numpy_helper
 from onnx.utils import Extractor
 
-from handlers.manifest import TensorSpec, random_batch
+from handlers.artifact.manifest import TensorSpec, random_batch
 from partitioner.onnx_graph import OnnxTaskGraph
 
 WEIGHTS_FILE = "weights.bin"

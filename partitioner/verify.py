@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from handlers.manifest import TensorSpec
+from handlers.artifact.manifest import TensorSpec
 
 RTOL = 1e-3  # stages vs torch: float32 kernels fused differently, summed in another order
 ATOL_OF_SCALE = 1e-4  # absolute part, as a share of the output's largest magnitude

@@ -55,7 +55,7 @@ try:
 except Exception as exc:
     report["onnxruntime"] = f"import failed: {exc}"
 try:
-    from handlers.cuda_executor import cuda_unavailable_reason
+    from handlers.executors.cuda import cuda_unavailable_reason
     report["cuda_unavailable_reason"] = cuda_unavailable_reason()
 except Exception as exc:
     report["cuda_unavailable_reason"] = f"import failed: {exc}"

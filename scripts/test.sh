@@ -10,5 +10,7 @@ bash scripts/setup_venv.sh "dev,bench,tune,kserve,hf"
 venv="${HETSERVE_VENV:-$repo_root/.venv}"
 echo "[test] ruff"
 "$venv/bin/ruff" check .
+echo "[test] mypy"
+"$venv/bin/python" -m mypy
 echo "[test] pytest"
 exec "$venv/bin/python" -m pytest -m "not gpu and not slow" "$@"

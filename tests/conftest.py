@@ -1,15 +1,28 @@
-"""Session-wide test settings."""
+"""Fixtures shared by the test modules: the small archive is built once per test run, and
+workers may keep their history under pytest's temp dir.
+
+``tiny_mar`` is zoo:resnet18-tiny cut at ratios 0.5 and 0.8 with the shipped model-config;
+``tiny_variant`` derives a copy with model-config overrides (``with_config``: only
+model-config.yaml changes, so no re-export and no re-cut), and ``tiny_model_dir`` is the archive
+unpacked, for tests that load the service in process.
+"""
 
 from __future__ import annotations
 
 import os
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import pytest
+
+TINY_RATIOS = "0.5,0.8"
 
 
 @pytest.fixture(scope="session", autouse=True)
 def state_roots_allow_the_test_temp_dir(tmp_path_factory):
-    # Workers keep their history only under an allowed root (handlers/state_dir.py); the tests'
+    # Workers keep their history only under an allowed root (handlers/artifact/state_dir.py); the tests'
     # state directories live under pytest's base temp, which TorchServe's workers inherit here.
     base = str(tmp_path_factory.getbasetemp())
     old = os.environ.get("HETSERVE_STATE_ROOTS")
@@ -19,3 +32,34 @@ def state_roots_allow_the_test_temp_dir(tmp_path_factory):
         os.environ.pop("HETSERVE_STATE_ROOTS", None)
     else:
         os.environ["HETSERVE_STATE_ROOTS"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_mar(tmp_path_factory) -> Path:
+    from hetserve.cli import main
+
+    store = tmp_path_factory.mktemp("tiny-store")
+    assert main([
+        "archive", "--model", "zoo:resnet18-tiny", "--model-name", "tiny", "--export-path",
+        str(store), "--cost", "flops", "--quiet", "--ratios", TINY_RATIOS,
+    ]) == 0
+    return store / "tiny.mar"
+
+
+@pytest.fixture(scope="session")
+def tiny_variant(tiny_mar) -> Callable[[Path, str, Mapping[str, Any]], Path]:
+    """(store, name, model-config overrides) -> store/name.mar, derived from the shared archive."""
+    from partitioner.archive import with_config
+
+    def make(store: Path, name: str, overrides: Mapping[str, Any]) -> Path:
+        return with_config(tiny_mar, store / f"{name}.mar", overrides)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_mar, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-unpacked")
+    with zipfile.ZipFile(tiny_mar) as z:
+        z.extractall(out)
+    return out

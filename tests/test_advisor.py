@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from handlers.perf_model import PerfHistory
-from handlers.topology import Core, Topology
+from handlers.hardware.topology import Core, Topology
+from handlers.runtime.perf_model import PerfHistory
 from hetserve.advisor import (
     Layout,
     ServiceCurve,

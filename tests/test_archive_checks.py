@@ -87,7 +87,7 @@ def test_the_shipped_model_config_passes_the_checks():
 def test_every_torchserve_key_and_every_runtime_knob_is_accepted():
     from dataclasses import fields
 
-    from handlers.runtime_config import RuntimeConfig
+    from handlers.runtime.config import RuntimeConfig
 
     samples = {"an integer >= 0": 1, "true or false": True, "a list of integers": [0],
                "a mapping": {}, "one of cpu, gpu, neuron": "cpu", "one of pp, tp, pptp, custom": "pp"}

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from handlers.archive_digest import DIGEST_ENV, check_archive_digest, expected_digest
-from handlers.manifest import MANIFEST_NAME, ManifestError, load_verified_manifest
+from handlers.artifact.archive_digest import DIGEST_ENV, check_archive_digest, expected_digest
+from handlers.artifact.manifest import MANIFEST_NAME, ManifestError, load_verified_manifest
 from hetserve.pinned_archives import PinError, verify_mar
 from hetserve.tsprocess import start_torchserve
 from partitioner.archive import with_config

@@ -8,7 +8,7 @@ import zipfile
 import pytest
 import yaml
 
-from handlers.manifest import MANIFEST_NAME, sha256_file
+from handlers.artifact.manifest import MANIFEST_NAME, sha256_file
 from hetserve.cli import main
 
 REPORT_FIELDS = {"method", "ratio", "achieved_ratio", "cut_bytes", "valid", "max_abs_err", "seconds"}
@@ -60,6 +60,10 @@ def test_mar_names_the_handler_and_carries_the_model_config(built_mar, tmp_path)
     assert config["hetserve"]["micro_batch"] == 1
     assert config["hetserve"]["core_groups"] == "numa"  # default kept
     assert "handlers/service.py" in runtime_files and "handlers/hetserve_handler.py" in runtime_files
+    # copy_runtime copies the package tree; offline analysis stays out of what ships
+    assert "handlers/runtime/flow.py" in runtime_files and "handlers/executors/cuda.py" in runtime_files
+    assert not any("simulation" in n or "timeline_report" in n or "__pycache__" in n
+                   for n in runtime_files)
 
 
 def test_archive_refuses_to_overwrite_without_force(built_mar, capsys):

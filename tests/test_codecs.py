@@ -20,7 +20,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from handlers.codecs import (
+from handlers.artifact.manifest import TensorSpec
+from handlers.errors import MESSAGE_CHARS
+from handlers.protocol.codecs import (
     NPY_MAGIC,
     NUMPY_TO_V2,
     DecodedRequest,
@@ -29,8 +31,7 @@ from handlers.codecs import (
     encode_response,
     json_nesting_depth,
 )
-from handlers.manifest import TensorSpec
-from handlers.validation import MESSAGE_CHARS, RequestError, RequestLimits
+from handlers.protocol.validation import RequestError, RequestLimits
 
 IMAGE = (TensorSpec("x", "float32", (None, 3, 8, 8)),)
 IMAGE_OUT = (TensorSpec("y", "float32", (None, 5)),)
@@ -950,3 +951,26 @@ def test_fuzz_arrays_decode_exactly_or_refuse_safely(case, fmt):
         assert result.had_batch_dim == (array.ndim == len(spec.shape))
         expected = array.astype(spec.dtype).reshape(result.arrays[spec.name].shape)
         np.testing.assert_array_equal(result.arrays[spec.name], expected)
+
+
+def test_each_body_format_is_one_codec_and_the_first_match_wins():
+    from handlers.protocol.codecs import CODECS
+
+    npz, npy, raw, v2, plain = CODECS
+    assert [c.format for c in CODECS] == ["npz", "npy", "raw", "kservev2", "json"]
+    zipped = io.BytesIO()
+    np.savez(zipped, x=np.zeros((1, 3), np.float32))
+    assert npz.matches(zipped.getvalue(), None, {}) and not npy.matches(zipped.getvalue(), None, {})
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((1, 3), np.float32))
+    npy_body, octets = buffer.getvalue(), "application/octet-stream"
+    assert npy.matches(npy_body, octets, {}) and not npz.matches(npy_body, octets, {})
+    # the magic wins over the content type ...
+    assert not npy.matches(npy_body, octets, {"X-Tensor-Shape": "1,3"})  # ... unless described raw
+    assert raw.matches(npy_body, octets, {"X-Tensor-Shape": "1,3"})
+    document = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}
+    assert v2.matches(document, None, None) and not v2.matches(b"{}", None, None)
+    assert [c.format for c in CODECS if c.matches({"x": [1.0]}, None, None)] == ["json"]
+    # Errors answer in the codec's own form.
+    assert json.loads(v2.error(RequestError(400, "bad")).body) == {"error": "bad"}
+    assert json.loads(plain.error(RequestError(400, "bad")).body)["type"] == "BadRequest"

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from handlers.cuda_executor import (
+from handlers.executors.base import ExecutorError, ExecutorLoadError, host_feeds
+from handlers.executors.cuda import (
     CudaExecutor,
     DeviceTensor,
     OrtCudaSession,
@@ -28,7 +29,6 @@ from handlers.cuda_executor import (
     cuda_unavailable_reason,
     is_out_of_memory,
 )
-from handlers.executors import ExecutorError, ExecutorLoadError, host_feeds
 
 RNG = np.random.default_rng(7)
 W = RNG.standard_normal((4, 3)).astype(np.float32)
@@ -530,7 +530,7 @@ def _lanes(timeline) -> dict[str, list]:
 
 
 def test_a_timeline_gets_the_copies_the_run_and_the_host_thread():
-    from handlers.timeline import COMPUTE, HOST, TRANSFER, Timeline
+    from handlers.observability.tracing import COMPUTE, HOST, TRANSFER, Timeline
 
     executor, _, _ = make_executor()
     executor.timeline = timeline = Timeline()
@@ -552,7 +552,7 @@ def test_a_timeline_gets_the_copies_the_run_and_the_host_thread():
 
 
 def test_tracing_costs_one_event_per_run():
-    from handlers.timeline import Timeline
+    from handlers.observability.tracing import Timeline
 
     backend = FakeBackend()
     executor, _, _ = make_executor(backend)
@@ -753,7 +753,8 @@ def test_gpu_padded_runs_match_the_cpu_provider(gpu_models):
 
 @pytest.mark.gpu
 def test_gpu_timeline_orders_copy_compute_copy_on_one_clock(gpu_models):
-    from handlers.timeline import Timeline, overlap_report
+    from handlers.observability.tracing import Timeline
+    from hetserve.timeline_report import overlap_report
 
     executor = gpu_executor({"whole": gpu_models["whole"]})
     executor.timeline = timeline = Timeline()

@@ -20,8 +20,8 @@ from test_cuda_executor import (
     typed,
 )
 
-from handlers.cuda_executor import CudaExecutor, CudaGraphSession, DeviceTensor
-from handlers.cuda_graph import (
+from handlers.executors.cuda import CudaExecutor, CudaGraphSession, DeviceTensor
+from handlers.executors.cuda_graph import (
     CAPTURE_RUNS,
     CudaGraphError,
     FixedBuffer,
@@ -33,7 +33,7 @@ from handlers.cuda_graph import (
     replays,
     require_fixed_batch,
 )
-from handlers.runtime_config import ConfigError, RuntimeConfig
+from handlers.runtime.config import ConfigError, RuntimeConfig
 
 F32 = np.dtype(np.float32)
 

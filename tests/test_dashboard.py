@@ -1,6 +1,6 @@
 """deploy/grafana's dashboard graphs only what is exported, with the labels it has, and all of it.
 
-hetserve's metrics come from handlers.metrics.METRICS (what the handler emits; test_serving and
+hetserve's metrics come from handlers.observability.metrics.METRICS (what the handler emits; test_serving and
 test_resilience read them back from a real /metrics); TorchServe's from its own metrics.yaml.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from handlers.metrics import METRICS
+from handlers.observability.metrics import METRICS
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "deploy" / "grafana" / "hetserve-dashboard.json"

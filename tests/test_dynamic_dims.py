@@ -6,15 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from handlers.dynamic_dims import (
+from handlers.artifact.manifest import FileEntry, Manifest, Partition, TensorSpec
+from handlers.protocol.dynamic_dims import (
     DimError,
     DynamicDims,
     check_dynamic_dims,
     check_request,
     parse_declarations,
 )
-from handlers.manifest import FileEntry, Manifest, Partition, TensorSpec
-from handlers.validation import RequestError
+from handlers.protocol.validation import RequestError
 
 SEQ = parse_declarations(["input_ids:1=seq", "attention_mask:1=seq"], ["seq=128", "seq<=512"])
 

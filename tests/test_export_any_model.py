@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from handlers.manifest import TensorSpec
+from handlers.artifact.manifest import TensorSpec
 from partitioner.export import ExportError, export_onnx, torch_reference
 from partitioner.loading import LoadedModel
 from partitioner.verify import EvidenceError, check_evidence, compare, draw_inputs, integer_ranges
@@ -152,7 +152,7 @@ def test_compare_is_relative_and_absolute():
 def test_a_declared_sequence_axis_stays_dynamic_and_an_onnx_file_brings_its_own(tmp_path):
     import onnx
 
-    from handlers.dynamic_dims import parse_declarations
+    from handlers.protocol.dynamic_dims import parse_declarations
     from partitioner.export import resolve_dynamic
     from partitioner.loading import load_model
 

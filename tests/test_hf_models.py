@@ -24,8 +24,8 @@ transformers = pytest.importorskip("transformers")
 
 import hf_models  # noqa: E402
 
-from handlers.dynamic_dims import DynamicDims, parse_declarations  # noqa: E402
-from handlers.manifest import Manifest  # noqa: E402
+from handlers.artifact.manifest import Manifest  # noqa: E402
+from handlers.protocol.dynamic_dims import DynamicDims, parse_declarations  # noqa: E402
 from hetserve.tsprocess import start_torchserve  # noqa: E402
 from partitioner.archive import copy_runtime, model_config, package  # noqa: E402
 from partitioner.build import (  # noqa: E402

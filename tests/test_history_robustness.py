@@ -13,18 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from handlers.exploration import (
+from handlers.artifact.history_key import history_key
+from handlers.artifact.state_dir import StateDirError, resolve_state_dir
+from handlers.runtime.config import ConfigError, RuntimeConfig
+from handlers.runtime.exploration import (
     DECAY_HALF_LIFE_S,
     REPROBE_AFTER_S,
     decayed_alpha,
     due_for_reprobe,
     mark_reprobes,
 )
-from handlers.history_key import history_key
-from handlers.perf_model import HISTORY_FORMAT, HISTORY_VERSION, PerfHistory
-from handlers.runtime_config import ConfigError, RuntimeConfig
-from handlers.scheduler import ExecutorSpec, build_candidates, choose_executor
-from handlers.state_dir import StateDirError, resolve_state_dir
+from handlers.runtime.perf_model import HISTORY_FORMAT, HISTORY_VERSION, PerfHistory
+from handlers.runtime.scheduler import ExecutorSpec, build_candidates, choose_executor
 
 
 class FakeClock:
@@ -69,7 +69,7 @@ def test_an_unreadable_history_is_one_warning_naming_file_and_cause_then_empty(
         path.write_bytes(content)
     else:
         path.write_text(content)
-    with caplog.at_level(logging.WARNING, logger="handlers.perf_model"):
+    with caplog.at_level(logging.WARNING, logger="handlers.runtime.perf_model"):
         history = PerfHistory.load(path)
     assert history.to_json()["runs"] == [] and history.to_json()["links"] == []
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -208,7 +208,7 @@ def test_a_knob_of_the_wrong_type_is_named(section, knob):
 # ---- item 5: history keyed by the served stages and the core-group shape ----------------------
 
 def _manifest():
-    from handlers.manifest import FileEntry, Manifest, Partition, TensorSpec
+    from handlers.artifact.manifest import FileEntry, Manifest, Partition, TensorSpec
 
     def part(ratio):
         return Partition(ratio, ratio, "metis", f"stages/head_{ratio}.onnx", f"stages/tail_{ratio}.onnx",

@@ -32,10 +32,10 @@ import tritonclient.http as tritonhttp
 import yaml
 from tritonclient.utils import InferenceServerException
 
-from handlers.codecs import decode_request, encode_error, encode_response
-from handlers.manifest import TensorSpec
-from handlers.v2_codec import ENVELOPE_MESSAGE, ENVELOPE_STATUS, FORMAT_V2, envelope_error
-from handlers.validation import RequestError, RequestLimits
+from handlers.artifact.manifest import TensorSpec
+from handlers.protocol.codecs import decode_request, encode_error, encode_response
+from handlers.protocol.kserve_v2 import ENVELOPE_MESSAGE, ENVELOPE_STATUS, FORMAT_V2, envelope_error
+from handlers.protocol.validation import RequestError, RequestLimits
 from hetserve.cli import main
 from hetserve.tsprocess import start_torchserve
 from partitioner.archive import with_config

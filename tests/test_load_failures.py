@@ -28,8 +28,8 @@ import numpy as np
 import onnx
 import pytest
 
-from handlers.archive_safety import external_refs
-from handlers.manifest import MANIFEST_NAME, ManifestError, load_verified_manifest
+from handlers.artifact.archive_safety import external_refs
+from handlers.artifact.manifest import MANIFEST_NAME, ManifestError, load_verified_manifest
 from handlers.service import InferenceService
 from hetserve.cli import main
 from hetserve.tsprocess import LOG_CONFIG, TorchServe, _wait_ready, free_port, write_config

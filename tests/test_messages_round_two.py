@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from handlers.codecs import decode_request
-from handlers.manifest import TensorSpec
-from handlers.validation import RequestError, RequestLimits
+from handlers.artifact.manifest import TensorSpec
+from handlers.protocol.codecs import decode_request
+from handlers.protocol.validation import RequestError, RequestLimits
 
 INPUTS = (TensorSpec("x", "float32", (None, 4)),)
 LIMITS = RequestLimits()

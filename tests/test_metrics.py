@@ -1,11 +1,11 @@
-"""handlers.metrics: what one batch's RuntimeStats become on TorchServe's metric interface."""
+"""handlers.observability.metrics: what one batch's RuntimeStats become on TorchServe's metric interface."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-from handlers.metrics import METRICS, aggregate
-from handlers.pipeline import RuntimeStats
+from handlers.observability.metrics import METRICS, aggregate
+from handlers.runtime.flow import RuntimeStats
 
 
 def test_stage_times_are_histogram_observations_in_seconds_and_events_are_counters():

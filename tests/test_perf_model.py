@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from handlers.exploration import decayed_alpha
-from handlers.perf_model import PerfHistory, PerfHistoryError, batch_bucket
+from handlers.runtime.exploration import decayed_alpha
+from handlers.runtime.perf_model import PerfHistory, PerfHistoryError, batch_bucket
 
 
 class FakeClock:
@@ -209,7 +209,7 @@ def test_corrupt_or_missing_file_starts_empty(tmp_path: Path, caplog) -> None:
         else:
             path.write_text(content)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="handlers.perf_model"):
+        with caplog.at_level(logging.WARNING, logger="handlers.runtime.perf_model"):
             history = PerfHistory.load(path)
         assert history.to_json()["runs"] == [], name
         assert "starting empty" in caplog.text, name

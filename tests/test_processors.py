@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handlers.manifest import FileEntry, Manifest, TensorSpec
-from handlers.npz_codec import decode_npz
+from handlers.artifact.manifest import FileEntry, Manifest, TensorSpec
 from handlers.processors import FORMAT_LABELS, Processors, ProcessorsConfig
 from handlers.processors.config import ImageConfig, LabelsConfig, ProcessorConfigError, TextConfig
 from handlers.processors.image import decode_image
 from handlers.processors.labels import read_labels, top_labels
 from handlers.processors.text import TextProcessor
-from handlers.runtime_config import ConfigError, RuntimeConfig
-from handlers.validation import RequestError, RequestLimits
+from handlers.protocol.npz_codec import decode_npz
+from handlers.protocol.validation import RequestError, RequestLimits
+from handlers.runtime.config import ConfigError, RuntimeConfig
 from tests.hf_fixtures import bomb_png, jpeg, write_tokenizer
 
 LIMITS = RequestLimits()

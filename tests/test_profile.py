@@ -111,7 +111,7 @@ def cuda_works() -> bool:
             conv_model(4, 4).SerializeToString(), options,
             providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
         )
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure means no usable CUDA provider
         return False
     return "CUDAExecutionProvider" in session.get_providers()
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from handlers.manifest import TensorSpec
-from handlers.response_size import archive_warnings, min_response_bytes
+from handlers.artifact.manifest import TensorSpec
+from handlers.protocol.response_size import archive_warnings, min_response_bytes
 from hetserve.tsprocess import start_torchserve
 from partitioner.archive import with_config
 
@@ -117,7 +117,7 @@ def test_response_lower_bounds_and_archive_warning():
 
 
 def test_shipped_configs_make_the_handlers_limits_reachable():
-    from handlers.validation import RequestLimits
+    from handlers.protocol.validation import RequestLimits
 
     for path in (REPO / "config/config.properties", REPO / "deploy/kserve/config/config.properties"):
         props = dict(line.split("=", 1) for line in path.read_text().splitlines()

@@ -12,13 +12,15 @@ import time
 import numpy as np
 import pytest
 
-from handlers.executors import CancelToken, Executor, ExecutorError
-from handlers.faults import FaultInjector, FaultSpec, Quarantine
-from handlers.perf_model import PerfHistory
-from handlers.pipeline import Runtime, StagePlan, StageTimeout
-from handlers.plan import choose_layout, gpu_pad_batch, warmup_sizes
-from handlers.runtime_config import ConfigError, RuntimeConfig
-from handlers.service import _slice_outcomes, failure_error
+from handlers.errors import ExecutorOutOfMemory, http_error
+from handlers.executors.base import CancelToken, Executor, ExecutorError
+from handlers.runtime.assembly import choose_layout, gpu_pad_batch, warmup_sizes
+from handlers.runtime.config import ConfigError, RuntimeConfig
+from handlers.runtime.flow import Runtime, StagePlan, StageTimeout
+from handlers.runtime.perf_model import PerfHistory
+from handlers.runtime.quarantine import Quarantine
+from handlers.service import _slice_outcomes
+from handlers.testing.faults import FaultInjector, FaultSpec
 
 
 class FnExecutor(Executor):
@@ -36,7 +38,6 @@ class FnExecutor(Executor):
 
     def _run(self, stage, feeds):
         self.threads.add(threading.get_ident())
-        self.inject_faults(stage)
         time.sleep(self._delay)
         if self._fail and stage in self._fail:
             raise self._fail[stage]
@@ -60,7 +61,7 @@ def make_runtime(executors, head, tail, micro_batch=2, timeout=5.0, **options):
         StagePlan("tail", ("h",), ("y",), tuple(tail)),
     ]
     runtime = Runtime(plans, executors, PerfHistory(), ["y"], micro_batch=micro_batch,
-                      stage_timeout_s=timeout, **options)
+                      stage_timeout_s=timeout, **options).start()
     runtime_ref.append(runtime)
     return runtime
 
@@ -136,9 +137,9 @@ def test_a_failing_tail_executor_is_retried_on_another():
 
 def test_gpu_out_of_memory_falls_back_to_a_cpu_group():
     gpu = FnExecutor("cuda0s0", BOTH, device="cuda:0",
-                     fail={"tail": ExecutorError("stage 'tail' on cuda0s0: CUDA out of memory")})
+                     fail={"tail": ExecutorOutOfMemory("stage 'tail' on cuda0s0: CUDA out of memory")})
     gpu2 = FnExecutor("cuda0s1", BOTH, device="cuda:0",
-                      fail={"tail": ExecutorError("stage 'tail' on cuda0s1: CUDA out of memory")})
+                      fail={"tail": ExecutorOutOfMemory("stage 'tail' on cuda0s1: CUDA out of memory")})
     cpu = FnExecutor("cpu0", TAIL)
     runtime = make_runtime([gpu, gpu2, cpu], ["cuda0s0", "cuda0s1"], ["cuda0s0", "cuda0s1", "cpu0"], micro_batch=2)
     try:
@@ -173,7 +174,7 @@ def test_only_the_failed_micro_batch_fails_when_nothing_else_can_run_it():
         assert isinstance(_slice_outcomes(outcomes, 1, 3), ExecutorError)
         ok = _slice_outcomes(outcomes, 4, 6)
         np.testing.assert_array_equal(ok["y"], x_batch(6)["x"][4:6] * 2 + 1)
-        assert failure_error(outcomes[1].error).status == 503
+        assert http_error(outcomes[1].error).status == 503
         with pytest.raises(ExecutorError):
             runtime.infer(x_batch(6))  # infer raises where run reports
     finally:
@@ -186,13 +187,13 @@ def test_a_hung_stage_misses_its_deadline_with_a_504():
     try:
         (outcome,) = runtime.run(x_batch(2))
         assert isinstance(outcome.error, StageTimeout)
-        assert failure_error(outcome.error).status == 504
+        assert http_error(outcome.error).status == 504
     finally:
         runtime.close()
 
 
 def test_slices_span_several_micro_batches():
-    from handlers.pipeline import MicroBatchOutcome
+    from handlers.runtime.flow import MicroBatchOutcome
 
     rows = np.arange(10.0)[:, None]
     outcomes = [MicroBatchOutcome(0, 4, {"y": rows[0:4]}, None), MicroBatchOutcome(4, 10, {"y": rows[4:10]}, None)]
@@ -274,10 +275,10 @@ def test_the_only_tail_executor_hanging_answers_a_timeout_then_fast_503s_while_q
     try:
         (outcome,) = runtime.run(x_batch(2))
         assert isinstance(outcome.error, StageTimeout) and "cpu1" in str(outcome.error)
-        assert failure_error(outcome.error).status == 504
+        assert http_error(outcome.error).status == 504
         # Still quarantined (the hang's one shot is spent, so a run there would be a 200).
         (outcome,) = runtime.run(x_batch(2))
-        error = failure_error(outcome.error)
+        error = http_error(outcome.error)
         assert error.status == 503
         assert "no executor in service for stage 'tail'" in error.message
         assert "cpu1" in error.message and "deadline" in error.message
@@ -352,7 +353,7 @@ def test_out_of_memory_everywhere_is_a_507_and_the_executors_keep_serving():
                            quarantine=Quarantine(["cpu0", "cpu1"], after_failures=5))
     try:
         (outcome,) = runtime.run(x_batch(2))
-        error = failure_error(outcome.error)
+        error = http_error(outcome.error)
         assert error.status == 507 and "out of memory" in error.message
         assert injector.fired == [2], "the retry went to the other group, which failed too"
         out = runtime.infer(x_batch(2))
@@ -370,7 +371,7 @@ def test_the_request_budget_answers_even_when_a_run_cannot_be_cancelled():
         (outcome,) = runtime.run(x_batch(2))
         assert time.perf_counter() - started < 2.0, "answered without waiting for the run"
         assert isinstance(outcome.error, StageTimeout)
-        assert failure_error(outcome.error).status == 504
+        assert http_error(outcome.error).status == 504
     finally:
         runtime.close()
 
@@ -413,8 +414,8 @@ def _slow_onnx(path, n=1000, depth=40):
 
 
 def test_a_real_onnx_runtime_run_is_terminated_at_the_stage_deadline(tmp_path):
-    from handlers.executors import CpuExecutor
-    from handlers.topology import CoreGroup
+    from handlers.executors.cpu import CpuExecutor
+    from handlers.hardware.topology import CoreGroup
 
     out = _slow_onnx(tmp_path / "slow.onnx")
     executor = CpuExecutor(CoreGroup("cpu0", (0,), 0, 0), {"whole": tmp_path / "slow.onnx"}, pin=False)
@@ -424,7 +425,7 @@ def test_a_real_onnx_runtime_run_is_terminated_at_the_stage_deadline(tmp_path):
     executor.submit("whole", {"x": x}, 1000).result()
     full = time.perf_counter() - started
     runtime = Runtime([StagePlan("whole", ("x",), (out,), ("cpu0",))], [executor], PerfHistory(),
-                      [out], micro_batch=1000, stage_timeout_s=full / 8)
+                      [out], micro_batch=1000, stage_timeout_s=full / 8).start()
     try:
         started = time.perf_counter()
         (outcome,) = runtime.run({"x": x})
@@ -508,3 +509,37 @@ def test_switches_must_be_booleans():
 )
 def test_warm_up_runs_each_gpu_shape_once(largest, pad, done, sizes):
     assert warmup_sizes(largest, pad, done) == sizes
+
+
+def test_the_supervisor_saves_the_history_periodically_off_the_request_path():
+    runtime = make_runtime([FnExecutor("cpu0", BOTH)], ["cpu0"], ["cpu0"])
+    saved_by: list[str] = []
+    try:
+        runtime.supervisor.save_every(lambda: saved_by.append(threading.current_thread().name), 0.05)
+        np.testing.assert_array_equal(runtime.infer(x_batch(2))["y"], x_batch(2)["x"] * 2 + 1)
+        assert wait_for(lambda: len(saved_by) >= 2, 5.0)
+        assert set(saved_by) == {"hetserve-supervisor"}, "saves run on the supervisor thread"
+    finally:
+        runtime.close()
+    count = len(saved_by)
+    time.sleep(0.2)
+    assert len(saved_by) == count, "close() stops the periodic saves"
+
+
+def test_the_placer_books_the_earliest_predicted_end_and_frees_on_completion():
+    from handlers.runtime.placement import Placer
+
+    now = [0.0]
+    history = PerfHistory(clock=lambda: now[0])
+    history.observe_run("tail", "cpu0", 2, 0.010)
+    history.observe_run("tail", "cpu1", 2, 0.004)
+    placer = Placer(history, {"cpu0": "cpu", "cpu1": "cpu"}, lambda: now[0])
+    feeds = x_batch(2)
+    first = placer.place("tail", 2, feeds, ["cpu0", "cpu1"])
+    second = placer.place("tail", 2, feeds, ["cpu0", "cpu1"])
+    third = placer.place("tail", 2, feeds, ["cpu0", "cpu1"])
+    # cpu1 ends first twice (0.004, 0.008), then cpu0 (0.010) beats cpu1's 0.012
+    assert [p.executor for p in (first, second, third)] == ["cpu1", "cpu1", "cpu0"]
+    assert placer.place("tail", 2, feeds, ["cpu1"]).start == pytest.approx(0.008)
+    placer.complete("cpu1", 0.006)  # finished 2 ms late: the runs booked behind it move too
+    assert placer.free_times.free_at("cpu1") == pytest.approx(0.014)

@@ -8,15 +8,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from handlers.perf_model import PerfHistory
-from handlers.scheduler import (
+from handlers.runtime.perf_model import PerfHistory
+from handlers.runtime.scheduler import (
     Candidate,
     ExecutorClock,
     ExecutorSpec,
     build_candidates,
     choose_executor,
 )
-from handlers.simulation import POLICIES, SimConfig, format_table, simulate, sweep
+from hetserve.simulation import POLICIES, SimConfig, format_table, simulate, sweep
 
 
 class FakeClock:

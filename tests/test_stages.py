@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from models import TINY_MODELS, tiny_onnx
 
-from handlers.manifest import ManifestError, load_verified_manifest, random_batch
+from handlers.artifact.manifest import ManifestError, load_verified_manifest, random_batch
 from partitioner.build import CutOptions, build_stage_directory
 from partitioner.export import export_onnx
 from partitioner.loading import load_model

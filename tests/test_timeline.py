@@ -10,24 +10,19 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from handlers.executors import CpuExecutor
-from handlers.perf_model import PerfHistory
-from handlers.pipeline import Runtime, StagePlan
-from handlers.timeline import (
+from handlers.executors.cpu import CpuExecutor
+from handlers.hardware.topology import CoreGroup
+from handlers.observability.tracing import (
     COMPUTE,
     HOST,
     TRANSFER,
     LanePrefix,
     Span,
     Timeline,
-    chrome_trace,
-    clip,
-    intersection,
-    length,
-    merge,
-    overlap_report,
 )
-from handlers.topology import CoreGroup
+from handlers.runtime.flow import Runtime, StagePlan
+from handlers.runtime.perf_model import PerfHistory
+from hetserve.timeline_report import chrome_trace, clip, intersection, length, merge, overlap_report
 
 
 def test_merge_joins_touching_and_nested_intervals_and_drops_empty_ones():
@@ -189,7 +184,7 @@ def test_a_two_group_pipeline_runs_heads_beside_tails(tmp_path):
         executor.timeline = timeline
         executor.start(timeout=30)
     plans = [StagePlan("head", ("x",), ("h",), ("cpu0",)), StagePlan("tail", ("h",), ("y",), ("cpu1",))]
-    runtime = Runtime(plans, executors, PerfHistory(), ["y"], micro_batch=1)
+    runtime = Runtime(plans, executors, PerfHistory(), ["y"], micro_batch=1).start()
     try:
         x = np.arange(24, dtype=np.float32).reshape(6, 4)
         np.testing.assert_array_equal(runtime.infer({"x": x})["y"], x * 6)
@@ -207,18 +202,6 @@ def test_a_two_group_pipeline_runs_heads_beside_tails(tmp_path):
 
 
 # ---- the handler's phases around the executors' work -----------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from hetserve.cli import main
-
-    work = tmp_path_factory.mktemp("tiny")
-    out = work / "model"
-    args = ["partition", "--model", "zoo:resnet18-tiny", "--ratios", "0.8", "--cost", "flops",
-            "--quiet", "--out-dir", str(out), "--report", str(work / "report.json")]
-    assert main(args) == 0
-    return out
 
 
 def test_the_service_records_decode_assemble_run_encode_around_the_stages(tiny_model_dir, tmp_path):

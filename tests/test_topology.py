@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from handlers.topology import (
+from handlers.hardware.topology import (
     MIXED,
     CoreGroup,
     Topology,
@@ -167,7 +167,7 @@ def test_missing_topology_degrades_with_a_warning(tmp_path: Path, caplog) -> Non
     sys_root = tmp_path / "sys"
     (sys_root / "devices" / "system" / "cpu" / "cpu0").mkdir(parents=True)
     (sys_root / "devices" / "system" / "cpu" / "cpu1").mkdir(parents=True)
-    with caplog.at_level(logging.WARNING, logger="handlers.topology"):
+    with caplog.at_level(logging.WARNING, logger="handlers.hardware.topology"):
         topo = probe(str(sys_root), affinity={0, 1}, cgroup_root=no_cgroup(tmp_path))
     assert topo.cpus == (0, 1)
     assert topo.sockets == (0,) and topo.numa_nodes == (0,)
@@ -175,7 +175,7 @@ def test_missing_topology_degrades_with_a_warning(tmp_path: Path, caplog) -> Non
 
 
 def test_empty_sys_tree_falls_back_to_affinity(tmp_path: Path, caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="handlers.topology"):
+    with caplog.at_level(logging.WARNING, logger="handlers.hardware.topology"):
         topo = probe(str(tmp_path / "nothing"), affinity={2, 5}, cgroup_root=no_cgroup(tmp_path))
     assert topo.cpus == (2, 5)
     assert caplog.text

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from handlers.runtime_config import RuntimeConfig
+from handlers.runtime.config import RuntimeConfig
 from hetserve.knee import Criteria
 from hetserve.loadgen import LatencyStats, LoadResult
 from hetserve.tuner import (

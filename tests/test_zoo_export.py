@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from handlers.dynamic_dims import DynamicDims
+from handlers.protocol.dynamic_dims import DynamicDims
 from partitioner import zoo
 from partitioner.export import (
     ExportError,

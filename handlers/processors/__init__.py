@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from handlers.codecs import (
+from handlers.artifact.manifest import Manifest, resolve_inside
+from handlers.protocol.codecs import (
     _JSON_START,
     FORMAT_JSON,
     FORMAT_NPY,
@@ -38,10 +39,9 @@ from handlers.codecs import (
     header,
     on_kserve_route,
 )
-from handlers.manifest import Manifest, resolve_inside
-from handlers.npz_codec import FORMAT_NPZ, NPZ_CONTENT_TYPE
-from handlers.v2_codec import FORMAT_V2, V2_BINARY_HEADER, is_v2_document
-from handlers.validation import (
+from handlers.protocol.kserve_v2 import FORMAT_V2, V2_BINARY_HEADER, is_v2_document
+from handlers.protocol.npz_codec import FORMAT_NPZ, NPZ_CONTENT_TYPE
+from handlers.protocol.validation import (
     BAD_REQUEST,
     PAYLOAD_TOO_LARGE,
     UNSUPPORTED_MEDIA_TYPE,

@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from handlers.validation import (
+from handlers.protocol.validation import (
     BAD_REQUEST,
     PAYLOAD_TOO_LARGE,
     UNSUPPORTED_MEDIA_TYPE,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from handlers.validation import BAD_REQUEST, PAYLOAD_TOO_LARGE, RequestError
+from handlers.protocol.validation import BAD_REQUEST, PAYLOAD_TOO_LARGE, RequestError
 
 from .config import DEFAULT_TOKEN_INPUTS, ProcessorConfigError, TextConfig
 

@@ -1,0 +1,381 @@
+"""The archive's manifest: what the partitioner promises and the handler checks before loading.
+
+The manifest is JSON (never pickle). It lists every file of the archive with its SHA-256; the
+handler refuses to load anything until each listed file exists inside the model directory, is a
+regular file (not a link), and hashes to the recorded value, and until every ONNX file's
+external data points only at such files (``handlers.artifact.archive_safety``). Every refusal is a
+``ManifestError`` whose message names the archive file and the reason, on one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from handlers.artifact.archive_safety import UnsafeModelError, check_external_data, external_refs
+
+_log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "hetserve-manifest.json"
+MANIFEST_FORMAT = "hetserve-manifest"
+MANIFEST_VERSION = 1
+# Files TorchServe and torch-model-archiver put next to the manifest's own: they are read by
+# TorchServe (or are the handler entry it imports), never by the runtime as data.
+# Not listed in the manifest: the manifest itself and the archiver's own record (written after
+# the manifest). The entry handler and model-config.yaml are listed (issue 17, item 7).
+PACKAGING_FILES = frozenset({MANIFEST_NAME, "MAR-INF/MANIFEST.json"})
+COVERED_SINCE_V17 = frozenset({"model-config.yaml", "hetserve_handler.py"})
+
+# numpy dtype names the runtime accepts; ONNX element types map onto these (partitioner side).
+SUPPORTED_DTYPES = (
+    "float32",
+    "float16",
+    "float64",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "bool",
+)
+
+
+class ManifestError(ValueError):
+    """The archive cannot be trusted or understood; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input, output or cut tensor. ``None`` marks a dynamic dimension; dim 0 is batch."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+
+    def __post_init__(self) -> None:
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ManifestError(f"tensor {self.name!r}: unsupported dtype {self.dtype!r}")
+        if not self.shape:
+            raise ManifestError(f"tensor {self.name!r}: needs at least a batch dimension")
+
+    @property
+    def sample_shape(self) -> tuple[int | None, ...]:
+        return self.shape[1:]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TensorSpec:
+        return cls(
+            name=_req(data, "name", str),
+            dtype=_req(data, "dtype", str),
+            shape=tuple(None if d is None else int(d) for d in _req(data, "shape", list)),
+        )
+
+
+def random_batch(spec: TensorSpec, batch: int, rng: np.random.Generator) -> np.ndarray:
+    """A batch matching ``spec`` (dynamic dims set to 1), for verification and calibration."""
+    shape = (batch, *(d if d is not None else 1 for d in spec.sample_shape))
+    if spec.dtype.startswith("float"):
+        return rng.standard_normal(shape).astype(spec.dtype)
+    if spec.dtype == "bool":
+        return rng.integers(0, 2, shape).astype(bool)
+    # 0 and 1 index every table: token type embeddings (BERT's has 2 rows) take indices too.
+    return rng.integers(0, 2, shape).astype(spec.dtype)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One head/tail split of the model, as cut offline for one requested ratio."""
+
+    ratio: float  # requested share of the cost in the head
+    achieved_ratio: float
+    method: str
+    head: str  # archive-relative paths
+    tail: str
+    cut_tensors: tuple[TensorSpec, ...]
+    cut_bytes_per_sample: int
+    head_cost: float
+    tail_cost: float
+    max_abs_err: float
+    head_outputs: tuple[str, ...] = ()  # model outputs the head produces itself
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["cut_tensors"] = [t.to_json() for t in self.cut_tensors]
+        out["head_outputs"] = list(self.head_outputs)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Partition:
+        return cls(
+            ratio=float(_req(data, "ratio", (int, float))),
+            achieved_ratio=float(_req(data, "achieved_ratio", (int, float))),
+            method=_req(data, "method", str),
+            head=_req(data, "head", str),
+            tail=_req(data, "tail", str),
+            cut_tensors=tuple(TensorSpec.from_json(t) for t in _req(data, "cut_tensors", list)),
+            cut_bytes_per_sample=int(_req(data, "cut_bytes_per_sample", int)),
+            head_cost=float(_req(data, "head_cost", (int, float))),
+            tail_cost=float(_req(data, "tail_cost", (int, float))),
+            max_abs_err=float(_req(data, "max_abs_err", (int, float))),
+            head_outputs=tuple(data.get("head_outputs", ())),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model_name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    whole_model: str
+    partitions: tuple[Partition, ...]
+    files: dict[str, FileEntry]
+    default_ratio: float | None = None
+    profile: dict[str, Any] = field(default_factory=dict)
+    producer: dict[str, Any] = field(default_factory=dict)
+    version: int = MANIFEST_VERSION
+    # Dynamic dims beyond the batch (handlers.protocol.dynamic_dims.DynamicDims.to_json): empty = none.
+    dynamic_dims: dict[str, Any] = field(default_factory=dict)
+
+    def partition_for(self, ratio: float | None) -> Partition | None:
+        """The partition for ``ratio`` (``None``: the default one; no partitions: ``None``): the
+        one cut for it, else the one whose achieved ratio is nearest (logged)."""
+        if ratio is None:
+            ratio = self.default_ratio
+        if ratio is None or ratio >= 1.0:
+            return None
+        for part in self.partitions:
+            if abs(part.ratio - ratio) < 1e-9:
+                return part
+        if not self.partitions:
+            raise ManifestError(f"no partition for ratio {ratio:g}: the archive has none")
+        nearest = min(self.partitions, key=lambda p: (abs(p.achieved_ratio - ratio), p.ratio))
+        _log.info(
+            "ratio %g is not archived; serving the nearest partition, achieved ratio %.3f "
+            "(archived: %s)", ratio, nearest.achieved_ratio,
+            ", ".join(f"{p.achieved_ratio:.3f}" for p in self.partitions),
+        )
+        return nearest
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": self.version,
+            "model_name": self.model_name,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "whole_model": self.whole_model,
+            "default_ratio": self.default_ratio,
+            "partitions": [p.to_json() for p in self.partitions],
+            "profile": self.profile,
+            "producer": self.producer,
+            **({"dynamic_dims": self.dynamic_dims} if self.dynamic_dims else {}),
+            "files": {p: {"sha256": e.sha256, "size": e.size} for p, e in sorted(self.files.items())},
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Manifest:
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+            raise ManifestError("not a hetserve manifest (missing format marker)")
+        version = data.get("version")
+        if version != MANIFEST_VERSION:
+            raise ManifestError(
+                f"manifest version {version!r} is not supported (this handler reads {MANIFEST_VERSION})"
+            )
+        files = {}
+        for path, entry in _req(data, "files", dict).items():
+            check_relative_path(path)
+            files[path] = FileEntry(
+                sha256=_req(entry, "sha256", str), size=int(_req(entry, "size", int))
+            )
+        manifest = cls(
+            model_name=_req(data, "model_name", str),
+            inputs=tuple(TensorSpec.from_json(t) for t in _req(data, "inputs", list)),
+            outputs=tuple(TensorSpec.from_json(t) for t in _req(data, "outputs", list)),
+            whole_model=_req(data, "whole_model", str),
+            partitions=tuple(Partition.from_json(p) for p in data.get("partitions", [])),
+            files=files,
+            default_ratio=_optional_ratio(data.get("default_ratio")),
+            profile=data.get("profile", {}),
+            producer=data.get("producer", {}),
+            version=version,
+            dynamic_dims=data.get("dynamic_dims") or {},
+        )
+        for path in manifest.referenced_files():
+            if path not in files:
+                raise ManifestError(f"manifest refers to {path!r} but does not list its hash")
+        return manifest
+
+    def referenced_files(self) -> list[str]:
+        paths = [self.whole_model]
+        for part in self.partitions:
+            paths += [part.head, part.tail]
+        return paths
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_relative_path(path: str) -> PurePosixPath:
+    """Refuse archive paths that could point outside the model directory."""
+    pure = PurePosixPath(path)
+    if (
+        not path
+        or pure.is_absolute()
+        or "\\" in path
+        or ".." in pure.parts
+        or path.startswith("~")
+        or not path.isprintable()
+    ):
+        raise ManifestError(f"unsafe path in manifest: {path[:80]!r}")
+    return pure
+
+
+def resolve_inside(model_dir: str | os.PathLike[str], path: str) -> Path:
+    """The real path of an archive file, refusing links and anything outside ``model_dir``."""
+    check_relative_path(path)
+    root = Path(model_dir).resolve()
+    candidate = root / path
+    # Walk every component: a symlinked directory is as dangerous as a symlinked file.
+    current = root
+    for part in PurePosixPath(path).parts:
+        current = current / part
+        if current.is_symlink():
+            raise ManifestError(f"{path!r} is a symbolic link; archives may not contain links")
+    resolved = candidate.resolve()
+    if root not in resolved.parents:
+        raise ManifestError(f"{path!r} resolves outside the model directory")
+    return resolved
+
+
+def verify_files(manifest: Manifest, model_dir: str | os.PathLike[str]) -> None:
+    """Check every listed file's presence, type, size and SHA-256; raise on the first problem."""
+    for path, entry in sorted(manifest.files.items()):
+        real = resolve_inside(model_dir, path)
+        if not real.is_file():
+            raise ManifestError(f"{path!r} is listed in the manifest but missing from the archive")
+        size = real.stat().st_size
+        if size != entry.size:
+            raise ManifestError(f"{path!r} has {size} bytes, the manifest says {entry.size}")
+        digest = sha256_file(real)
+        if digest != entry.sha256:
+            raise ManifestError(f"{path!r} does not match its SHA-256 in the manifest")
+
+
+def verify_no_strays(manifest: Manifest, model_dir: str | os.PathLike[str]) -> None:
+    """Refuse links anywhere in the model directory and files nobody vouches for.
+
+    An archive entry with an absolute name lands inside TorchServe's extraction directory
+    (``/etc/x`` becomes ``etc/x``) and a link entry becomes a plain file or, with other
+    extractors, a real link: either way the archive is not the one the manifest describes.
+    """
+    root = Path(model_dir)
+    for folder, dirs, names in os.walk(root):
+        here = Path(folder)
+        for name in [*dirs, *names]:
+            rel = (here / name).relative_to(root).as_posix()
+            if (here / name).is_symlink():
+                raise ManifestError(f"{rel[:80]!r} is a symbolic link; archives may not contain links")
+            if name in names and not _vouched_for(rel, manifest) and rel in COVERED_SINCE_V17:
+                raise ManifestError(
+                    f"{rel!r} is not covered by the manifest: the archive was built before "
+                    "hetserve listed its entry handler and config; rebuild it with hetserve archive"
+                )
+            if name in names and not _vouched_for(rel, manifest):
+                raise ManifestError(
+                    f"unexpected file {rel[:80]!r} in the model directory (not in the manifest)"
+                )
+
+
+def _vouched_for(rel: str, manifest: Manifest) -> bool:
+    parts = PurePosixPath(rel).parts
+    # Python caches the handler's bytecode next to it once TorchServe imports it.
+    compiled = "__pycache__" in parts and rel.endswith(".pyc")
+    return rel in manifest.files or rel in PACKAGING_FILES or compiled
+
+
+def verify_onnx_files(manifest: Manifest, model_dir: str | os.PathLike[str]) -> None:
+    """Refuse any ONNX file whose tensors would make ORT read outside the verified files.
+
+    Call after ``verify_files``: the sizes it checked bound every external-data range.
+    """
+    sizes = {path: entry.size for path, entry in manifest.files.items()}
+    onnx_files = set(manifest.referenced_files()) | {p for p in sizes if p.endswith(".onnx")}
+    for path in sorted(onnx_files):
+        try:
+            check_external_data(path, external_refs(resolve_inside(model_dir, path)), sizes)
+        except UnsafeModelError as exc:
+            raise ManifestError(f"{path!r} is refused: {exc}") from None
+
+
+def read_manifest(model_dir: str | os.PathLike[str]) -> Manifest:
+    path = Path(model_dir) / MANIFEST_NAME
+    if not path.is_file() or path.is_symlink():
+        raise ManifestError(f"{MANIFEST_NAME} is missing from the archive")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ManifestError(f"{MANIFEST_NAME} is not valid JSON: {_one_line(exc)}") from None
+    try:
+        return Manifest.from_json(data)
+    except ManifestError as exc:
+        raise ManifestError(f"{MANIFEST_NAME}: {exc}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        # A field of the wrong shape deep inside (a shape entry that is not a number, say).
+        raise ManifestError(f"{MANIFEST_NAME} is malformed: {_one_line(exc)}") from None
+
+
+def load_verified_manifest(model_dir: str | os.PathLike[str]) -> Manifest:
+    """The manifest, once every file it lists and every ONNX file's external data are safe."""
+    manifest = read_manifest(model_dir)
+    verify_files(manifest, model_dir)
+    verify_no_strays(manifest, model_dir)
+    verify_onnx_files(manifest, model_dir)
+    return manifest
+
+
+def write_manifest(manifest: Manifest, model_dir: str | os.PathLike[str]) -> Path:
+    path = Path(model_dir) / MANIFEST_NAME
+    path.write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def _optional_ratio(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ManifestError("manifest field 'default_ratio' has the wrong type")
+    return float(value)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
+
+
+def _req(data: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    if not isinstance(data, dict) or key not in data:
+        raise ManifestError(f"manifest field {key!r} is missing")
+    value = data[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ManifestError(f"manifest field {key!r} has the wrong type")
+    return value

@@ -1,0 +1,1 @@
+"""Hardware probing (cores, SMT siblings, NUMA, affinity) in one place."""

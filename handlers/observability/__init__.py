@@ -1,0 +1,1 @@
+"""What the runtime reports: TorchServe metrics and the span recorder (timeline)."""

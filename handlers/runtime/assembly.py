@@ -1,0 +1,345 @@
+"""Decide what runs where: stages from the manifest, executors from the hardware, then calibrate.
+
+* Partitioned, with a GPU: the head runs on CUDA streams; the tail may run on the streams or
+  on any CPU core group, chosen per micro-batch.
+* Partitioned, CPU only: head and tail on CPU core groups. ``cpu_head_groups = k`` reserves the
+  first k groups for the head and the others for the tail (the paper's pipelined core
+  clusters); 0 lets the scheduler place both stages on any group.
+* Whole model (ratio >= 1 or no partitions in the archive): one stage on every executor.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from handlers.artifact.manifest import Manifest, TensorSpec, random_batch
+from handlers.executors.base import Executor, ExecutorLoadError
+from handlers.executors.cpu import CpuExecutor
+from handlers.executors.cuda import cuda_unavailable_reason
+from handlers.hardware.topology import plan_groups, probe, split_cpu_groups
+from handlers.runtime.config import ConfigError, RuntimeConfig
+from handlers.runtime.flow import Runtime, StagePlan
+from handlers.runtime.perf_model import PerfHistory
+from handlers.runtime.quarantine import Quarantine
+
+if TYPE_CHECKING:
+    from handlers.testing.faults import FaultInjector
+
+log = logging.getLogger(__name__)
+
+
+def stage_plans(
+    manifest: Manifest,
+    config: RuntimeConfig,
+    head_executors: Sequence[str],
+    tail_executors: Sequence[str],
+) -> tuple[list[StagePlan], dict[str, str]]:
+    """The stages to run and, per stage, the archive file it loads."""
+    partition = manifest.partition_for(config.ratio)
+    inputs = tuple(s.name for s in manifest.inputs)
+    outputs = tuple(s.name for s in manifest.outputs)
+    if partition is None:
+        every = tuple(dict.fromkeys([*head_executors, *tail_executors]))
+        return [StagePlan("whole", inputs, outputs, every)], {"whole": manifest.whole_model}
+    cut = tuple(t.name for t in partition.cut_tensors)
+    head_out = tuple(dict.fromkeys([*(n for n in cut if n not in inputs), *partition.head_outputs]))
+    tail_out = tuple(o for o in outputs if o not in partition.head_outputs)
+    plans = [
+        StagePlan("head", inputs, head_out, tuple(head_executors)),
+        StagePlan("tail", cut, tail_out, tuple(tail_executors)),
+    ]
+    return plans, {"head": partition.head, "tail": partition.tail}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which executors may run the head and the tail (or the whole model)."""
+
+    head: tuple[str, ...]
+    tail: tuple[str, ...]
+
+
+def choose_layout(
+    partitioned: bool,
+    cuda: Sequence[str],
+    head_cpu: Sequence[str],
+    tail_cpu: Sequence[str],
+    config: RuntimeConfig,
+) -> Layout:
+    """Pure: the device classes per stage from what exists and what the config allows."""
+    if config.tail_devices == "cuda" and not cuda:
+        raise ConfigError("hetserve.tail_devices is 'cuda' but no CUDA executor could start")
+    if config.head_devices == "cuda" and not cuda:
+        raise ConfigError("hetserve.head_devices is 'cuda' but no CUDA executor could start")
+    head = tuple(cuda) if cuda and config.head_devices != "cpu" else tuple(head_cpu)
+    if not partitioned:
+        return Layout(head, head)
+    if head == tuple(cuda):
+        # With the head on the GPU every core group is free for tails.
+        tail_cpu = tuple(dict.fromkeys([*head_cpu, *tail_cpu]))
+    tail = {
+        "cpu": tuple(tail_cpu),
+        "cuda": tuple(cuda),
+        "auto": (*cuda, *tail_cpu),
+    }[config.tail_devices]
+    return Layout(head, tail)
+
+
+def build_runtime(
+    manifest: Manifest, model_dir: Path, config: RuntimeConfig, history: PerfHistory
+) -> Runtime:
+    partitioned = manifest.partition_for(config.ratio) is not None
+    wants_cuda = not (config.head_devices == "cpu" and config.tail_devices == "cpu")
+    if wants_cuda and (reason := cuda_unavailable_reason()) is None:
+        try:
+            return _build(manifest, model_dir, config, history, partitioned, use_cuda=True)
+        except ExecutorLoadError as exc:
+            if "cuda" in (config.head_devices, config.tail_devices):
+                raise
+            log.warning("hetserve: GPU not usable (%s); serving on CPU core groups only", exc)
+    elif wants_cuda and "cuda" in (config.head_devices, config.tail_devices):
+        raise ConfigError(f"hetserve asks for CUDA but it is unavailable: {reason}")
+    return _build(manifest, model_dir, config, history, partitioned, use_cuda=False)
+
+
+def _build(
+    manifest: Manifest,
+    model_dir: Path,
+    config: RuntimeConfig,
+    history: PerfHistory,
+    partitioned: bool,
+    use_cuda: bool,
+) -> Runtime:
+    topology = probe()
+    if use_cuda and len(topology.cores) >= 4:
+        # One core stays with the threads that drive the GPU and talk to TorchServe.
+        topology = replace(topology, cores=topology.cores[1:])
+    min_groups = 2 if partitioned and not use_cuda else 1
+    groups = plan_groups(topology, config.core_groups, min_groups=min_groups)
+    head_groups, tail_groups = split_cpu_groups(
+        groups, config.cpu_head_groups if partitioned and not use_cuda else 0
+    )
+    cuda_names = [f"cuda{config.cuda_device}s{i}" for i in range(config.cuda_streams)] if use_cuda else []
+    layout = choose_layout(
+        partitioned, cuda_names, [g.name for g in head_groups], [g.name for g in tail_groups], config
+    )
+    plans, files = stage_plans(manifest, config, layout.head, layout.tail)
+    log.info(
+        "hetserve: %s; head on %s, tail on %s",
+        topology.describe(), list(layout.head), list(layout.tail) if partitioned else "-",
+    )
+
+    runtime_ref: list[Runtime] = []
+
+    def observe(stage: str, executor: str, batch: int, seconds: float) -> None:
+        if runtime_ref:
+            runtime_ref[0].observe_run(stage, executor, batch, seconds)
+
+    def observe_transfer(link: str, nbytes: int, seconds: float) -> None:
+        if runtime_ref:
+            runtime_ref[0].observe_transfer(link, nbytes, seconds)
+
+    def stages_for(name: str) -> dict[str, Path]:
+        return {p.name: model_dir / files[p.name] for p in plans if name in p.candidates}
+
+    executors: list[Executor] = []
+    if cuda_names:
+        from handlers.executors.cuda import CudaExecutor
+
+        # Cut tensors stay on the GPU when a GPU tail may consume them without a copy.
+        keep = _device_outputs(manifest, config) if set(cuda_names) & set(layout.tail) else ()
+        for i, name in enumerate(cuda_names):
+            executors.append(CudaExecutor(
+                stages_for(name), config.cuda_device, i, observer=observe,
+                transfer_observer=observe_transfer, device_outputs=keep,
+                pad_batch=gpu_pad_batch(config, len(cuda_names)), cuda_graph=config.cuda_graph,
+            ))
+    for group in groups:
+        if stages := stages_for(group.name):
+            executors.append(CpuExecutor(
+                group, stages, spinning=config.spinning, observer=observe,
+                transfer_observer=observe_transfer,
+            ))
+    _start_all(executors)
+    injector = _fault_injector(config)
+    for executor in executors:
+        executor.faults = injector
+    runtime = Runtime(
+        plans,
+        executors,
+        history,
+        [s.name for s in manifest.outputs],
+        micro_batch=config.micro_batch,
+        stage_timeout_s=config.stage_timeout_s,
+        request_timeout_s=config.request_timeout_s,
+        clock=time.perf_counter,  # the one clock: placement, deadlines, quarantine back-off
+        quarantine=Quarantine(
+            [e.name for e in executors],
+            after_failures=config.quarantine_after,
+            backoff_s=config.probe_backoff_s,
+            max_backoff_s=config.probe_backoff_max_s,
+            clock=time.perf_counter,
+        ),
+        probe_feeds=probe_feeds(plans, manifest, config),
+    ).start()
+    runtime_ref.append(runtime)
+    try:
+        calibrate(runtime, manifest, config)
+    except Exception:
+        runtime.close()
+        raise
+    if injector is not None:
+        # Armed after calibration: a faulty test config must still load.
+        log.warning("hetserve: fault injection armed (tests only): %s", config.faults)
+        injector.arm()
+    return runtime
+
+
+def _fault_injector(config: RuntimeConfig) -> FaultInjector | None:
+    """Tests only: the test-support module is imported only when a config asks for faults."""
+    if not config.faults:
+        return None
+    from handlers.testing.faults import FaultInjector
+
+    return FaultInjector(config.faults)
+
+
+def gpu_pad_batch(config: RuntimeConfig, head_lanes: int) -> int:
+    """The fixed row count of every GPU run: the largest micro-batch a TorchServe batch makes."""
+    if not config.cuda_fixed_batch:
+        return 0
+    if config.micro_batch > 0:
+        return config.micro_batch
+    return -(-config.batch_size // max(head_lanes, 1))
+
+
+def _start_all(executors: Sequence[Executor]) -> None:
+    try:
+        for executor in executors:
+            executor.start()
+    except Exception:
+        for executor in executors:
+            executor.close()
+        raise
+
+
+def _device_outputs(manifest: Manifest, config: RuntimeConfig) -> tuple[str, ...]:
+    partition = manifest.partition_for(config.ratio)
+    outputs = {s.name for s in manifest.outputs}
+    return tuple(t.name for t in partition.cut_tensors if t.name not in outputs) if partition else ()
+
+
+def calibrate(
+    runtime: Runtime, manifest: Manifest, config: RuntimeConfig, batches: Sequence[int] = (1, 4)
+) -> None:
+    """Warm every (stage, executor) pair and seed the history where it has nothing yet.
+
+    Pairs the persisted history already knows (a restarted worker) get one short run.
+    """
+    specs = _stage_input_specs(manifest, config)
+    rng = np.random.default_rng(0)
+    pairs = [(plan.name, name) for plan in runtime.stages for name in plan.candidates]
+    known = [pair for pair in pairs if runtime.history.is_calibrated(*pair)]
+    log.info(
+        "hetserve: performance history has %d of %d (stage, executor) pairs calibrated%s",
+        len(known), len(pairs), "; calibration shortened for them" if known else "",
+    )
+    # Later stages get the earlier stages' real outputs: a random cut tensor (an index, a mask)
+    # can be a value the tail never sees and fail where real traffic would not.
+    real = {batch: pipeline_feeds(runtime, specs, batch, rng, config) for batch in batches}
+    for plan in runtime.stages:
+        for name in plan.candidates:
+            executor = runtime.executors[name]
+            calibrated = runtime.history.is_calibrated(plan.name, name)
+            runs = 1 if calibrated else max(config.calibration_runs, 1)
+            for batch in batches if not calibrated else batches[:1]:
+                feeds = real[batch][plan.name]
+                executor.submit(plan.name, feeds, batch, observe=False).result(
+                    timeout=config.stage_timeout_s * 4
+                )
+                for _ in range(runs):
+                    executor.submit(plan.name, feeds, batch).result(
+                        timeout=config.stage_timeout_s * 4
+                    )
+    warm_every_size(runtime, config, specs, rng, skip=batches)
+
+
+def pipeline_feeds(
+    runtime: Runtime, specs: dict[str, TensorSpec], batch: int, rng, config: RuntimeConfig
+) -> dict[str, dict[str, np.ndarray]]:
+    """Feeds for every stage at ``batch``: random model inputs, then each stage's real outputs
+    (run once, unobserved, on its first candidate) for the stages after it."""
+    available = {s.name: random_batch(s, batch, rng) for s in specs.values()}
+    feeds: dict[str, dict[str, np.ndarray]] = {}
+    for plan in runtime.stages:
+        feeds[plan.name] = {n: available[n] for n in plan.inputs}
+        executor = runtime.executors[plan.candidates[0]]
+        outputs = executor.submit(plan.name, feeds[plan.name], batch, observe=False).result(
+            timeout=config.stage_timeout_s * 4
+        )
+        available.update({k: v if isinstance(v, np.ndarray) else v.to_host() for k, v in outputs.items()})
+    return feeds
+
+
+def warmup_sizes(largest: int, pad_batch: int, done: Sequence[int]) -> list[int]:
+    """Batch sizes 1..largest whose run shape the calibration runs (``done``) did not warm.
+
+    A padded executor runs every size below ``pad_batch`` at that one shape: warming it once
+    is enough.
+    """
+    warmed = {max(b, pad_batch) for b in done}
+    sizes: dict[int, int] = {}
+    for batch in range(1, largest + 1):
+        sizes.setdefault(max(batch, pad_batch), batch)
+    return [batch for shape, batch in sizes.items() if shape not in warmed]
+
+
+# Warming costs one run per size; past this, an unusual size pays its first run when it comes.
+WARMUP_MAX_BATCH = 64
+
+
+def warm_every_size(
+    runtime: Runtime, config: RuntimeConfig, specs: dict[str, TensorSpec], rng, skip: Sequence[int]
+) -> None:
+    """Run each GPU stage once at every batch size a TorchServe batch can be cut into.
+
+    ORT's CUDA provider plans memory for each new input shape and, with cuDNN, picks conv
+    algorithms for it: on an H100 the first GoogLeNet batch of each new size stalled the worker
+    for hundreds of milliseconds, so unwarmed sizes showed up as seconds of tail latency.
+    """
+    largest = min(config.batch_size, WARMUP_MAX_BATCH)
+    for plan in runtime.stages:
+        for name in plan.candidates:
+            executor = runtime.executors[name]
+            if executor.device == "cpu":
+                continue
+            for batch in warmup_sizes(largest, getattr(executor, "pad_batch", 0), skip):
+                feeds = pipeline_feeds(runtime, specs, batch, rng, config)[plan.name]
+                executor.submit(plan.name, feeds, batch, observe=False).result(
+                    timeout=config.stage_timeout_s * 4
+                )
+
+
+def probe_feeds(
+    plans: Sequence[StagePlan], manifest: Manifest, config: RuntimeConfig
+) -> Callable[[str], dict[str, np.ndarray]]:
+    """Batch-1 random feeds per stage, made once: what re-probes a quarantined executor."""
+    specs = _stage_input_specs(manifest, config)
+    rng = np.random.default_rng(1)
+    feeds = {p.name: {n: random_batch(specs[n], 1, rng) for n in p.inputs} for p in plans}
+    return feeds.__getitem__
+
+
+def _stage_input_specs(manifest: Manifest, config: RuntimeConfig) -> dict[str, TensorSpec]:
+    specs = {s.name: s for s in manifest.inputs}
+    partition = manifest.partition_for(config.ratio)
+    if partition is not None:
+        specs.update({s.name: s for s in partition.cut_tensors})
+    return specs

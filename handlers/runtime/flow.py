@@ -1,0 +1,378 @@
+"""The serving runtime: a batch becomes micro-batches that flow head -> tail over the executors.
+
+Each stage of each micro-batch is placed when it becomes ready (the head at submission, the
+tail the moment its head finishes) on the candidate executor with the earliest predicted
+completion (``handlers.runtime.scheduler``), so the head of micro-batch i+1 runs while the tail of
+micro-batch i runs elsewhere. Outputs are reassembled in request order.
+
+Faults stay local: a stage that fails is retried once on another executor; a stage that runs past
+``stage_timeout_s`` is cancelled by the supervisor (``handlers.runtime.supervisor``) and retried
+the same way, and its executor is quarantined (``handlers.runtime.quarantine``) until a
+background re-probe succeeds; a request that outlives ``request_timeout_s`` (kept below
+TorchServe's responseTimeout, which would otherwise kill the worker) is answered with a timeout
+and its work abandoned.
+
+This module keeps only the micro-batch flow; placement is ``handlers.runtime.placement.Placer``.
+The supervisor shares the runtime's ``lock``, ``attempts`` and ``probes`` (both sides of one
+state machine), which is why they are public here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from handlers.errors import ExecutorFailed, ExecutorOutOfMemory, StageTimeout
+from handlers.executors.base import Executor
+from handlers.runtime.perf_model import PerfHistory
+from handlers.runtime.placement import Placer
+from handlers.runtime.quarantine import Quarantine
+from handlers.runtime.scheduler import Placement
+from handlers.runtime.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+# (stage) -> calibration-size feeds for that stage: what a re-probe runs.
+ProbeFeeds = Callable[[str], Mapping[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    name: str  # "head", "tail" or "whole"
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    candidates: tuple[str, ...]  # executor names allowed to run it
+
+
+@dataclass
+class RuntimeStats:
+    """Counters the handler turns into TorchServe metrics after each batch."""
+
+    placements: Counter = field(default_factory=Counter)  # (stage, executor) -> count
+    run_ms: list[tuple[str, str, float]] = field(default_factory=list)  # (stage, executor, ms)
+    queue_ms: list[tuple[str, float]] = field(default_factory=list)  # (stage, ms)
+    micro_batches: int = 0
+    timeouts: Counter = field(default_factory=Counter)  # (stage, executor) -> missed deadlines
+    quarantines: Counter = field(default_factory=Counter)  # executor -> times taken out
+    probes: Counter = field(default_factory=Counter)  # (executor, "ok" | "failed") -> count
+    retries: Counter = field(default_factory=Counter)  # (stage, executor that failed) -> count
+    cpu_fallbacks: Counter = field(default_factory=Counter)  # (stage, GPU executor out of memory)
+
+    def drain(self) -> RuntimeStats:
+        snapshot = RuntimeStats(
+            Counter(self.placements), list(self.run_ms), list(self.queue_ms), self.micro_batches,
+            Counter(self.timeouts), Counter(self.quarantines), Counter(self.probes),
+            Counter(self.retries), Counter(self.cpu_fallbacks),
+        )
+        for counter in (self.placements, self.timeouts, self.quarantines, self.probes,
+                        self.retries, self.cpu_fallbacks):
+            counter.clear()
+        self.run_ms.clear()
+        self.queue_ms.clear()
+        self.micro_batches = 0
+        return snapshot
+
+
+@dataclass
+class _Flow:
+    """One micro-batch on its way through the stages."""
+
+    start: int
+    stop: int
+    tensors: dict[str, Any]  # numpy arrays, or tensors left on a GPU by the previous stage
+    done: Future = field(default_factory=Future)
+    stage_index: int = 0
+    abandoned: bool = False  # its request ran out of time: nothing more is done for it
+    attempt: tuple[_Attempt, Future] | None = None  # the stage run in flight
+
+    @property
+    def batch(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(eq=False)
+class _Attempt:
+    """One stage of one micro-batch submitted to one executor."""
+
+    flow: _Flow
+    stage: StagePlan
+    executor: str
+    exclude: frozenset[str]  # executors this stage already failed on
+    settled: bool = False  # its outcome was handled (done, timed out, rerouted or abandoned)
+
+
+@dataclass(frozen=True)
+class MicroBatchOutcome:
+    start: int  # rows [start, stop) of the batch
+    stop: int
+    outputs: Mapping[str, np.ndarray] | None
+    error: BaseException | None
+
+
+def _host(value: Any) -> np.ndarray:
+    return value if isinstance(value, np.ndarray) else value.to_host()
+
+
+class Runtime:
+    def __init__(
+        self,
+        stages: Sequence[StagePlan],
+        executors: Sequence[Executor],
+        history: PerfHistory,
+        model_outputs: Sequence[str],
+        micro_batch: int = 0,
+        stage_timeout_s: float = 30.0,
+        clock: Callable[[], float] = time.perf_counter,
+        *,
+        request_timeout_s: float | None = None,
+        quarantine: Quarantine | None = None,
+        probe_feeds: ProbeFeeds | None = None,
+        supervise_interval_s: float = 0.05,
+    ) -> None:
+        self.stages = tuple(stages)
+        self.executors = {e.name: e for e in executors}
+        for stage in self.stages:
+            missing = [c for c in stage.candidates if c not in self.executors]
+            if not stage.candidates or missing:
+                raise ValueError(f"stage {stage.name}: no usable executor ({missing or 'none'})")
+        self.history = history
+        self.model_outputs = tuple(model_outputs)
+        self.micro_batch = micro_batch
+        self.stage_timeout_s = stage_timeout_s
+        # A micro-batch may run each stage and one retry, each up to the stage deadline.
+        self.request_timeout_s = request_timeout_s or stage_timeout_s * (len(self.stages) + 1)
+        self.quarantine = quarantine or Quarantine(list(self.executors))
+        self.probe_feeds = probe_feeds
+        self.clock = clock
+        for executor in executors:  # job start stamps, which the deadlines compare with
+            executor.clock = clock
+        self.lock = threading.Lock()
+        self.placer = Placer(history, {e.name: e.device for e in executors}, clock)
+        self.stats = RuntimeStats()
+        self.attempts: dict[Future, _Attempt] = {}  # stage runs in flight
+        self.probes: dict[Future, str] = {}  # re-probes in flight -> executor
+        self.supervisor = Supervisor(self, supervise_interval_s)
+
+    def start(self) -> Runtime:
+        """Start the supervisor (deadlines, re-probes, periodic saves); returns self."""
+        self.supervisor.start()
+        return self
+
+    # -- observations from executor threads --
+    def observe_run(self, stage: str, executor: str, batch: int, seconds: float) -> None:
+        with self.lock:
+            self.history.observe_run(stage, executor, batch, seconds)
+            self.stats.run_ms.append((stage, executor, seconds * 1e3))
+
+    def observe_transfer(self, link: str, nbytes: int, seconds: float) -> None:
+        with self.lock:
+            self.history.observe_transfer(link, nbytes, seconds)
+
+    # -- the request path --
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[MicroBatchOutcome]:
+        """Every micro-batch's rows and its outputs or error: failures stay local to their rows."""
+        total = next(iter(feeds.values())).shape[0]
+        flows = [
+            _Flow(start, stop, {k: v[start:stop] for k, v in feeds.items()})
+            for start, stop in self.micro_batches(total)
+        ]
+        with self.lock:
+            self.stats.micro_batches += len(flows)
+        for flow in flows:
+            self._advance(flow)
+        deadline = self.clock() + self.request_timeout_s
+        outcomes = []
+        for flow in flows:
+            try:
+                result = flow.done.result(timeout=max(deadline - self.clock(), 0.0))
+                outcomes.append(MicroBatchOutcome(flow.start, flow.stop, result, None))
+            except FutureTimeout:
+                self._abandon(flow)
+                error = StageTimeout(
+                    f"not finished within the request budget of {self.request_timeout_s:g} s"
+                )
+                outcomes.append(MicroBatchOutcome(flow.start, flow.stop, None, error))
+            except Exception as exc:  # noqa: BLE001 - reported per micro-batch
+                outcomes.append(MicroBatchOutcome(flow.start, flow.stop, None, exc))
+        return outcomes
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """All outputs in row order; raises the first micro-batch error."""
+        outcomes = self.run(feeds)
+        for outcome in outcomes:
+            if outcome.error is not None:
+                raise outcome.error
+        outputs = [o.outputs for o in outcomes if o.outputs is not None]  # all: no error above
+        if len(outputs) == 1:
+            return dict(outputs[0])
+        return {name: np.concatenate([o[name] for o in outputs]) for name in self.model_outputs}
+
+    def micro_batches(self, total: int) -> list[tuple[int, int]]:
+        size = self.micro_batch
+        if size <= 0:
+            # Enough micro-batches to keep every head executor busy, no more.
+            lanes = len(self.stages[0].candidates)
+            size = -(-total // lanes)
+        return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+    def _advance(self, flow: _Flow, exclude: frozenset[str] = frozenset()) -> None:
+        if flow.abandoned:
+            return
+        if flow.stage_index == len(self.stages):
+            self._finish(flow, {name: _host(flow.tensors[name]) for name in self.model_outputs})
+            return
+        stage = self.stages[flow.stage_index]
+        feeds = {name: flow.tensors[name] for name in stage.inputs}
+        placement = self.place(stage, flow.batch, feeds, exclude)
+        if placement is None:
+            self._finish(flow, self._no_executor_error(stage, exclude))
+            return
+        executor = self.executors[placement.executor]
+        try:
+            future = executor.submit(stage.name, feeds, flow.batch)
+        except ExecutorFailed as exc:
+            with self.lock:
+                self.placer.complete(placement.executor)
+            self._finish(flow, exc)
+            return
+        attempt = _Attempt(flow, stage, placement.executor, exclude)
+        with self.lock:
+            # Registered before the callback: a future already done runs it at once and unregisters.
+            self.attempts[future] = attempt
+            flow.attempt = (attempt, future)
+        future.add_done_callback(lambda f: self._stage_done(attempt, f))
+
+    def place(
+        self, stage: StagePlan, batch: int, feeds: Mapping[str, Any], exclude: frozenset[str]
+    ) -> Placement | None:
+        """The live placement decision (lock, quarantine, Placer, statistics); None when every
+        candidate is quarantined or excluded. benchmarks/scheduler_decision_cost.py times this."""
+        with self.lock:
+            out = exclude | self.quarantine.excluded()
+            if all(c in out for c in stage.candidates):
+                return None
+            allowed = [c for c in stage.candidates if c not in out]
+            placement = self.placer.place(stage.name, batch, feeds, allowed)
+            self.stats.placements[(stage.name, placement.executor)] += 1
+            self.stats.queue_ms.append(
+                (stage.name, max(placement.start - self.clock(), 0.0) * 1e3)
+            )
+            return placement
+
+    def _stage_done(self, attempt: _Attempt, future: Future) -> None:
+        name, flow = attempt.executor, attempt.flow
+        with self.lock:
+            self.placer.complete(name)
+            self.attempts.pop(future, None)
+            if attempt.settled:  # timed out or abandoned: that path answered already
+                return
+            attempt.settled = True
+            if future.cancelled():  # still queued when its executor was quarantined: move it
+                rerouted = True
+            else:
+                rerouted = False
+                exc = future.exception()
+                if exc is None:
+                    self.quarantine.record_success(name)
+                elif isinstance(exc, ExecutorOutOfMemory):
+                    pass  # a sign of load, not of a broken executor: the retry handles it
+                elif self.quarantine.record_failure(name, attempt.stage.name, str(exc)):
+                    self.on_quarantined(name)
+        if rerouted:
+            self._advance(flow, attempt.exclude)
+        elif exc is not None:
+            self.retry_or_fail(attempt, exc)
+        else:
+            flow.tensors.update(future.result())
+            flow.stage_index += 1
+            self._advance(flow)
+
+    def retry_or_fail(self, attempt: _Attempt, exc: BaseException) -> None:
+        with self.lock:
+            retry = self._retry_set(attempt.stage, attempt.executor, exc, attempt.exclude)
+            if retry is not None:
+                key = (attempt.stage.name, attempt.executor)
+                self.stats.retries[key] += 1
+                if isinstance(exc, ExecutorOutOfMemory) and self.executors[attempt.executor].device != "cpu":
+                    # _retry_set kept only CPU executors: a GPU out of memory falls back to a CPU
+                    self.stats.cpu_fallbacks[key] += 1
+        if retry is None:
+            self._finish(attempt.flow, exc)
+        else:
+            self._advance(attempt.flow, retry)
+
+    def _retry_set(
+        self, stage: StagePlan, failed: str, exc: BaseException, exclude: frozenset[str]
+    ) -> frozenset[str] | None:
+        """Executors to keep away from on a second try, or None when there is no other one.
+
+        One retry per stage: after a GPU runs out of memory the retry goes to a CPU group.
+        """
+        if exclude or not isinstance(exc, ExecutorFailed | StageTimeout):
+            return None
+        out = self.quarantine.excluded()
+        others = [c for c in stage.candidates if c != failed and c not in out]
+        if isinstance(exc, ExecutorOutOfMemory):
+            others = [c for c in others if self.executors[c].device == "cpu"]
+        if not others:
+            return None
+        return frozenset(c for c in stage.candidates if c not in others)
+
+    def _no_executor_error(self, stage: StagePlan, exclude: frozenset[str]) -> ExecutorFailed:
+        with self.lock:
+            held = [f"{c}: {self.quarantine.reason(c)}" for c in stage.candidates
+                    if self.quarantine.is_quarantined(c)]
+        failed = sorted(exclude)
+        parts = [f"quarantined {'; '.join(held)}"] if held else []
+        parts += [f"kept off {', '.join(failed)} on retry"] if failed else []
+        return ExecutorFailed(
+            f"no executor in service for stage {stage.name!r} ({'; '.join(parts) or 'none'})"
+        )
+
+    def _finish(self, flow: _Flow, result: Mapping[str, np.ndarray] | BaseException) -> None:
+        if flow.abandoned or flow.done.done():
+            return
+        if isinstance(result, BaseException):
+            flow.done.set_exception(result)
+        else:
+            flow.done.set_result(result)
+
+    def _abandon(self, flow: _Flow) -> None:
+        """The request gave up on this micro-batch: stop its work, answer nothing more."""
+        with self.lock:
+            flow.abandoned = True
+            current = flow.attempt
+            if current is None or current[0].settled:
+                return
+            attempt, future = current
+            attempt.settled = True
+            self.attempts.pop(future, None)
+        self.executors[attempt.executor].interrupt(future)
+
+    def on_quarantined(self, name: str) -> None:
+        """Under the lock."""
+        self.stats.quarantines[name] += 1
+        log.warning("hetserve: executor %s quarantined (%s)", name, self.quarantine.reason(name))
+
+    def drain_stats(self) -> RuntimeStats:
+        with self.lock:
+            return self.stats.drain()
+
+    def in_flight(self) -> int:
+        """Stage runs and probes not yet settled: 0 when the runtime is idle (tests check leaks)."""
+        with self.lock:
+            return len(self.attempts) + len(self.probes)
+
+    def close(self) -> None:
+        self.supervisor.close()
+        for executor in self.executors.values():
+            executor.close()

@@ -1,0 +1,1 @@
+"""Test support that ships with the runtime but is refused unless HETSERVE_ENABLE_FAULTS=1."""

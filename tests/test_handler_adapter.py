@@ -1,0 +1,85 @@
+"""The TorchServe adapter (handlers/hetserve_handler.py) driven in process with TorchServe's own
+``Context`` and metrics cache, as a worker would drive it: no server, the real service behind it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ts_context = pytest.importorskip("ts.context")
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl  # noqa: E402
+from ts.metrics.metric_type_enum import MetricTypes  # noqa: E402
+
+from handlers.hetserve_handler import HetServeHandler  # noqa: E402
+from handlers.observability.metrics import MICRO_BATCHES  # noqa: E402
+
+SHAPE = "1,3,64,64"
+
+
+def make_context(model_dir: Path, state_dir: Path, **hetserve) -> ts_context.Context:
+    config = yaml.safe_load((model_dir / "model-config.yaml").read_text()) or {}
+    config["hetserve"] = {**(config.get("hetserve") or {}), "calibration_runs": 1,
+                          "state_dir": str(state_dir), "core_groups": "size:1", **hetserve}
+    metrics_yaml = Path(ts_context.__file__).parent / "configs" / "metrics.yaml"
+    metrics = MetricsCacheYamlImpl(config_file_path=str(metrics_yaml))
+    metrics.initialize_cache()
+    return ts_context.Context(
+        "tiny", str(model_dir), {"model": {"modelVersion": "2.0"}}, 4, None, "0.12.0",
+        metrics=metrics, model_yaml_config=config,
+    )
+
+
+def bind_batch(context, headers: list[dict]) -> None:
+    """What TorchServe's service does before calling handle: one processor per request."""
+    context.request_processor = [ts_context.RequestProcessor(h) for h in headers]
+    context.request_ids = {i: f"req-{i}" for i in range(len(headers))}
+
+
+@pytest.fixture(scope="module")
+def handler_and_context(tiny_model_dir, tmp_path_factory):
+    context = make_context(tiny_model_dir, tmp_path_factory.mktemp("state"), ratio=0.8)
+    handler = HetServeHandler()
+    handler.initialize(context)
+    yield handler, context
+    handler.service.close()
+
+
+def test_a_batch_gets_one_answer_per_request_with_its_own_status_and_headers(handler_and_context):
+    handler, context = handler_and_context
+    good = np.ones((1, 3, 64, 64), np.float32).tobytes()
+    raw = {"content-type": "application/octet-stream", "X-Tensor-Shape": SHAPE}
+    headers = [raw, {"content-type": "application/json"}, raw]
+    bind_batch(context, headers)
+    data = [{"body": good}, {"body": b'{"x": [1, 2'}, {"body": good}]
+    answers = handler.handle(data, context)
+    assert len(answers) == 3
+    assert [context.get_response_status(i)[0] for i in range(3)] == [200, 400, 200]
+    assert context.get_response_content_type(0) == "application/octet-stream"
+    assert context.get_response_headers(0)["X-Hetserve-Batch"] == "2"
+    assert answers[0] == answers[2] and isinstance(answers[0], bytes)
+    error = json.loads(answers[1])  # a compact JSON body, not TorchServe's pretty-printed dict
+    assert error["code"] == 400 and "invalid JSON" in error["message"]
+    assert " " not in answers[1].split('"message"')[0]
+    # The runtime's statistics reach TorchServe's metrics cache after the batch.
+    counter = context.metrics.get_metric(MICRO_BATCHES, MetricTypes.COUNTER)
+    assert counter is not None
+
+
+def test_a_batch_rewritten_by_a_request_envelope_is_refused_for_every_request(handler_and_context):
+    handler, context = handler_and_context
+    bind_batch(context, [{}, {}])
+    with pytest.raises(Exception, match="envelope") as info:
+        handler.handle([{"body": b"x"}], context)  # one item for two request ids: rewritten
+    assert getattr(info.value, "error_code", 500) == 500
+
+
+def test_a_load_failure_is_one_runtime_error_naming_the_model(tiny_model_dir, tmp_path):
+    # A state_dir inside the model directory would be taken for a tampered file at the next start.
+    context = make_context(tiny_model_dir, tiny_model_dir / "state")
+    with pytest.raises(RuntimeError, match=r"could not load model tiny: .*inside the model directory"):
+        HetServeHandler().initialize(context)
