@@ -45,7 +45,7 @@ _GUARD_SCRIPT = (
 
 def hold_seconds(model_yaml: object) -> float:
     """How long the guard keeps the connection after the worker died: one gather and a margin."""
-    delay_ms = TORCHSERVE_MAX_BATCH_DELAY_MS
+    delay_ms: float = TORCHSERVE_MAX_BATCH_DELAY_MS
     if isinstance(model_yaml, dict):
         value = model_yaml.get("maxBatchDelay")
         if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:

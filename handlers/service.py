@@ -208,8 +208,8 @@ class InferenceService:
                 continue
             size, limit = body_size(encoded.body), self.config.limits.max_response_bytes
             if size > limit:  # TorchServe would kill the worker for it: a 413 instead
-                err = RequestError(413, too_large_message(size, limit, False))
-                replies[index] = _error_reply(err, request.format)
+                too_large = RequestError(413, too_large_message(size, limit, False))
+                replies[index] = _error_reply(too_large, request.format)
                 continue
             replies[index] = _reply(200, encoded, extra={BATCH_HEADER: str(len(group))})
         self._trace("encode", started, samples)

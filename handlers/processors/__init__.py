@@ -110,7 +110,8 @@ class Processors:
         if config.text is not None:
             path = resolve_inside(model_dir, config.text.tokenizer)
             text = TextProcessor(path, config.text, manifest.inputs)
-        label_output, names = None, ()
+        label_output: str | None = None
+        names: tuple[str, ...] = ()
         if config.labels is not None:
             label_output = _pick(
                 config.labels.output, manifest.outputs, "hetserve.processors.labels.output", "output"

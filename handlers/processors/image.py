@@ -73,7 +73,7 @@ def preprocess(image: Image.Image, config: ImageConfig) -> np.ndarray:
         pixels = pixels[:, :, ::-1]
     mean = np.asarray(config.mean, np.float32)
     scale = np.asarray([config.rescale / s for s in config.std], np.float32)
-    pixels = pixels * scale - mean / np.asarray(config.std, np.float32)
+    pixels = (pixels * scale - mean / np.asarray(config.std, np.float32)).astype(np.float32)
     if config.layout == "CHW":
         pixels = pixels.transpose(2, 0, 1)
     return np.ascontiguousarray(pixels, dtype=np.float32)

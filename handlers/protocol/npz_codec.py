@@ -28,7 +28,7 @@ from .validation import (
 )
 
 if TYPE_CHECKING:
-    from .manifest import TensorSpec
+    from handlers.artifact.manifest import TensorSpec
 
 FORMAT_NPZ = "npz"
 NPZ_CONTENT_TYPE = "application/x-npz"
@@ -89,5 +89,5 @@ def encode_npz(outputs: Mapping[str, np.ndarray], had_batch_dim: bool):
 
     buffer = io.BytesIO()
     arrays = {name: np.asarray(a) if had_batch_dim else np.asarray(a)[0] for name, a in outputs.items()}
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy stubs type **kwds as allow_pickle
     return EncodedResponse(buffer.getvalue(), NPZ_CONTENT_TYPE)

@@ -41,6 +41,12 @@ class Placer:
         # None: never re-probe (a history without observation stamps, e.g. the simulator's noise)
         self.reprobe_after_s = reprobe_after_s
         self.reprobed: dict[tuple[str, str], float] = {}
+        # A PerfHistory stamps its observations on its own clock; a bare predictor (the
+        # simulator's noisy one) has no stamps, and then nothing is re-probed.
+        self._last_observed: Callable[[str, str], float | None] | None = getattr(
+            history, "last_observed", None
+        )
+        self._history_clock: Callable[[], float] | None = getattr(history, "clock", None)
 
     def place(
         self, stage: str, batch: int, feeds: Mapping[str, Any], allowed: Sequence[str]
@@ -59,12 +65,11 @@ class Placer:
         candidates = build_candidates(
             self.history, stage, batch, nbytes, data_device, specs, free_at
         )
-        last_observed = getattr(self.history, "last_observed", None)
-        if self.reprobe_after_s is not None and last_observed is not None:
+        if self.reprobe_after_s is not None and self._last_observed and self._history_clock:
             # A pair unmeasured for a while gets one run as if uncalibrated: re-measured, not
-            # starved by one inflated estimate (stamps are on the history's own clock).
+            # starved by one inflated estimate.
             candidates = mark_reprobes(
-                stage, candidates, last_observed, self.reprobed, self.history.clock(),
+                stage, candidates, self._last_observed, self.reprobed, self._history_clock(),
                 self.reprobe_after_s,
             )
         placement = choose_executor(self.clock(), candidates)
