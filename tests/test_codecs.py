@@ -327,9 +327,10 @@ def test_invalid_json_and_unsupported_content_types():
     )
     refused(415, "none given", body=b"hello", content_type=None)
     refused(400, "not a .npy file", body=b"1234", content_type="application/x-npy")
+    # The binary tensor extension's header claims more bytes than the body has.
     refused(
-        415,
-        "binary tensor extension",
+        400,
+        "Inference-Header-Content-Length is 10 but the body has 2 bytes",
         body=b"{}",
         headers={"inference-header-content-length": "10"},
     )
@@ -465,7 +466,7 @@ def v2_body(**entry):
         ({"data": [[0.0] * 192, [0.0]]}, 400, "ragged"),
         ({"data": ["0.5"] * 192}, 400, "found a string"),
         ({"shape": [2, 3, 8, 4]}, 400, "expected shape [N,3,8,8], got [2,3,8,4]"),
-        ({"parameters": {"binary_data_size": 768}}, 415, "binary tensor extension"),
+        ({"parameters": {"binary_data_size": 768}}, 400, "has no Inference-Header-Content-Length"),
     ],
 )
 def test_kservev2_tensor_errors(entry, status, fragment):
@@ -716,6 +717,7 @@ HEADERS = st.dictionaries(
             "X-TENSOR-NAME",
             "X-Output-Name",
             "Content-Type",
+            "Inference-Header-Content-Length",
             "body",
         ]
     ),
@@ -956,8 +958,8 @@ def test_fuzz_arrays_decode_exactly_or_refuse_safely(case, fmt):
 def test_each_body_format_is_one_codec_and_the_first_match_wins():
     from handlers.protocol.codecs import CODECS
 
-    npz, npy, raw, v2, plain = CODECS
-    assert [c.format for c in CODECS] == ["npz", "npy", "raw", "kservev2", "json"]
+    v2, npz, npy, raw, plain = CODECS
+    assert [c.format for c in CODECS] == ["kservev2", "npz", "npy", "raw", "json"]
     zipped = io.BytesIO()
     np.savez(zipped, x=np.zeros((1, 3), np.float32))
     assert npz.matches(zipped.getvalue(), None, {}) and not npy.matches(zipped.getvalue(), None, {})
@@ -970,6 +972,9 @@ def test_each_body_format_is_one_codec_and_the_first_match_wins():
     assert raw.matches(npy_body, octets, {"X-Tensor-Shape": "1,3"})
     document = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}
     assert v2.matches(document, None, None) and not v2.matches(b"{}", None, None)
+    # The binary tensor extension's header claims a body first, whatever its content type says.
+    binary = {"Inference-Header-Content-Length": "2"}
+    assert v2.matches(b"{}\x00\x00", octets, binary) and raw.matches(b"{}\x00\x00", octets, binary)
     assert [c.format for c in CODECS if c.matches({"x": [1.0]}, None, None)] == ["json"]
     # Errors answer in the codec's own form.
     assert json.loads(v2.error(RequestError(400, "bad")).body) == {"error": "bad"}

@@ -7,7 +7,9 @@ Body formats (``DecodedRequest.format``), told apart by the body first and the c
               X-Tensor-Shape ("1,3,224,224"), X-Tensor-Dtype (default: the spec's) and
               X-Tensor-Name (default: the only input)
   "kservev2"  Open Inference Protocol JSON: {"inputs": [{"name", "shape", "datatype", "data"}]},
-              decoded and encoded by ``handlers.protocol.kserve_v2``
+              decoded and encoded by ``handlers.protocol.kserve_v2``; with an
+              Inference-Header-Content-Length header, the binary tensor extension (JSON header
+              + blobs, ``handlers.protocol.v2_binary``), answered in binary when asked
   "json"      {"input name": nested lists}, or a bare nested list for a single-input model
 Responses mirror the request's format. Raw and .npy bodies carry one tensor each way; the
 response tensor is the only output or the one named by X-Output-Name.
@@ -42,6 +44,7 @@ from handlers.protocol.kserve_v2 import (
     NUMPY_TO_V2,
     V2_BINARY_HEADER,
     V2_TO_NUMPY,
+    check_entries,
     check_output_name,
     decode_v2,
     is_v2_document,
@@ -54,6 +57,14 @@ from handlers.protocol.npz_codec import (
     ZIP_MAGIC,
     decode_npz,
     encode_npz,
+)
+from handlers.protocol.v2_binary import (
+    BINARY_CONTENT_TYPE,
+    NO_BINARY,
+    BinaryOutputs,
+    binary_response,
+    header_length,
+    split_blobs,
 )
 from handlers.protocol.validation import (
     BAD_REQUEST,
@@ -131,6 +142,7 @@ class DecodedRequest:
     had_batch_dim: bool
     request_id: str | None = None  # KServe v2 "id"
     output_names: tuple[str, ...] | None = None  # v2 "outputs" or X-Output-Name; None: default
+    binary_outputs: BinaryOutputs = NO_BINARY  # v2: outputs to answer as binary blobs
 
 
 @dataclass(frozen=True)
@@ -196,12 +208,6 @@ def _decode_body(body, content_type, headers, inputs, limits, outputs) -> Decode
         raise RequestError(
             PAYLOAD_TOO_LARGE,
             f"request body of {len(body)} bytes exceeds the limit of {limits.max_body_bytes}",
-        )
-    if header(headers, V2_BINARY_HEADER) is not None:
-        raise RequestError(
-            UNSUPPORTED_MEDIA_TYPE,
-            "the KServe v2 binary tensor extension is not supported; send tensor data as JSON",
-            FORMAT_V2,
         )
     codec = next((c for c in CODECS if c.matches(body, media, headers)), None)
     if codec is not None:
@@ -784,24 +790,37 @@ class RawCodec(Codec):
 
 
 class KServeV2Codec(Codec):
-    """Open Inference Protocol JSON; the protocol itself lives in ``handlers.protocol.kserve_v2``."""
+    """Open Inference Protocol JSON, and its binary tensor extension (a body with an
+    ``Inference-Header-Content-Length`` header); the protocol lives in ``protocol/kserve_v2.py``,
+    the extension's byte layout in ``protocol/v2_binary.py``."""
 
     format = FORMAT_V2
 
     def matches(self, body, media, headers) -> bool:
-        return not isinstance(body, (bytes, bytearray)) and is_v2_document(body)
+        if isinstance(body, (bytes, bytearray)):
+            return header(headers, V2_BINARY_HEADER) is not None
+        return is_v2_document(body)
 
     def decode(self, body, headers, inputs, limits, outputs) -> DecodedRequest:
-        v2 = decode_v2(body, inputs, limits, outputs)
+        blobs = None
+        if isinstance(body, (bytes, bytearray)):
+            body, blobs = split_v2_binary(body, headers, limits)
+        v2 = decode_v2(body, inputs, limits, outputs, blobs)
         return DecodedRequest(
-            v2.arrays, v2.batch, FORMAT_V2, v2.had_batch_dim, v2.request_id, v2.output_names
+            v2.arrays, v2.batch, FORMAT_V2, v2.had_batch_dim, v2.request_id, v2.output_names,
+            v2.binary_outputs,
         )
 
     def encode(self, arrays, request, model_name, model_version, request_id) -> EncodedResponse:
+        binary = request.binary_outputs
         response = v2_response(
-            arrays, model_name=model_name, model_version=model_version, request_id=request_id
+            arrays, model_name=model_name, model_version=model_version, request_id=request_id,
+            binary=binary,
         )
-        return EncodedResponse(_dumps(response), JSON_CONTENT_TYPE)
+        if not any(binary.wants(name) for name in arrays):
+            return EncodedResponse(_dumps(response), JSON_CONTENT_TYPE)
+        body, json_bytes = binary_response(response, arrays, binary)
+        return EncodedResponse(body, BINARY_CONTENT_TYPE, {V2_BINARY_HEADER: str(json_bytes)})
 
     def error(self, err: RequestError) -> EncodedResponse:
         return EncodedResponse(_dumps(v2_error(err.message)), JSON_CONTENT_TYPE, {}, err.status)
@@ -823,7 +842,25 @@ class JsonCodec(Codec):
         return EncodedResponse(_dumps(body), JSON_CONTENT_TYPE)
 
 
+@_stamp(FORMAT_V2)
+def split_v2_binary(
+    body: bytes | bytearray, headers, limits: RequestLimits
+) -> tuple[dict, dict[str, memoryview]]:
+    """A binary-extension body -> (its v2 JSON header, each binary input's blob by name)."""
+    length = header_length(header(headers, V2_BINARY_HEADER) or "", len(body))
+    document = _parse_json(body[:length], limits)
+    if not is_v2_document(document):
+        raise RequestError(
+            BAD_REQUEST,
+            f"the {length}-byte JSON header ({V2_BINARY_HEADER}) is not a KServe v2 request: "
+            '"inputs" must be a list of tensor objects',
+        )
+    check_entries(document["inputs"])
+    return document, split_blobs(document["inputs"], memoryview(body)[length:])
+
+
 JSON_CODEC = JsonCodec()
-# In the order they are tried; the JSON family last, on the parsed document.
-CODECS: tuple[Codec, ...] = (NpzCodec(), NpyCodec(), RawCodec(), KServeV2Codec(), JSON_CODEC)
+# In the order they are tried; the JSON family last, on the parsed document. The v2 binary
+# extension goes first: its header is explicit, whatever the content type says.
+CODECS: tuple[Codec, ...] = (KServeV2Codec(), NpzCodec(), NpyCodec(), RawCodec(), JSON_CODEC)
 _BY_FORMAT = {codec.format: codec for codec in CODECS}

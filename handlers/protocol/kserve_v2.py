@@ -26,9 +26,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from handlers.protocol.json_tensors import json_list, nested_to_array
+from handlers.protocol.v2_binary import (
+    BINARY_SIZE,
+    NO_BINARY,
+    V2_BINARY_HEADER,
+    BinaryOutputs,
+    binary_outputs,
+    binary_size,
+    tensor_from_blob,
+)
 from handlers.protocol.validation import (
     BAD_REQUEST,
-    UNSUPPORTED_MEDIA_TYPE,
     RequestError,
     RequestLimits,
     check_cast,
@@ -46,8 +54,6 @@ if TYPE_CHECKING:
     from handlers.artifact.manifest import TensorSpec
 
 FORMAT_V2 = "kservev2"
-# Triton's binary-tensor extension of v2: JSON header + raw blobs in one body.
-V2_BINARY_HEADER = "Inference-Header-Content-Length"
 
 V2_TO_NUMPY = {
     "BOOL": "bool",
@@ -87,6 +93,7 @@ class V2Request:
     had_batch_dim: bool
     request_id: str | None
     output_names: tuple[str, ...] | None
+    binary_outputs: BinaryOutputs = NO_BINARY
 
 
 def envelope_error(data: Any, request_count: int | None) -> str | None:
@@ -124,17 +131,22 @@ def decode_v2(
     inputs: Sequence[TensorSpec],
     limits: RequestLimits,
     outputs: Sequence[TensorSpec] | None = None,
+    blobs: Mapping[str, memoryview] | None = None,
 ) -> V2Request:
-    """Validate one v2 request; every ``RequestError`` it raises is marked as a v2 one."""
+    """Validate one v2 request; every ``RequestError`` it raises is marked as a v2 one.
+
+    ``blobs``: the binary inputs' bytes when the body used the binary tensor extension
+    (``v2_binary.split_blobs``); None for a JSON-only body.
+    """
     try:
-        return _decode(document, tuple(inputs), limits, outputs)
+        return _decode(document, tuple(inputs), limits, outputs, blobs)
     except RequestError as err:
         err.request_format = FORMAT_V2
         raise
 
 
 def _decode(
-    document: dict, inputs: tuple[TensorSpec, ...], limits: RequestLimits, outputs
+    document: dict, inputs: tuple[TensorSpec, ...], limits: RequestLimits, outputs, blobs
 ) -> V2Request:
     request_id = document.get("id")
     if request_id is not None and (
@@ -148,7 +160,23 @@ def _decode(
     entries = document["inputs"]
     if not entries:
         raise RequestError(BAD_REQUEST, "'inputs' is empty")
-    names = []
+    names = check_entries(entries)
+    check_names(names, inputs)
+    specs = {spec.name: spec for spec in inputs}
+    budget = limits.max_elements
+    candidates = {}
+    for entry in entries:
+        array = _tensor(entry, specs[entry["name"]], budget, limits, blobs)
+        budget -= array.size
+        candidates[entry["name"]] = array
+    arrays, batch, had_batch_dim = validate_inputs(candidates, inputs, limits)
+    requested = _requested_outputs(document.get("outputs"), outputs)
+    return V2Request(arrays, batch, had_batch_dim, request_id, requested, binary_outputs(document))
+
+
+def check_entries(entries: list) -> list[str]:
+    """The inputs' names, each entry checked to be an object with a unique string name."""
+    names: list[str] = []
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise RequestError(
@@ -157,20 +185,12 @@ def _decode(
         if entry["name"] in names:
             raise RequestError(BAD_REQUEST, f"input {quoted(entry['name'])} is given twice")
         names.append(entry["name"])
-    check_names(names, inputs)
-    specs = {spec.name: spec for spec in inputs}
-    budget = limits.max_elements
-    candidates = {}
-    for entry in entries:
-        array = _tensor(entry, specs[entry["name"]], budget, limits)
-        budget -= array.size
-        candidates[entry["name"]] = array
-    arrays, batch, had_batch_dim = validate_inputs(candidates, inputs, limits)
-    requested = _requested_outputs(document.get("outputs"), outputs)
-    return V2Request(arrays, batch, had_batch_dim, request_id, requested)
+    return names
 
 
-def _tensor(entry: dict, spec: TensorSpec, budget: int, limits: RequestLimits) -> np.ndarray:
+def _tensor(
+    entry: dict, spec: TensorSpec, budget: int, limits: RequestLimits, blobs
+) -> np.ndarray:
     name = spec.name
     datatype = entry.get("datatype")
     expected = NUMPY_TO_V2[spec.dtype]
@@ -185,12 +205,6 @@ def _tensor(entry: dict, spec: TensorSpec, budget: int, limits: RequestLimits) -
         )
     source = np.dtype(V2_TO_NUMPY[datatype])
     check_cast(name, source, np.dtype(spec.dtype))
-    parameters = entry.get("parameters")
-    if isinstance(parameters, dict) and "binary_data_size" in parameters:
-        raise RequestError(
-            UNSUPPORTED_MEDIA_TYPE,
-            f"input {name!r}: the binary tensor extension is not supported; send 'data' as JSON",
-        )
     shape = entry.get("shape")
     if (
         not isinstance(shape, list)
@@ -202,6 +216,16 @@ def _tensor(entry: dict, spec: TensorSpec, budget: int, limits: RequestLimits) -
         )
     count = math.prod(shape)
     check_element_budget(name, count, budget)
+    if binary_size(entry) is not None:
+        if blobs is None:
+            raise RequestError(
+                BAD_REQUEST,
+                f"input {name!r}: parameters.{BINARY_SIZE} is set but the request has no "
+                f"{V2_BINARY_HEADER} header; send the header (the JSON part's byte count) "
+                "or the data as JSON",
+            )
+        check_shape(spec, shape, limits)
+        return tensor_from_blob(name, blobs[name], source, shape)
     if "data" not in entry:
         raise RequestError(BAD_REQUEST, f"input {name!r}: 'data' is missing")
     data = entry["data"]
@@ -251,8 +275,12 @@ def v2_response(
     model_name: str,
     model_version: str | None,
     request_id: str | None,
+    binary: BinaryOutputs = NO_BINARY,
 ) -> dict[str, Any]:
     """The v2 response document; ``arrays`` are already this request's rows, in order.
+
+    Outputs ``binary`` wants get no JSON ``data`` here (``v2_binary.binary_response`` adds
+    their blobs).
 
     ``id`` is always present: the protocol's response schema requires it (KServe's own
     ``InferenceResponse`` model refuses a response without one), so a request that sent none
@@ -267,7 +295,7 @@ def v2_response(
             "name": name,
             "datatype": NUMPY_TO_V2[a.dtype.name],
             "shape": list(a.shape),
-            "data": json_list(a.reshape(-1)),
+            **({} if binary.wants(name) else {"data": json_list(a.reshape(-1))}),
         }
         for name, a in arrays.items()
     ]
