@@ -451,11 +451,84 @@ def test_v2_infer_round_trip_with_tritonclient(server, triton, reference):
 
 @pytest.mark.server
 def test_v2_without_outputs_or_id_gets_every_output_and_an_id(server, triton, reference):
-    # tritonclient then asks for binary outputs (a Triton extension); JSON data is the answer.
+    # tritonclient then asks for every output in binary (binary_data_output): answered so.
     x = images(1, 2)
     result = triton.infer(MODEL, [triton_input(x)], headers=auth(server))
-    assert result.get_response()["id"], "the v2 response schema requires an id"
+    body = result.get_response()
+    assert body["id"], "the v2 response schema requires an id"
+    assert body["outputs"][0]["parameters"] == {"binary_data_size": 10 * 4}
     np.testing.assert_allclose(result.as_numpy("logits"), reference(x), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the binary tensor extension: standard clients with their defaults, on both routes
+
+
+@pytest.mark.server
+def test_tritonclient_defaults_binary_in_and_out(server, triton, reference):
+    """InferInput.set_data_from_numpy and InferRequestedOutput exactly as a Triton user writes them."""
+    x = images(2, 30)
+    tensor = tritonhttp.InferInput("image", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)  # default binary_data=True
+    result = triton.infer(MODEL, [tensor], outputs=[tritonhttp.InferRequestedOutput("logits")],
+                          request_id="bin-1", headers=auth(server))
+    body = result.get_response()
+    assert body["id"] == "bin-1"
+    (out,) = body["outputs"]
+    assert out["shape"] == [2, 10] and "data" not in out
+    assert out["parameters"] == {"binary_data_size": 2 * 10 * 4}
+    np.testing.assert_allclose(result.as_numpy("logits"), reference(x), atol=1e-4)
+
+
+@pytest.mark.server
+def test_tritonclient_binary_body_on_the_predictions_route(server, reference):
+    """The same bytes tritonclient sends, posted to /predictions (where KServe's older wrappers go)."""
+    x = images(1, 31)
+    tensor = tritonhttp.InferInput("image", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    body, json_size = tritonhttp.InferenceServerClient.generate_request_body([tensor], request_id="bin-2")
+    headers = {"Inference-Header-Content-Length": str(json_size), **auth(server)}
+    for path in (f"/predictions/{MODEL}", f"/v2/models/{MODEL}/infer"):
+        resp = server.request("POST", path, body, headers)
+        assert resp.status == 200, resp.body
+        length = int(resp.headers["inference-header-content-length"])
+        result = tritonhttp.InferResult.from_response_body(resp.body, header_length=length)
+        assert result.get_response()["id"] == "bin-2"
+        np.testing.assert_allclose(result.as_numpy("logits").reshape(1, 10), reference(x), atol=1e-4)
+
+
+@pytest.mark.server
+def test_kserve_infer_request_binary_serialisation_on_both_routes(server, reference, sdk):
+    from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse, RequestedOutput
+
+    x = images(2, 32)
+    tensor = InferInput("image", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=True)
+    request = InferRequest(model_name=MODEL, infer_inputs=[tensor], request_id="kbin-1",
+                           request_outputs=[RequestedOutput("logits", parameters={"binary_data": True})])
+    body, json_length = request.to_rest()
+    assert json_length is not None and json_length < len(body)
+    headers = {"Inference-Header-Content-Length": str(json_length), "Content-Type": "application/octet-stream",
+               **auth(server)}
+    for path in (f"/v2/models/{MODEL}/infer", f"/predictions/{MODEL}"):
+        resp = server.request("POST", path, body, headers)
+        assert resp.status == 200, resp.body
+        answer = InferResponse.from_bytes(resp.body, int(resp.headers["inference-header-content-length"]))
+        assert answer.id == "kbin-1"
+        np.testing.assert_allclose(answer.outputs[0].as_numpy().reshape(2, 10), reference(x), atol=1e-4)
+
+
+@pytest.mark.server
+def test_bad_binary_sizes_are_a_400_naming_the_input_on_both_routes(server):
+    x = images(1, 33)
+    tensor = tritonhttp.InferInput("image", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    body, json_size = tritonhttp.InferenceServerClient.generate_request_body([tensor])
+    headers = {"Inference-Header-Content-Length": str(json_size), **auth(server)}
+    for path, key in ((f"/v2/models/{MODEL}/infer", "error"), (f"/predictions/{MODEL}", "error")):
+        resp = server.request("POST", path, body[:-4], headers)  # the blob lost its last float
+        assert resp.status == 400, resp.body
+        assert "input 'image': binary_data_size 49152 runs past the end" in resp.json()[key]
 
 
 @pytest.mark.server
@@ -507,7 +580,7 @@ def test_concurrent_v2_requests_are_batched_and_each_gets_its_own_rows(server, r
 
 
 BAD_V2 = [
-    pytest.param(lambda x: [triton_input(x, binary=True)], None, "415", "binary tensor extension", id="binary-data"),
+    pytest.param(lambda x: [triton_input(x[:, :, :32], binary=True)], None, "400", "expected shape", id="binary-wrong-shape"),
     pytest.param(lambda x: [triton_input(x.astype(np.int64), datatype="INT64")], None, "400", "int64 cannot be converted to float32", id="lossy-datatype"),
     pytest.param(lambda x: [triton_input(x[:, :, :32])], None, "400", "expected shape", id="wrong-shape"),
     pytest.param(lambda x: [triton_input(x, name="pixels")], None, "400", "unknown input 'pixels'", id="unknown-input"),
