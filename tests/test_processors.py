@@ -307,3 +307,55 @@ def test_archive_fails_early_when_processors_do_not_fit_the_model(tmp_path, caps
     assert not (tmp_path / "r.mar").exists()
     assert main([*args, "--set", "hetserve.processors.labels.top_k=0"]) == 2
     assert "hetserve.processors.labels.top_k must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_v2_binary_bytes_inputs_reach_the_image_and_text_processors(tmp_path):
+    """Triton's binary BYTES layout (4-byte little-endian length + bytes per element), as
+    tritonclient serialises an object array by default, for images and for texts."""
+    import tritonclient.http as tritonhttp
+
+    from handlers.protocol.v2_binary import V2_BINARY_HEADER
+
+    def binary_request(name, elements, **extra):
+        tensor = tritonhttp.InferInput(name, [len(elements)], "BYTES")
+        tensor.set_data_from_numpy(np.array(elements, dtype=np.object_))  # default: binary
+        body, size = tritonhttp.InferenceServerClient.generate_request_body([tensor], **extra)
+        return body, {V2_BINARY_HEADER: str(size)}
+
+    manifest = manifest_with((TensorSpec("image", "float32", (None, 3, 32, 32)),), (TensorSpec("logits", "float32", (None, 2)),))
+    procs = Processors.load(ProcessorsConfig.from_mapping({"image": {"size": 40, "crop": 32}}), tmp_path, manifest)
+    pictures = [jpeg(seed=7), jpeg(seed=8)]
+    body, headers = binary_request("image", pictures, request_id="b1")
+    got = procs.decode(body, None, headers, {}, LIMITS)
+    assert (got.format, got.batch, got.request_id, got.had_batch_dim) == ("kservev2", 2, "b1", True)
+    assert got.binary_outputs.wants("logits"), "tritonclient asked for binary outputs"
+    one = procs.decode(jpeg(seed=8), "image/jpeg", {}, {}, LIMITS)
+    np.testing.assert_array_equal(got.arrays["image"][1], one.arrays["image"][0])
+    # every bad size names the input and answers in v2's form
+    bad_headers = {V2_BINARY_HEADER: headers[V2_BINARY_HEADER]}
+    code, message = status_of(lambda: procs.decode(body[:-1], None, bad_headers, {}, LIMITS))
+    assert code == 400 and "input 'image'" in message and "runs past the end" in message
+    body3, headers3 = binary_request("image", pictures[:1])
+    forged = body3.replace(b'"shape":[1]', b'"shape":[2]')
+    assert forged != body3
+    code, message = status_of(lambda: procs.decode(forged, None, headers3, {}, LIMITS))
+    assert code == 400 and "BYTES element 1 has no 4-byte length" in message
+    many, many_headers = binary_request("image", [b"x"] * (LIMITS.max_batch_per_request + 1))
+    code, message = status_of(lambda: procs.decode(many, None, many_headers, {}, LIMITS))
+    assert code == 413 and "BYTES elements exceed the limit" in message
+
+    write_tokenizer(tmp_path / "tokenizer.json")
+    text_manifest = manifest_with(
+        tuple(TensorSpec(n, "int64", (None, None)) for n in ("input_ids", "attention_mask")),
+        (TensorSpec("logits", "float32", (None, 3)),), files=("tokenizer.json",),
+    )
+    texts = Processors.load(ProcessorsConfig.from_mapping({"text": {"max_length": 16}}), tmp_path, text_manifest)
+    body, headers = binary_request("text", [b"a film", b"fun"])
+    got = texts.decode(body, "application/octet-stream", headers, {}, LIMITS)
+    want = texts.decode(json.dumps(["a film", "fun"]).encode(), "application/json", {}, {}, LIMITS)
+    assert got.format == "kservev2" and got.batch == 2
+    for name in ("input_ids", "attention_mask"):
+        np.testing.assert_array_equal(got.arrays[name], want.arrays[name])
+    body, headers = binary_request("text", [b"\xff\xfe"])
+    code, message = status_of(lambda: texts.decode(body, None, headers, {}, LIMITS))
+    assert code == 400 and "not valid UTF-8" in message

@@ -16,6 +16,7 @@ import base64
 import binascii
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,9 +39,17 @@ from handlers.protocol.codecs import (
     decode_request,
     header,
     on_kserve_route,
+    split_v2_binary,
 )
-from handlers.protocol.kserve_v2 import FORMAT_V2, V2_BINARY_HEADER, is_v2_document
+from handlers.protocol.kserve_v2 import FORMAT_V2, MAX_RANK, V2_BINARY_HEADER, is_v2_document
 from handlers.protocol.npz_codec import FORMAT_NPZ, NPZ_CONTENT_TYPE
+from handlers.protocol.v2_binary import (
+    NO_BINARY,
+    BinaryOutputs,
+    binary_outputs,
+    binary_size,
+    bytes_elements,
+)
 from handlers.protocol.validation import (
     BAD_REQUEST,
     PAYLOAD_TOO_LARGE,
@@ -146,6 +155,8 @@ class Processors:
         if not isinstance(body, bytes | bytearray) or not body:
             return None  # the codecs answer empty and pre-decoded bodies
         answer = self._answer_format(headers, params)
+        if header(headers, V2_BINARY_HEADER) is not None:  # explicit: whatever the content type
+            return self._v2_binary(body, headers, limits)
         if media is not None and media.startswith("image/") or self._sniffed_image(body, media, headers):
             if self.image_input is None:
                 raise RequestError(
@@ -168,11 +179,7 @@ class Processors:
             return self._texts([text], answer, had_batch_dim=False)
         if media not in (None, JSON_CONTENT_TYPE, "text/json") and not (media or "").endswith("+json"):
             return None
-        if (
-            not _JSON_START.match(body)
-            or len(body) > limits.max_body_bytes
-            or header(headers, V2_BINARY_HEADER) is not None  # binary tensors: the codecs' call
-        ):
+        if not _JSON_START.match(body) or len(body) > limits.max_body_bytes:
             return None
         value = _parse_json(body, limits)
         if is_v2_document(value) and _has_bytes_input(value):
@@ -213,30 +220,59 @@ class Processors:
             return FORMAT_JSON
         return FORMAT_LABELS
 
-    def _images(self, blobs: Sequence[bytes], answer: str, had_batch_dim: bool, request_id=None) -> DecodedRequest:
+    def _v2_binary(self, body, headers, limits: RequestLimits) -> DecodedRequest | None:
+        """A binary-extension v2 body with a BYTES input is ours; numeric ones go to the codecs."""
+        if len(body) > limits.max_body_bytes:
+            return None  # the codecs answer it with their 413
+        try:
+            document, blobs = split_v2_binary(body, headers, limits)
+        except RequestError as err:
+            err.request_format = FORMAT_V2
+            raise
+        if not _has_bytes_input(document):
+            return None
+        return self._v2_bytes(document, limits, blobs)
+
+    def _images(
+        self, blobs: Sequence[bytes], answer: str, had_batch_dim: bool, request_id=None,
+        binary: BinaryOutputs = NO_BINARY,
+    ) -> DecodedRequest:
         assert self.config.image is not None and self.image_input is not None
         label = "image" if len(blobs) == 1 else "image {}"
         pixels = [decode_image(b, self.config.image, label.format(i)) for i, b in enumerate(blobs)]
         spec = _spec(self.manifest.inputs, self.image_input)
         batch = np.stack(pixels).astype(spec.dtype, copy=False)
         return ProcessedRequest(
-            {spec.name: batch}, len(blobs), answer, had_batch_dim, request_id, kind="image"
+            {spec.name: batch}, len(blobs), answer, had_batch_dim, request_id,
+            binary_outputs=binary, kind="image",
         )
 
-    def _texts(self, texts: Sequence[str], answer: str, had_batch_dim: bool, request_id=None) -> DecodedRequest:
+    def _texts(
+        self, texts: Sequence[str], answer: str, had_batch_dim: bool, request_id=None,
+        binary: BinaryOutputs = NO_BINARY,
+    ) -> DecodedRequest:
         assert self.text is not None
         arrays = self.text.encode(texts)
-        return ProcessedRequest(arrays, len(texts), answer, had_batch_dim, request_id, kind="text")
+        return ProcessedRequest(
+            arrays, len(texts), answer, had_batch_dim, request_id, binary_outputs=binary, kind="text"
+        )
 
-    def _v2_bytes(self, document: dict, limits: RequestLimits) -> DecodedRequest:
-        """A v2 request whose one input is BYTES: images (base64) or strings; v2 tensors out."""
+    def _v2_bytes(self, document: dict, limits: RequestLimits, blobs=None) -> DecodedRequest:
+        """A v2 request whose one input is BYTES: images or strings; v2 tensors out.
+
+        In JSON, images are base64 text; with the binary tensor extension (``blobs``), each
+        element is the image's or the text's own bytes (4-byte length-prefixed, Triton's layout).
+        """
         try:
             entries = document["inputs"]
             if len(entries) != 1:
                 raise RequestError(BAD_REQUEST, "send exactly one BYTES input (the images or the texts)")
             entry = entries[0]
-            data = entry.get("data")
             shape = entry.get("shape")
+            binary = binary_outputs(document)
+            if binary_size(entry) is not None and blobs is not None:
+                return self._v2_bytes_blob(entry, blobs[entry["name"]], document, limits, binary)
+            data = entry.get("data")
             if not isinstance(data, list) or not data:
                 raise RequestError(BAD_REQUEST, "BYTES input: 'data' must be a non-empty list")
             if isinstance(data[0], list):
@@ -248,17 +284,34 @@ class Processors:
                     PAYLOAD_TOO_LARGE,
                     f"{len(data)} items exceed the limit of {limits.max_batch_per_request} per request",
                 )
-            request_id = document.get("id") if isinstance(document.get("id"), str) else None
+            request_id = _request_id(document)
             if self.image_input is not None:
-                return self._images([_b64(x, i) for i, x in enumerate(data)], FORMAT_V2, True, request_id)
+                return self._images([_b64(x, i) for i, x in enumerate(data)], FORMAT_V2, True, request_id, binary)
             if self.text is not None:
-                return self._texts(data, FORMAT_V2, True, request_id)
-            raise RequestError(
-                BAD_REQUEST, "BYTES inputs need an image or text processor in the archive; send numbers"
-            )
+                return self._texts(data, FORMAT_V2, True, request_id, binary)
+            raise _no_bytes_processor()
         except RequestError as err:
             err.request_format = FORMAT_V2
             raise
+
+    def _v2_bytes_blob(self, entry, blob, document, limits: RequestLimits, binary) -> DecodedRequest:
+        shape = entry.get("shape")
+        if (
+            not isinstance(shape, list)
+            or not 0 < len(shape) <= MAX_RANK
+            or not all(type(d) is int and d >= 0 for d in shape)
+        ):
+            raise RequestError(BAD_REQUEST, f"input {entry['name']!r}: 'shape' must be a list of non-negative integers")
+        count = math.prod(shape)  # Python ints: a huge claim is refused by bytes_elements, not wrapped
+        if count == 0:
+            raise RequestError(BAD_REQUEST, f"input {entry['name']!r}: BYTES input holds no elements")
+        elements = bytes_elements(entry["name"], blob, count, limits.max_batch_per_request)
+        request_id = _request_id(document)
+        if self.image_input is not None:
+            return self._images(elements, FORMAT_V2, True, request_id, binary)
+        if self.text is not None:
+            return self._texts([_utf8_text(e, i) for i, e in enumerate(elements)], FORMAT_V2, True, request_id, binary)
+        raise _no_bytes_processor()
 
     # -- a batch --
     def pad_texts(self, decoded: list[tuple[int, DecodedRequest]]) -> list[tuple[int, DecodedRequest]]:
@@ -304,6 +357,23 @@ def _texts_in(value: Any, manifest: Manifest) -> tuple[list[str] | None, bool]:
     if isinstance(value, list) and value and isinstance(value[0], str):
         raise RequestError(BAD_REQUEST, "a list of texts must hold only strings")
     return None, False
+
+
+def _request_id(document: dict) -> str | None:
+    return document.get("id") if isinstance(document.get("id"), str) else None
+
+
+def _no_bytes_processor() -> RequestError:
+    return RequestError(
+        BAD_REQUEST, "BYTES inputs need an image or text processor in the archive; send numbers"
+    )
+
+
+def _utf8_text(element: bytes, index: int) -> str:
+    try:
+        return element.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(BAD_REQUEST, f"text {index}: BYTES element is not valid UTF-8") from None
 
 
 def _b64(item: Any, index: int) -> bytes:
