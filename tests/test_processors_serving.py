@@ -155,6 +155,32 @@ def test_vit_takes_v2_bytes_images(server, vit_reference):
     np.testing.assert_allclose(got, np.stack([vit_reference(b) for b in images]), atol=1e-4)
 
 
+def test_tritonclient_binary_bytes_images_and_texts_on_both_routes(server, vit_reference, bert_reference):
+    """BYTES tensors as tritonclient sends them by default: the binary tensor extension, each
+    element 4-byte length-prefixed; the answer read back by tritonclient's own parser."""
+    import tritonclient.http as tritonhttp
+
+    def send(path: str, name: str, elements: list[bytes]) -> tritonhttp.InferResult:
+        tensor = tritonhttp.InferInput(name, [len(elements)], "BYTES")
+        tensor.set_data_from_numpy(np.array(elements, dtype=np.object_))
+        body, size = tritonhttp.InferenceServerClient.generate_request_body([tensor], request_id="tb")
+        resp = server.request("POST", path, body, {"Inference-Header-Content-Length": str(size)})
+        assert resp.status == 200, resp.body
+        length = int(resp.headers["inference-header-content-length"])
+        result = tritonhttp.InferResult.from_response_body(resp.body, header_length=length)
+        assert result.get_response()["id"] == "tb"
+        return result
+
+    images = [jpeg(80, 80, seed=s) for s in (15, 16)]
+    want = np.stack([vit_reference(b) for b in images])
+    for path in ("/predictions/vit", "/v2/models/vit/infer"):
+        got = send(path, "pixel_values", images).as_numpy("logits")
+        np.testing.assert_allclose(got.reshape(2, 7), want, atol=1e-4)
+    texts = [s.encode() for s in SENTENCES[:2]]
+    got = send("/v2/models/bert/infer", "text", texts).as_numpy("logits")
+    np.testing.assert_allclose(got.reshape(2, 3), bert_reference(SENTENCES[:2]), atol=1e-4)
+
+
 def test_bad_images_fail_alone_inside_a_mixed_batch(server, vit_reference):
     good = [jpeg(100, 70, seed=s) for s in (21, 22)]
     cases = [
