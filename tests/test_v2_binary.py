@@ -10,6 +10,8 @@ import json
 import numpy as np
 import pytest
 import tritonclient.http as tritonhttp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from handlers.artifact.manifest import TensorSpec
 from handlers.protocol.codecs import decode_request, encode_error, encode_response
@@ -114,6 +116,10 @@ def test_binary_output_choice_follows_tritons_rule():
     assert one.wants("y") and not one.wants("z")
     with pytest.raises(RequestError, match="binary_data_output must be true or false"):
         binary_outputs({"parameters": {"binary_data_output": "yes"}})
+    with pytest.raises(RequestError, match="output 'y': parameters.binary_data must be true or false"):
+        binary_outputs({"outputs": [{"name": "y", "parameters": {"binary_data": 1}}]})
+    with pytest.raises(RequestError, match="'outputs' must be a list of objects with a string 'name'"):
+        binary_outputs({"outputs": [{"parameters": {"binary_data": True}}]})
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,3 +312,28 @@ def test_binary_size_without_the_header_is_refused_naming_the_header():
     document = {"inputs": [image_entry(x)]}
     refused(400, "has no Inference-Header-Content-Length header", json.dumps(document).encode(),
             {"content-type": "application/json"})
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    cut=st.integers(0, 40), extra=st.binary(max_size=8), length_shift=st.integers(-5, 5),
+    size_shift=st.integers(-8, 8), batch=st.integers(1, 2),
+)
+def test_fuzz_binary_bodies_decode_exactly_or_refuse_safely(cut, extra, length_shift, size_shift, batch):
+    """Truncated, padded and mis-sized binary bodies: the exact tensor or a clear 4xx, nothing else."""
+    x = image(batch, 7)
+    head = json.dumps({"inputs": [image_entry(x, size=max(x.nbytes + size_shift, 0))]}).encode()
+    body = (head + x.tobytes())[: len(head) + x.nbytes - cut] + extra
+    headers = {V2_BINARY_HEADER: str(len(head) + length_shift)}
+    exact = (cut, extra, length_shift, size_shift) == (0, b"", 0, 0)
+    try:
+        request = decode(body, headers, limits=RequestLimits(max_body_bytes=4096))
+    except RequestError as err:
+        assert not exact, err.message
+        assert err.status in (400, 413) and err.request_format == "kservev2"
+        assert "\n" not in err.message and "Traceback" not in err.message
+        return
+    # Accepted only when every size agrees (extra bytes may stand in for cut ones).
+    assert (length_shift, size_shift, len(extra)) == (0, 0, cut)
+    sent = np.frombuffer(body[len(head):], np.float32).reshape(x.shape)
+    np.testing.assert_array_equal(request.arrays["x"], sent)

@@ -193,10 +193,12 @@ def binary_outputs(document: Mapping[str, Any]) -> BinaryOutputs:
     per_output = {}
     requested = document.get("outputs")
     for entry in requested if isinstance(requested, list) else ():
-        params = entry.get("parameters") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise RequestError(BAD_REQUEST, "'outputs' must be a list of objects with a string 'name'")
+        params = entry.get("parameters")
         if isinstance(params, dict) and params.get("binary_data") is not None:
             per_output[entry["name"]] = _flag(
-                params["binary_data"], f"output {entry.get('name')!r}: parameters.binary_data"
+                params["binary_data"], f"output {entry['name']!r}: parameters.binary_data"
             )
     if not default and not per_output:
         return NO_BINARY
