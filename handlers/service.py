@@ -134,7 +134,10 @@ class InferenceService:
     def _refuse_oversized(self, index: int, request: DecodedRequest, replies: list[Reply | None]) -> bool:
         """A 413 now for a request whose answer cannot fit; it leaves the batch, the rest runs."""
         limit = self.config.limits.max_response_bytes
-        least = min_response_bytes(self.manifest.outputs, request.format, request.batch, request.output_names)
+        least = min_response_bytes(
+            self.manifest.outputs, request.format, request.batch, request.output_names,
+            binary=request.binary_outputs.any,
+        )
         if least <= limit:
             return False
         replies[index] = _error_reply(RequestError(413, too_large_message(least, limit, True)), request.format)

@@ -337,3 +337,14 @@ def test_fuzz_binary_bodies_decode_exactly_or_refuse_safely(cut, extra, length_s
     assert (length_shift, size_shift, len(extra)) == (0, 0, cut)
     sent = np.frombuffer(body[len(head):], np.float32).reshape(x.shape)
     np.testing.assert_array_equal(request.arrays["x"], sent)
+
+
+def test_the_early_response_size_bound_stays_a_lower_bound_for_binary_answers():
+    from handlers.protocol.response_size import min_response_bytes
+
+    half = (TensorSpec("h", "float16", (None, 1000)),)
+    request = decode(*binary_body([image_entry(image(1))], [image(1).tobytes()],
+                                  parameters={"binary_data_output": True}), outputs=None)
+    encoded = encode_response({"h": np.zeros((1, 1000), np.float16)}, request, half, model_name="m")
+    bound = min_response_bytes(half, "kservev2", 1, binary=request.binary_outputs.any)
+    assert bound <= len(encoded.body) < min_response_bytes(half, "kservev2", 1)

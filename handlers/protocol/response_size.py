@@ -32,19 +32,25 @@ def sample_elements(spec: TensorSpec) -> int:
 
 
 def min_response_bytes(
-    outputs: Sequence[TensorSpec], request_format: str, batch: int, names: Sequence[str] | None = None
+    outputs: Sequence[TensorSpec], request_format: str, batch: int, names: Sequence[str] | None = None,
+    binary: bool = False,
 ) -> int:
-    """The fewest bytes the answer to ``batch`` samples can take in ``request_format``."""
+    """The fewest bytes the answer to ``batch`` samples can take in ``request_format``.
+
+    ``binary``: a v2 request that asked for binary outputs (an element then takes its itemsize,
+    fewer bytes than in JSON for 1- and 2-byte dtypes).
+    """
     chosen = [s for s in outputs if names is None or s.name in names]
     if request_format not in JSON_FORMATS:
         sizes = [sample_elements(s) * np.dtype(s.dtype).itemsize for s in chosen]
         # Raw and .npy carry one tensor: without a name, the smallest is the bound.
         return batch * (min(sizes, default=0) if names is None else sum(sizes))
-    return batch * sum(sample_elements(s) * _json_min_bytes(s) for s in chosen)
+    return batch * sum(sample_elements(s) * _json_min_bytes(s, binary) for s in chosen)
 
 
-def _json_min_bytes(spec: TensorSpec) -> int:
-    return _JSON_MIN_BYTES.get(np.dtype(spec.dtype).kind, _JSON_MIN_BYTES_OTHER)
+def _json_min_bytes(spec: TensorSpec, binary: bool = False) -> int:
+    json_min = _JSON_MIN_BYTES.get(np.dtype(spec.dtype).kind, _JSON_MIN_BYTES_OTHER)
+    return min(json_min, np.dtype(spec.dtype).itemsize) if binary else json_min
 
 
 def too_large_message(nbytes: int, limit: int, certain_before_running: bool) -> str:
