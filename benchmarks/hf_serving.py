@@ -31,13 +31,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from hetserve.bench import point_runner  # noqa: E402
 from hetserve.knee import Criteria, sweep_rates  # noqa: E402
 from hetserve.loadgen import (  # noqa: E402
     Target,
-    idle_latency,
     run_closed_loop,
-    run_open_loop,
-    wait_until_idle,
 )
 from hetserve.machine import machine_info  # noqa: E402
 from hetserve.tsprocess import start_torchserve  # noqa: E402
@@ -119,15 +117,9 @@ def sweep(store: Path, mar: str, workdir: Path, body: bytes, args, criteria: Cri
             {"Authorization": f"Bearer {ts.keys['inference']}", "Content-Type": "application/json"},
         )
         run_closed_loop(target, 16, args.jvm_warmup, warmup=0.0)
-        baseline = idle_latency(target)
-
-        def at(rate: float):
-            wait_until_idle(target, baseline)
-            result = run_open_loop(target, rate, args.duration, arrival="poisson",
-                                   warmup=args.warmup, seed=int(rate * 100))
-            print(f"    {rate:7.1f} req/s -> {result.throughput_rps:6.1f} served, "
-                  f"p99 {result.latency_all_ms.p99 or 0:7.1f} ms, errors {result.errors or 0}", flush=True)
-            return result
+        # The shared point runner: each rate starts from an idle server (10 s request timeout).
+        at = point_runner(target, duration=args.duration, warmup=args.warmup, arrival="poisson",
+                          timeout=10.0, log=lambda line: print(line, flush=True))
 
         return sweep_rates(at, args.start_rate, max_rate=args.max_rate, factor=args.factor,
                            stop_after_failures=2, refine_steps=args.refine, criteria=criteria)

@@ -41,14 +41,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from serving_cpu import BASELINE, HETSERVE_ROWS, SERVING, fill, physical_cores  # noqa: E402
 
+from hetserve.bench import point_runner  # noqa: E402
 from hetserve.knee import Criteria, plot_curves, sweep_rates  # noqa: E402
 from hetserve.loadgen import (  # noqa: E402
     LoadResult,
     Target,
-    idle_latency,
     run_closed_loop,
-    run_open_loop,
-    wait_until_idle,
 )
 from hetserve.machine import machine_info  # noqa: E402
 from hetserve.tsprocess import start_torchserve  # noqa: E402
@@ -122,16 +120,9 @@ def sweep_images(store: Path, mar: str, workdir: Path, bodies: list[bytes], args
         target = Target.create(f"http://127.0.0.1:{ts.ports['inference']}/predictions/m", bodies,
                                {"Authorization": f"Bearer {ts.keys['inference']}"}, "image/jpeg")
         run_closed_loop(target, 16, args.jvm_warmup, warmup=0.0)  # JIT-warm the fresh JVM first
-        baseline = idle_latency(target)
-
-        def at(rate: float) -> LoadResult:
-            wait_until_idle(target, baseline)
-            result = run_open_loop(target, rate, args.duration, arrival="poisson", warmup=args.warmup,
-                                   seed=int(rate * 100))
-            print(f"    {rate:7.1f} req/s offered -> {result.throughput_rps:6.1f} served, "
-                  f"p50 {result.latency_all_ms.p50 or 0:7.1f} ms, p99 {result.latency_all_ms.p99 or 0:7.1f} ms, "
-                  f"errors {result.errors or 0}", flush=True)
-            return result
+        # The shared point runner: each rate starts from an idle server (10 s request timeout).
+        at = point_runner(target, duration=args.duration, warmup=args.warmup, arrival="poisson",
+                          timeout=10.0, log=lambda line: print(line, flush=True))
 
         return sweep_rates(at, args.start_rate, max_rate=args.max_rate, factor=args.factor,
                            stop_after_failures=2, refine_steps=args.refine, criteria=criteria)
