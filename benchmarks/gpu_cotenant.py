@@ -153,9 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     if args.ready is not None:
         args.ready.write_text("ready\n")
+    # Idle with time.sleep, not stop.wait: the handler above runs on this same thread and
+    # stop.set() takes the Event's lock, which stop.wait() may hold when the signal lands
+    # (a self-deadlock that left the script running after SIGTERM).
     report = run_cycles(cycle, work, stop,
                         Report(args.device, args.duty, args.period_ms, size, args.chunk),
-                        duration_s=args.duration)
+                        duration_s=args.duration, idle=time.sleep)
     text = json.dumps({"benchmark": "gpu_cotenant", **report.to_dict()}, indent=1)
     if args.out is not None:
         args.out.write_text(text + "\n")
