@@ -13,6 +13,17 @@ change, a restart when a server-level knob (launcher allocator/OpenMP) changes. 
 trial's sweep starts at `prune_fraction` x the best rate so far; a trial that cannot sustain even
 that is stopped after that one point. The shipped default is trial 0, so the report's gain is
 measured against it in the same session.
+
+Small budgets (a handful of trials over a space a brute-force grid covers in a few dozen): every
+proposal is first mapped to its canonical configuration (`canonical`: knobs that cannot change
+what runs, such as maxBatchDelay at batchSize 1 or the grouping policy of a one-core worker, take
+one fixed value), so no trial re-measures a configuration already measured under another name,
+and `search="local"` replaces TPE's random start-up by a coordinate search from the shipped
+default: each trial changes one knob of the best configuration so far, structural knobs first
+(`LOCAL_ORDER`). With 4-6 trials TPE has no model yet and samples at random; the default, which
+sits near the ceiling, is the better prior. `objective="goodput"` scores a trial by one
+closed-loop run (2xx/s at `concurrency` clients, 0 if its p99 misses the target): one
+measurement per trial, what a time-boxed comparison against a full grid can afford.
 """
 
 from __future__ import annotations
@@ -43,6 +54,11 @@ SERVER_KNOBS = ("allocator", "openmp")
 ALLOCATOR_FLAGS = {"default": "--use-default-allocator", "jemalloc": "--enable-jemalloc",
                    "tcmalloc": "--enable-tcmalloc"}
 WHOLE_MODEL = 1.0
+OBJECTIVES = ("max-rate", "p99", "goodput")
+# the local search's knob order: what runs (whole model or split), then processes and executors,
+# then batching; a knob the space fixes is skipped
+LOCAL_ORDER = ("ratio", "workers", "core_groups", "batchSize", "maxBatchDelay", "micro_batch",
+               "cpu_head_groups", "spinning", "allocator", "openmp")
 
 PointRunner = Callable[[float], LoadResult]
 # params -> context manager yielding a rate -> LoadResult function for a server set up for them
@@ -184,6 +200,114 @@ def write_winner(out_dir: Path, model_config: Mapping[str, Any], params: Mapping
     return config_path, props_path
 
 
+# ---------------------------------------------------------------------------- canonical configurations
+
+
+def group_sizes(policy: str, worker_cores: int, nodes: int = 1, min_groups: int = 1) -> tuple[int, ...]:
+    """Cores per core group one worker gets: `handlers.hardware.topology.plan_groups` on a worker
+    of `worker_cores` cores spread evenly over `nodes` NUMA nodes (sockets = nodes here)."""
+    per_node = [worker_cores // nodes + (i < worker_cores % nodes) for i in range(min(nodes, worker_cores))]
+    if policy in ("numa", "socket"):
+        sizes = list(per_node)
+    elif policy.startswith("size:"):
+        k = int(policy.split(":", 1)[1])
+        sizes = [min(k, n - start) for n in per_node for start in range(0, n, k)]
+    else:
+        raise ValueError(f"unknown core group policy {policy!r}")
+    while len(sizes) < min_groups and any(s > 1 for s in sizes):
+        largest = max(s for s in sizes if s > 1)  # split the largest, as plan_groups does
+        sizes.remove(largest)
+        sizes += [(largest + 1) // 2, largest // 2]
+    return tuple(sorted(sizes, reverse=True))
+
+
+def executor_layout(params: Mapping[str, Any], cores: int, nodes: int = 1) -> tuple[int, ...]:
+    """The core groups each worker runs (CPU only): the launcher gives each of W workers cores/W
+    cores, and a split model (ratio < 1) needs two groups, so the runtime splits one if it can."""
+    worker_cores = max(1, cores // int(params["workers"]))
+    split = float(params["ratio"]) < WHOLE_MODEL
+    return group_sizes(str(params["core_groups"]), worker_cores, nodes, min_groups=2 if split else 1)
+
+
+def _first(choices: Sequence, preferred: Any) -> Any:
+    return preferred if preferred in choices else choices[0]
+
+
+def canonical(params: Mapping[str, Any], space: Mapping[str, tuple], cores: int, nodes: int = 1) -> dict[str, Any]:
+    """`params` with every knob that cannot change what runs set to one representative value, so
+    two names for one configuration measure once (a grid of them has no duplicates):
+
+    - core_groups: policies giving a worker the same groups (on 2 cores a one-core worker has one
+      group whatever the policy; a split model on one 2-core group is split into two 1-core
+      groups, as size:1 gives) take the first such policy in the space;
+    - batchSize 1: maxBatchDelay (a batch of one never waits) and micro_batch (nothing to split);
+    - one core group: micro_batch (micro-batches of one executor run one after another: they can
+      only lose batching) and cpu_head_groups (nothing to reserve); a whole model (ratio 1):
+      cpu_head_groups (no head/tail pipeline).
+
+    CPU-only rules: on a GPU box the layout differs and only the batchSize rule holds.
+    """
+    p = dict(params)
+    if "core_groups" in space and {"workers", "ratio"} <= p.keys():
+        layout = executor_layout(p, cores, nodes)
+        p["core_groups"] = next(c for c in space["core_groups"]
+                                if executor_layout({**p, "core_groups": c}, cores, nodes) == layout)
+        if len(layout) == 1:
+            p["micro_batch"] = _first(space.get("micro_batch", (0,)), 0)
+        if len(layout) == 1 or float(p["ratio"]) >= WHOLE_MODEL:
+            p["cpu_head_groups"] = _first(space.get("cpu_head_groups", (0,)), 0)
+    if int(p.get("batchSize", 0)) == 1:
+        p["maxBatchDelay"] = _first(space.get("maxBatchDelay", (0,)), 0)
+        p["micro_batch"] = _first(space.get("micro_batch", (0,)), 0)
+    return {k: p[k] for k in params}
+
+
+def config_key(params: Mapping[str, Any]) -> str:
+    return json.dumps(dict(params), sort_keys=True)
+
+
+def grid_points(space: Mapping[str, tuple], cores: int, nodes: int = 1) -> list[dict[str, Any]]:
+    """Every distinct configuration of `space` (the product, canonicalised, duplicates dropped),
+    in product order: what a brute-force search must measure."""
+    import itertools
+
+    names, seen, points = list(space), set(), []
+    for combo in itertools.product(*(space[k] for k in names)):
+        point = canonical(dict(zip(names, combo, strict=True)), space, cores, nodes)
+        if config_key(point) not in seen:
+            seen.add(config_key(point))
+            points.append(point)
+    return points
+
+
+def propose_local(space: Mapping[str, tuple], measured: Sequence[tuple[Mapping[str, Any], float]],
+                  canon: Callable[[Mapping[str, Any]], dict[str, Any]], maximize: bool = True,
+                  order: Sequence[str] = LOCAL_ORDER) -> dict[str, Any] | None:
+    """The next configuration of a coordinate search: the best measured one with a single knob
+    changed (knobs in `order`, then the rest; values in the space's order), skipping what is
+    already measured once canonicalised. None when every neighbour of the best is measured."""
+    if not measured:
+        return None
+    best = (max if maximize else min)(measured, key=lambda row: row[1])[0]
+    done = {config_key(canon(p)) for p, _ in measured}
+    knobs = [k for k in order if k in space] + [k for k in space if k not in order]
+    for knob in knobs:
+        for value in space[knob]:
+            candidate = canon({**best, knob: value})
+            if config_key(candidate) not in done:
+                return candidate
+    return None
+
+
+def goodput_value(result: LoadResult, criteria: Criteria) -> float:
+    """A closed loop's score: successful answers per second, 0 when its p99 or error share misses
+    the criteria (an infeasible configuration is no candidate, however fast)."""
+    p99 = criteria.stats(result).p99
+    if p99 is None or p99 > criteria.p99_ms or result.error_rate > criteria.max_error_rate:
+        return 0.0
+    return result.goodput_rps
+
+
 # ---------------------------------------------------------------------------- the search
 
 
@@ -199,10 +323,16 @@ class TuneOptions:
     refine: int = 1
     prune_fraction: float = 0.8
     seed: int = 0
+    search: str = "tpe"  # or "local": coordinate search from the default (small budgets)
+    concurrency: int = 8  # clients of the goodput objective's closed loop
 
     def __post_init__(self) -> None:
-        if self.objective not in ("max-rate", "p99"):
-            raise ValueError(f"objective must be 'max-rate' or 'p99', got {self.objective!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.search not in ("tpe", "local"):
+            raise ValueError(f"search must be 'tpe' or 'local', got {self.search!r}")
+        if self.concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
         if self.objective == "p99" and not self.rate:
             raise ValueError("the p99 objective needs --rate")
         if not 0 < self.prune_fraction <= 1:
@@ -248,25 +378,46 @@ def suggest(trial, space: Mapping[str, tuple]) -> dict[str, Any]:
     return {name: trial.suggest_categorical(name, list(choices)) for name, choices in space.items()}
 
 
+def measure_trial(at: PointRunner, options: TuneOptions, best: float | None, timeout_ms: float,
+                  on_point: Callable[[LoadResult], None] = lambda r: None) -> tuple[float, list[LoadResult], bool]:
+    """One trial's measurement on a prepared server -> (value, points, pruned): the objective's
+    protocol, shared by the search and by anything compared with it (a brute-force grid)."""
+    if options.objective == "max-rate":
+        return measure_max_rate(at, options, best, on_point=on_point)
+    if options.objective == "goodput":
+        result = at.closed(options.concurrency)
+        on_point(result)
+        return goodput_value(result, options.criteria), [result], False
+    result = at(options.rate)
+    on_point(result)
+    return p99_value(result, options.criteria, timeout_ms), [result], False
+
+
 def run_study(space: Mapping[str, tuple], prepare: Prepare, options: TuneOptions,
               defaults: Mapping[str, Any] | None = None, log: Callable[[str], None] = print,
-              timeout_ms: float = 10_000.0):
-    """The optuna study: trial 0 is `defaults` (when given), then TPE. Returns the study."""
+              timeout_ms: float = 10_000.0, seeds: Sequence[Mapping[str, Any]] = (),
+              canon: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None):
+    """The optuna study: trial 0 is `defaults` (when given), then `seeds`, then TPE, or with
+    `options.search == "local"` the coordinate search (TPE once every neighbour of the best is
+    measured). `canon` maps a proposal to its canonical configuration (identity by default): the
+    configuration measured, and the key repeats are recognised by. Returns the study."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    maximize = options.objective == "max-rate"
+    canon = canon or dict
+    maximize = options.objective != "p99"
     sampler = optuna.samplers.TPESampler(seed=options.seed, n_startup_trials=max(2, min(5, options.trials // 3)),
                                          multivariate=True)
     study = optuna.create_study(direction="maximize" if maximize else "minimize", sampler=sampler)
-    if defaults:
-        study.enqueue_trial(dict(defaults), user_attrs={"role": "shipped default"})
-    seen: dict[str, float | None] = {}  # None: pruned
+    queue = ([(dict(defaults), "shipped default")] if defaults else []) + [(dict(s), "seed") for s in seeds]
+    seen: dict[str, float | None] = {}  # canonical config -> value; None: pruned
+    measured: list[tuple[dict[str, Any], float]] = []
     started = time.monotonic()
 
     def objective(trial) -> float:
-        params = suggest(trial, space)
-        key = json.dumps(params, sort_keys=True)
+        params = canon(suggest(trial, space))
+        key = config_key(params)
+        trial.set_user_attr("config", params)
         if key in seen:  # TPE proposes repeats in small categorical spaces: do not measure twice
             trial.set_user_attr("repeat_of_measured", True)
             if seen[key] is None:
@@ -277,33 +428,40 @@ def run_study(space: Mapping[str, tuple], prepare: Prepare, options: TuneOptions
         log(f"trial {trial.number}: {_short(params)}")
         try:
             with prepare(params) as at:
-                if maximize:
-                    best = study.best_value if _completed(study) else None
-                    value, points, pruned = measure_max_rate(
-                        at, options, best, on_point=lambda r: log(f"    {_point(r)}"))
-                else:
-                    points = [at(options.rate)]
-                    log(f"    {_point(points[0])}")
-                    value, pruned = p99_value(points[0], options.criteria, timeout_ms), False
+                best = study.best_value if maximize and _completed(study) else None
+                value, points, pruned = measure_trial(at, options, best, timeout_ms,
+                                                      on_point=lambda r: log(f"    {_point(r)}"))
         except TrialFailed as exc:
             log(f"  trial {trial.number} failed: {exc}")
             trial.set_user_attr("error", str(exc)[-2000:])
             seen[key] = 0.0 if maximize else timeout_ms
+            measured.append((params, seen[key]))
             return seen[key]
         trial.set_user_attr("points", [_point_json(r) for r in points])
         trial.set_user_attr("seconds", round(time.monotonic() - t0, 1))
         if pruned:
             seen[key] = None
+            measured.append((params, 0.0))
             trial.report(0.0, step=0)
             log(f"  trial {trial.number} pruned: cannot sustain {options.prune_fraction:.0%} of the best "
                 f"({time.monotonic() - started:.0f} s in)")
             raise optuna.TrialPruned()
         seen[key] = value
-        log(f"  trial {trial.number}: {value:.1f} {'req/s' if maximize else 'ms p99'} "
+        measured.append((params, value))
+        unit = {"max-rate": "req/s", "goodput": "ok/s"}.get(options.objective, "ms p99")
+        log(f"  trial {trial.number}: {value:.1f} {unit} "
             f"({time.monotonic() - t0:.0f} s; {time.monotonic() - started:.0f} s into the study)")
         return value
 
-    study.optimize(objective, n_trials=options.trials)
+    for _ in range(options.trials):
+        if queue:
+            params, role = queue.pop(0)
+            study.enqueue_trial(params, user_attrs={"role": role})
+        elif options.search == "local":
+            proposal = propose_local(space, measured, canon, maximize)
+            if proposal is not None:
+                study.enqueue_trial(proposal, user_attrs={"role": "neighbour of the best"})
+        study.optimize(objective, n_trials=1)
     return study
 
 
@@ -366,7 +524,7 @@ def study_report(study, options: TuneOptions, space: Mapping[str, tuple], librar
     except Exception as exc:  # noqa: BLE001 - too few or too uniform trials: say so, keep the report
         importance, importance_note = {}, f"PED-ANOVA not computable: {exc}"
     best = study.best_trial if done else None
-    maximize = options.objective == "max-rate"
+    maximize = options.objective != "p99"
     gain = None
     if best is not None and default is not None and default.value:
         gain = best.value / default.value if maximize else default.value / best.value
@@ -377,17 +535,22 @@ def study_report(study, options: TuneOptions, space: Mapping[str, tuple], librar
         "libraries": asdict(libraries) if libraries else None,
         "trials": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
                     **t.user_attrs} for t in study.trials],
-        "default": {"value": default.value, "params": default.params} if default else None,
-        "best": {"number": best.number, "value": best.value, "params": best.params} if best else None,
+        "default": {"value": default.value, "params": _config(default)} if default else None,
+        "best": {"number": best.number, "value": best.value, "params": _config(best)} if best else None,
         "gain_over_default": gain,
         "importance": {"ped_anova": importance, "note": importance_note,
-                       "main_effects": main_effects([(t.params, t.value) for t in measured])},
+                       "main_effects": main_effects([(_config(t), t.value) for t in measured])},
         "counts": {state: sum(t.state.name == state for t in study.trials) for state in ("COMPLETE", "PRUNED", "FAIL")},
     }
 
 
+def _config(trial) -> dict[str, Any]:
+    """What a trial measured: its canonical configuration (its raw params name the same one)."""
+    return trial.user_attrs.get("config", trial.params)
+
+
 def report_markdown(report: dict) -> str:
-    unit = "req/s" if report["objective"] == "max-rate" else "ms p99"
+    unit = {"max-rate": "req/s", "goodput": "ok/s"}.get(report["objective"], "ms p99")
     lines = [f"# hetserve tune: {report['objective']} (p99 target {report['criteria']['p99_ms']:g} ms)", ""]
     if report["default"] and report["best"]:
         gain = report["gain_over_default"]
@@ -425,6 +588,18 @@ def sample_shape(manifest: Manifest) -> tuple[int, ...]:
         raise ValueError("the tuner sends float32 tensors of a fixed sample shape; this model's input is "
                          f"{spec.dtype} {list(spec.shape)}")
     return (1, *spec.sample_shape)
+
+
+@dataclass(frozen=True)
+class TrialRunner:
+    """A prepared trial's load: `runner(rate)` one open-loop point (Poisson, from an idle server),
+    `runner.closed(clients)` one closed loop; both with the harness's duration and warm-up."""
+
+    open_at: PointRunner
+    closed: Callable[[int], LoadResult]
+
+    def __call__(self, rate: float) -> LoadResult:
+        return self.open_at(rate)
 
 
 class LiveHarness:
@@ -471,8 +646,10 @@ class LiveHarness:
         target = self._target()
         if self.trial_warmup > 0:
             run_closed_loop(target, 4, self.trial_warmup, warmup=0.0, timeout=self.timeout)
-        yield point_runner(target, duration=self.duration, warmup=self.warmup, arrival="poisson",
-                           timeout=self.timeout, log=lambda _: None)
+        yield TrialRunner(
+            point_runner(target, duration=self.duration, warmup=self.warmup, arrival="poisson",
+                         timeout=self.timeout, log=lambda _: None),
+            lambda clients: run_closed_loop(target, clients, self.duration, warmup=self.warmup, timeout=self.timeout))
 
     def preloaded(self) -> list[str]:
         """Allocator/OpenMP libraries mapped into the model workers (proof the launcher applied them)."""
