@@ -646,10 +646,16 @@ class LiveHarness:
         target = self._target()
         if self.trial_warmup > 0:
             run_closed_loop(target, 4, self.trial_warmup, warmup=0.0, timeout=self.timeout)
-        yield TrialRunner(
-            point_runner(target, duration=self.duration, warmup=self.warmup, arrival="poisson",
-                         timeout=self.timeout, log=lambda _: None),
-            lambda clients: run_closed_loop(target, clients, self.duration, warmup=self.warmup, timeout=self.timeout))
+        opened: list[PointRunner] = []
+
+        def open_at(rate: float) -> LoadResult:
+            if not opened:  # its idle-latency probes only when an open-loop point is wanted
+                opened.append(point_runner(target, duration=self.duration, warmup=self.warmup, arrival="poisson",
+                                           timeout=self.timeout, log=lambda _: None))
+            return opened[0](rate)
+
+        yield TrialRunner(open_at, lambda clients: run_closed_loop(target, clients, self.duration,
+                                                                   warmup=self.warmup, timeout=self.timeout))
 
     def preloaded(self) -> list[str]:
         """Allocator/OpenMP libraries mapped into the model workers (proof the launcher applied them)."""

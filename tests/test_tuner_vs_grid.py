@@ -1,0 +1,69 @@
+"""benchmarks/tuner_vs_grid.py's pure parts: the compared space, its grid and the pick/best
+arithmetic, on plain data (the live run is the benchmark itself)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hetserve.tuner import canonical, config_key, grid_points, shipped_defaults
+
+REPO = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("tuner_vs_grid", REPO / "benchmarks" / "tuner_vs_grid.py")
+tvg = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tvg)
+
+
+def defaults(ratio=0.79):
+    config = yaml.safe_load((REPO / "config" / "model-config.yaml").read_text())
+    props = dict(line.split("=", 1) for line in (REPO / "config" / "config.properties").read_text().splitlines()
+                 if "=" in line and not line.startswith("#"))
+    return shipped_defaults(config, ratio, props)
+
+
+def test_space_varies_the_six_axes_with_the_shipped_default_first():
+    d = defaults()
+    space = tvg.comparison_space(d, 0.79)
+    for knob in tvg.KNOBS:
+        assert len(space[knob]) == 2 and space[knob][0] == d[knob], knob
+    assert space["ratio"] == (0.79, 1.0)
+    assert all(len(v) == 1 for k, v in space.items() if k not in tvg.KNOBS)
+    grid = grid_points(space, cores=2)
+    assert len(grid) == 19 and grid[0] == d  # 64 names, 19 configurations on 2 cores
+    assert max(1, int(len(grid) * tvg.GOAL_TRIALS)) == 4
+    quick = grid_points(tvg.comparison_space(defaults(0.5), 0.5, quick=True), cores=2)
+    assert len(quick) == 3
+
+
+def test_pick_and_best_from_plain_rows():
+    d = defaults()
+    grid = grid_points(tvg.comparison_space(d, 0.79), cores=2)
+    rows = [{"params": p, "value": 10.0 + i} for i, p in enumerate(grid)]
+    best = rows[-1]
+    trials = [{"config": grid[0], "value": 10.0},
+              {"config": grid[5], "value": 27.0},  # measured higher in the search than in the grid
+              {"config": grid[5], "value": 27.0, "repeat_of_measured": True},
+              {"config": grid[3], "value": None}]  # pruned
+    s = tvg.pick_and_best(rows, trials)
+    assert s["grid_best"]["params"] == best["params"] and s["grid_best"]["value"] == 28.0
+    assert s["pick"]["params"] == grid[5] and s["pick"]["value_in_grid"] == 15.0
+    assert s["pick_over_best_search"] == pytest.approx(27 / 28)
+    assert s["pick_over_best_grid"] == pytest.approx(15 / 28)
+    assert s["trials_measured"] == 2 and s["trials_ratio"] == pytest.approx(2 / 19)
+    assert not s["same_configuration"]
+    same = tvg.pick_and_best(rows, [{"config": best["params"], "value": 1.0}])
+    assert same["same_configuration"]
+    # a tuner config named differently but canonically equal to a grid row is found in the grid
+    alias = {**grid[0], "maxBatchDelay": 20, "batchSize": 1}
+    row = next(r for r in rows if config_key(r["params"]) == config_key(canonical(alias, tvg.comparison_space(d, 0.79), 2)))
+    assert tvg.pick_and_best(rows, [{"config": row["params"], "value": 3.0}])["pick"]["value_in_grid"] == row["value"]
+
+
+def test_confirmed_ratio_is_a_ratio_of_means():
+    assert tvg.confirmed_ratio([9.0, 11.0], [10.0, 10.0]) == pytest.approx(1.0)
+    assert tvg.confirmed_ratio([9.0], [10.0, 12.0]) == pytest.approx(9 / 11)
+    assert tvg.confirmed_ratio([], [10.0]) is None
+    assert tvg.confirmed_ratio([1.0], [0.0]) is None
