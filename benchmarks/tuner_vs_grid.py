@@ -22,6 +22,11 @@ batch of one neither waits nor splits, micro-batches on one executor only run in
 the grid is 19 points and the tuner gets 4 trials. Values: batchSize 8 would not fill from 8
 closed-loop clients on one worker, and more values per axis would not fit the time budget.
 
+Time: a point costs the new workers' start (Python and torch imports in the launcher and the
+worker, ORT sessions, calibration: ~10 s per point on 2 idle cores, 25 s with the box loaded)
+plus --trial-warmup, --warmup and --duration (7 s); 19 grid points, 4 tuner trials and 4
+back-to-back points, plus the archive build (once per --store) and one TorchServe start.
+
     python benchmarks/tuner_vs_grid.py            # the full run: ~9-11 min on 2 idle cores
     python benchmarks/tuner_vs_grid.py --quick    # resnet18-tiny, 3 points, 1 trial: ~1-2 min
 """
@@ -56,6 +61,8 @@ from hetserve.tuner import (  # noqa: E402
 GOAL_RATIO = 0.97
 GOAL_TRIALS = 0.25
 KNOBS = ("workers", "core_groups", "ratio", "batchSize", "maxBatchDelay", "micro_batch")
+SHORT = {"workers": "w", "core_groups": "groups", "ratio": "ratio", "batchSize": "batch", "maxBatchDelay": "delay",
+         "micro_batch": "mb"}
 
 
 def comparison_space(defaults: Mapping[str, Any], split_ratio: float, quick: bool = False) -> dict[str, tuple]:
@@ -233,7 +240,7 @@ def plot(result: Mapping[str, Any], path: Path) -> Path | None:
     best = result["grid_best"]["value"]
     fig = Figure(figsize=(8, 0.28 * len(rows) + 1.6), layout="tight")
     ax = fig.subplots()
-    labels = [" ".join(f"{k[:5]}={r['params'][k]}" for k in KNOBS) for r in rows]
+    labels = [" ".join(f"{SHORT[k]}={r['params'][k]}" for k in KNOBS) for r in rows]
     colors = ["C1" if config_key(r["params"]) in picked else "C0" for r in rows]
     ax.barh(range(len(rows)), [r["value"] for r in rows], color=colors)
     ax.set_yticks(range(len(rows)), labels, fontsize=6)
