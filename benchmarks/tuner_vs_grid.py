@@ -171,6 +171,14 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         f"{cores} cores, {nodes} NUMA node(s); load average {load_start}")
     harness = LiveHarness(mar, args.work, duration=args.duration, warmup=args.warmup, jvm_warmup=args.jvm_warmup,
                           trial_warmup=args.trial_warmup, log=log)
+    if args.fresh_jvm:  # every point (grid, trial, re-measurement) on a TorchServe of its own
+        registered = harness.prepare
+
+        def prepare(params):
+            harness.close()
+            return registered(params)
+
+        harness.prepare = prepare
     phases: dict[str, float] = {}
     try:
         t0 = time.monotonic()
@@ -206,8 +214,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         "protocol": {"objective": "goodput", "concurrency": args.concurrency, "duration_s": args.duration,
                      "warmup_s": args.warmup, "trial_warmup_s": args.trial_warmup, "jvm_warmup_s": args.jvm_warmup,
                      "criteria": asdict(criteria),
-                     "each point": "its archive variant registered afresh (new workers) on the one warm TorchServe "
-                                   "of hetserve.tuner.LiveHarness, then hetserve.tuner.measure_trial"},
+                     "each point": ("a new TorchServe of hetserve.tuner.LiveHarness serving its archive variant"
+                                    if args.fresh_jvm else "its archive variant registered afresh (new workers) on "
+                                    "the one warm TorchServe of hetserve.tuner.LiveHarness")
+                                   + ", then hetserve.tuner.measure_trial"},
         "space": {k: list(v) for k, v in space.items()}, "defaults": defaults,
         "grid": {"size": len(grid), "rows": rows},
         "tuner": {"search": args.search, "budget": budget, "seed": args.seed, "trials": trials},
@@ -273,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--p99-ms", type=float, default=500.0)
     p.add_argument("--search", choices=("local", "tpe"), default="local", help="the tuner's search")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh-jvm", action="store_true",
+                   help="a new TorchServe (and --jvm-warmup) for every point: about twice the time")
     p.add_argument("--confirm-rounds", type=int, default=2, help="back-to-back rounds of pick and best")
     args = p.parse_args(argv)
     quick = args.quick
