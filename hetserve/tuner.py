@@ -477,7 +477,8 @@ def _short(params: Mapping[str, Any]) -> str:
 
 def _point(r: LoadResult) -> str:
     p99 = r.latency_all_ms.p99
-    return (f"{r.target_rate or 0:7.1f} req/s -> {r.throughput_rps:6.1f} served, p99 "
+    load = f"{r.concurrency:4d} clients" if r.mode == "closed" else f"{r.target_rate or 0:7.1f} req/s"
+    return (f"{load} -> {r.throughput_rps:6.1f} served, p99 "
             f"{p99 if p99 is not None else float('nan'):7.1f} ms, errors {r.errors or 0}")
 
 
