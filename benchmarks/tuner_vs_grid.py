@@ -27,7 +27,7 @@ worker, ORT sessions, calibration: ~10 s per point on 2 idle cores, 25 s with th
 plus --trial-warmup, --warmup and --duration (7 s); 19 grid points, 4 tuner trials and 4
 back-to-back points, plus the archive build (once per --store) and one TorchServe start.
 
-    python benchmarks/tuner_vs_grid.py            # the full run: ~9-11 min on 2 idle cores
+    python benchmarks/tuner_vs_grid.py            # the full run: ~10-12 min on 2 idle cores (estimated)
     python benchmarks/tuner_vs_grid.py --quick    # resnet18-tiny, 3 points, 1 trial: ~1-2 min
 """
 
@@ -183,7 +183,14 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     try:
         t0 = time.monotonic()
         log("== grid")
-        rows = [{"index": i, **measure_point(harness, p, options, log)} for i, p in enumerate(grid)]
+        rows = []
+        points_left = len(grid) + budget + 2 * args.confirm_rounds
+        for i, params in enumerate(grid):
+            rows.append({"index": i, **measure_point(harness, params, options, log)})
+            if i >= 1:  # point 0 paid the TorchServe start: project from the later ones
+                per_point = (time.monotonic() - t0 - rows[0]["seconds"]) / i
+                log(f"  [{i + 1}/{len(grid)}] ~{per_point:.0f} s per point: about "
+                    f"{(time.monotonic() - started + per_point * (points_left - i - 1)) / 60:.1f} min in all")
         phases["grid_s"] = round(time.monotonic() - t0, 1)
         t0 = time.monotonic()
         log(f"== tuner ({budget} trials)")
