@@ -15,9 +15,9 @@ that is stopped after that one point. The shipped default is trial 0, so the rep
 measured against it in the same session.
 
 Small budgets (a handful of trials over a space a brute-force grid covers in a few dozen): every
-proposal is first mapped to its canonical configuration (`canonical`: knobs that cannot change
-what runs, such as maxBatchDelay at batchSize 1 or the grouping policy of a one-core worker, take
-one fixed value), so no trial re-measures a configuration already measured under another name,
+proposal can first be mapped to its canonical configuration (`canonical`: knobs that cannot
+change what runs, such as maxBatchDelay at batchSize 1 or the grouping policy of a one-core
+worker, take one fixed value), so no trial re-measures a configuration under another name,
 and `search="local"` replaces TPE's random start-up by a coordinate search from the shipped
 default: each trial changes one knob of the best configuration so far, structural knobs first
 (`LOCAL_ORDER`). With 4-6 trials TPE has no model yet and samples at random; the default, which
@@ -234,8 +234,9 @@ def _first(choices: Sequence, preferred: Any) -> Any:
 
 
 def canonical(params: Mapping[str, Any], space: Mapping[str, tuple], cores: int, nodes: int = 1) -> dict[str, Any]:
-    """`params` with every knob that cannot change what runs set to one representative value, so
-    two names for one configuration measure once (a grid of them has no duplicates):
+    """`params` with every knob that cannot change what runs (or, for micro_batch on one executor,
+    can only slow it) set to one representative value, so two names for one configuration measure
+    once (a grid of them has no duplicates):
 
     - core_groups: policies giving a worker the same groups (on 2 cores a one-core worker has one
       group whatever the policy; a split model on one 2-core group is split into two 1-core
