@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from handlers.artifact.manifest import Manifest, TensorSpec, random_batch
-from handlers.executors.base import Executor, ExecutorLoadError
+from handlers.errors import ExecutorLoadError
+from handlers.executors.base import Executor
 from handlers.executors.cpu import CpuExecutor
 from handlers.executors.cuda import cuda_unavailable_reason
 from handlers.hardware.topology import plan_groups, probe, split_cpu_groups
