@@ -114,10 +114,20 @@ class Executor:
     """Base: a job queue drained by one thread; subclasses load sessions and run them."""
 
     device = "cpu"
+    # Rows every run is zero-padded to, for one fixed input shape (CUDA); 0: runs as given.
+    pad_batch = 0
 
-    def __init__(self, name: str, observer: RunObserver | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        observer: RunObserver | None = None,
+        transfer_observer: TransferObserver | None = None,
+    ) -> None:
         self.name = name
-        self._observer = observer
+        # Where observed runs and transfers go (the runtime's history); the assembly attaches
+        # them once the runtime exists, before any job is submitted.
+        self.run_observer = observer
+        self.transfer_observer = transfer_observer
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._ready: Future[None] = Future()
         self._thread = threading.Thread(target=self._main, name=f"hetserve-{name}", daemon=True)
@@ -208,8 +218,8 @@ class Executor:
                 continue
             self._running = None
             elapsed = self.clock() - started
-            if self._observer is not None and job.observe:
-                self._observer(job.stage, self.name, job.batch, elapsed)
+            if self.run_observer is not None and job.observe:
+                self.run_observer(job.stage, self.name, job.batch, elapsed)
             job.future.set_result(outputs)
         self._unload()
 

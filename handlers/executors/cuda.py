@@ -630,7 +630,7 @@ class CudaExecutor(Executor):
         cuda_graph: bool = False,
     ) -> None:
         # No colon in the name: TorchServe metric lines use it as a separator.
-        super().__init__(f"cuda{device_id}s{stream_index}", observer)
+        super().__init__(f"cuda{device_id}s{stream_index}", observer, transfer_observer)
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         require_fixed_batch(cuda_graph, pad_batch)
@@ -654,7 +654,6 @@ class CudaExecutor(Executor):
         self.h2d_link = f"cpu->{self.device}"
         self.d2h_link = f"{self.device}->cpu"
         self._models = dict(models)
-        self._transfer_observer = transfer_observer
         self._device_outputs = frozenset(device_outputs)
         self._cpu_threads = cpu_threads
         self._provider_options = dict(provider_options or {})
@@ -911,16 +910,17 @@ class CudaExecutor(Executor):
             name: backend.host_array(pinned[name], view.shape, view.dtype).copy()
             for name, view in views
         }
-        if ticket.observe and self._transfer_observer is not None:
+        observer = self.transfer_observer if ticket.observe else None
+        if observer is not None:
             seconds = backend.elapsed_s(started, finished) + time.perf_counter() - copy_started
-            self._transfer_observer(self.d2h_link, sum(v.nbytes for _, v in views), seconds)
+            observer(self.d2h_link, sum(v.nbytes for _, v in views), seconds)
         return out
 
     def _observe_copy_in(self, ticket: _Ticket) -> None:
         if ticket.copy_done is None:
             return
         tracing = self.timeline is not None
-        observer = self._transfer_observer if ticket.observe else None
+        observer = self.transfer_observer if ticket.observe else None
         if not (tracing or observer is not None):
             return
         self.backend.sync_event(ticket.copy_done)  # already passed: the run waited for it
