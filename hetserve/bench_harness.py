@@ -27,7 +27,7 @@ from hetserve.bench import point_runner
 from hetserve.knee import Criteria, Sweep, sweep_rates
 from hetserve.loadgen import Target, run_closed_loop
 from hetserve.machine import machine_info
-from hetserve.tsprocess import start_torchserve
+from hetserve.tsprocess import BASE_CONFIG, start_torchserve
 
 # TorchServe settings every serving row shares unless it says otherwise.
 SERVING: dict[str, Any] = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 10}
@@ -230,8 +230,8 @@ def sweep_server(
     log: Callable[[str], None] = lambda line: print(line, flush=True),
 ) -> Sweep:
     """One server row: start TorchServe with ``mar``, warm it, sweep the rate, stop it."""
-    kwargs = {"base_config": base_config} if base_config else {}
-    ts = start_torchserve(workdir, store, {"m": mar}, overrides=overrides, **kwargs)
+    ts = start_torchserve(workdir, store, {"m": mar}, overrides=overrides,
+                          base_config=base_config or BASE_CONFIG)
     try:
         headers = {"Authorization": f"Bearer {ts.keys['inference']}", **load.headers}
         target = Target.create(f"http://127.0.0.1:{ts.ports['inference']}/predictions/m",
