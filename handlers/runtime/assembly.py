@@ -175,11 +175,12 @@ def _build(
             clock=time.perf_counter,
         ),
         probe_feeds=probe_feeds(plans, manifest, config),
-    ).start()
+    )
     # The executors report into the runtime's history from here on; nothing has run on them yet.
     for executor in executors:
         executor.run_observer = runtime.observe_run
         executor.transfer_observer = runtime.observe_transfer
+    runtime.start()
     try:
         calibrate(StageRunner.of(runtime, config), runtime.history, manifest, config)
     except Exception:
