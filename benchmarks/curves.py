@@ -22,11 +22,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from serving_cpu import build_hetserve_mar, fill, physical_cores  # noqa: E402
 
 from handlers.artifact.contract import read_archive  # noqa: E402
+from hetserve.bench_harness import fill, hetserve_archive, physical_cores  # noqa: E402
 from hetserve.knee import Criteria, find_knee, plot_curves  # noqa: E402
 from hetserve.loadgen import Target, idle_latency, run_closed_loop, run_open_loop, wait_until_idle  # noqa: E402
 from hetserve.machine import machine_info, run_record  # noqa: E402
@@ -86,7 +84,7 @@ def main() -> int:
     report = {**run_record(), "machine": machine_info(), "criteria": asdict(criteria), "models": {}}
     for model in args.models.split(","):
         print(f"== {model}", flush=True)
-        mar = build_hetserve_mar(model, store)
+        mar = hetserve_archive(store, model, f"zoo:{model}", "--ratios", "0.5,0.8")
         shape = (1, *read_archive(mar).manifest.inputs[0].sample_shape)
         rows, curves = {}, {}
         for n in (int(x) for x in args.batch_sizes.split(",")):

@@ -38,14 +38,21 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from gpu_baselines import build_stock_onnx_mar, mar_from_model_dir  # noqa: E402
-from serving_cpu import BASELINE, build_hetserve_mar, build_stock_mar, sweep_server  # noqa: E402
 
 from handlers.artifact.contract import read_archive  # noqa: E402
 from handlers.executors.cuda import cuda_available  # noqa: E402
+from hetserve.bench_harness import (  # noqa: E402
+    Load,
+    SweepSettings,
+    hetserve_archive,
+    stock_eager_archive,
+    sweep_server,
+)
 from hetserve.knee import Criteria, plot_curves  # noqa: E402
 from hetserve.machine import machine_info, run_record  # noqa: E402
 from partitioner.archive import with_config  # noqa: E402
 
+BASELINE = REPO / "benchmarks" / "baseline"
 HETSERVE_ROWS: dict[str, dict[str, Any]] = {
     "a_whole_1stream": {"ratio": 1.0, "cuda_streams": 1, "micro_batch": 0},
     "c1_hetero_dmda": {"cuda_streams": 1, "micro_batch": 0, "tail_devices": "auto"},
@@ -115,10 +122,11 @@ def main() -> int:
             model_dir = build_model_dir(model, args.ratio, args.batch, args.from_work, device)
             mar = mar_from_model_dir(model_dir, store, f"{model}-r{args.ratio:g}")
         else:
-            mar = build_hetserve_mar(model, store, str(args.ratio), "--profile-device", device,
-                                     "--profile-batch", str(args.batch))
+            mar = hetserve_archive(store, model, f"zoo:{model}", "--ratios", str(args.ratio),
+                                   "--profile-device", device, "--profile-batch", str(args.batch))
         shape = (1, *read_archive(mar).manifest.inputs[0].sample_shape)
         body = np.random.default_rng(1).standard_normal(shape).astype(np.float32).tobytes()
+        load, settings = Load.tensor(body, shape), SweepSettings.from_args(args)
         report: dict[str, Any] = {
             "benchmark": "gpu_torchserve", **run_record(), "machine": machine_info(),
             "device": device, "criteria": {"p99_ms": args.p99_ms},
@@ -131,19 +139,18 @@ def main() -> int:
                        "maxBatchDelay": args.delay_ms, "responseTimeout": 60}
             suffix = f"_{n}w"
             if "e" in rows:
-                stock = build_stock_mar(model, store, serving, tag=suffix)
+                stock = stock_eager_archive(store, model, BASELINE / "stock_handler.py", serving, suffix)
                 name = f"e_stock_eager{suffix}"
                 print(f"== {model} {name}", flush=True)
-                sweep_row(report, curves, name, store, stock.name, args.work / f"ts-{name}", body,
-                          args, criteria, base_config=BASELINE / "default.properties", shape=shape)
+                sweep_row(report, curves, name, store, stock.name, args.work / f"ts-{name}", load,
+                          settings, criteria, base_config=BASELINE / "default.properties")
                 report["rows"][name]["config"] = serving
             if "s" in rows:
                 stock_ort = build_stock_onnx_mar(mar, store, serving, tag=suffix)
                 name = f"s_stock_ort{suffix}"
                 print(f"== {model} {name}", flush=True)
                 sweep_row(report, curves, name, store, stock_ort.name, args.work / f"ts-{model}-{name}",
-                          body, args, criteria, base_config=BASELINE / "default.properties",
-                          shape=shape)
+                          load, settings, criteria, base_config=BASELINE / "default.properties")
                 report["rows"][name]["config"] = serving
             for key, knobs in HETSERVE_ROWS.items():
                 if key.split("_")[0] not in rows:
@@ -154,8 +161,7 @@ def main() -> int:
                 variant = with_config(mar, store / f"{model}-{name}.mar", config)
                 print(f"== {model} {name}", flush=True)
                 workdir = args.work / f"ts-{model}-{name}"
-                sweep_row(report, curves, name, store, variant.name, workdir, body, args, criteria,
-                          shape=shape)
+                sweep_row(report, curves, name, store, variant.name, workdir, load, settings, criteria)
                 report["rows"][name].update(config=config, layout=served_devices(workdir))
         knees = {k: v.get("knee_rate") or 0.0 for k, v in report["rows"].items()}
         best_gpu_only = max((r for k, r in knees.items() if k.startswith("a_")), default=0.0)

@@ -25,33 +25,33 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import shlex
-import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from serving_cpu import BASELINE, HETSERVE_ROWS, SERVING, fill, physical_cores  # noqa: E402
-
-from hetserve.bench import point_runner  # noqa: E402
-from hetserve.knee import Criteria, plot_curves, sweep_rates  # noqa: E402
-from hetserve.loadgen import (  # noqa: E402
-    LoadResult,
-    Target,
-    run_closed_loop,
+from hetserve.bench_harness import (
+    CPU_ROWS,
+    SERVING,
+    Load,
+    SweepSettings,
+    add_sweep_arguments,
+    fill,
+    hetserve_archive,
+    physical_cores,
+    report_header,
+    stock_archive,
+    sweep_server,
+    whole_model_files,
 )
-from hetserve.machine import machine_info  # noqa: E402
-from hetserve.tsprocess import start_torchserve  # noqa: E402
-from partitioner.archive import with_config  # noqa: E402
+from hetserve.knee import Criteria, plot_curves
+from hetserve.loadgen import LoadResult
+from partitioner.archive import with_config
 
+BENCHMARKS = Path(__file__).resolve().parent
+BASELINE = BENCHMARKS / "baseline"
 LABELS = [f"class-{i}" for i in range(1000)]
 
 
@@ -73,61 +73,20 @@ def jpegs(count: int, seed: int = 0) -> list[bytes]:
 
 
 def build_hetserve_image_mar(model: str, store: Path, labels: Path) -> Path:
-    import subprocess
-
-    mar = store / f"{model}_img.mar"
-    if not mar.exists():
-        subprocess.run(
-            [sys.executable, "-m", "hetserve", "archive", "--model", f"zoo:{model}", "--model-name", f"{model}_img",
-             "--ratios", "0.5,0.8", "--export-path", str(store), "--quiet", "--image-processor", "imagenet",
-             "--labels", str(labels)],
-            check=True, cwd=REPO,
-        )
-    return mar
+    return hetserve_archive(store, f"{model}_img", f"zoo:{model}", "--ratios", "0.5,0.8",
+                            "--image-processor", "imagenet", "--labels", str(labels))
 
 
 def build_stock_ort_mar(hetserve_mar: Path, store: Path, labels: Path, config: dict) -> Path:
     """The hetserve archive's own model.onnx (+ weights.bin) behind BaseHandler's ORT path."""
-    import yaml
-    from model_archiver.model_archiver_config import ModelArchiverConfig
-    from model_archiver.model_packaging import generate_model_archive
-
     name = "stock_ort_image"
-    mar = store / f"{name}.mar"
-    if mar.exists():
-        return mar
+    if (store / f"{name}.mar").exists():
+        return store / f"{name}.mar"
     with tempfile.TemporaryDirectory() as tmp:
-        with zipfile.ZipFile(hetserve_mar) as z:
-            z.extract("model.onnx", tmp)
-            z.extract("weights.bin", tmp)
+        whole, weights = whole_model_files(hetserve_mar, Path(tmp))
         (Path(tmp) / "labels.json").write_text(labels.read_text())
-        config_file = Path(tmp) / "model-config.yaml"
-        config_file.write_text(yaml.safe_dump(config))
-        generate_model_archive(ModelArchiverConfig(
-            model_name=name, handler=str(BASELINE / "ort_image_handler.py"), version="1.0",
-            serialized_file=str(Path(tmp) / "model.onnx"),
-            extra_files=f"{Path(tmp) / 'weights.bin'},{Path(tmp) / 'labels.json'}",
-            export_path=str(store), force=True, config_file=str(config_file),
-        ))
-    return mar
-
-
-def sweep_images(store: Path, mar: str, workdir: Path, bodies: list[bytes], args, criteria: Criteria,
-                 base_config: Path | None = None):
-    kwargs = {"base_config": base_config} if base_config else {}
-    ts = start_torchserve(workdir, store, {"m": mar}, **kwargs)
-    try:
-        target = Target.create(f"http://127.0.0.1:{ts.ports['inference']}/predictions/m", bodies,
-                               {"Authorization": f"Bearer {ts.keys['inference']}"}, "image/jpeg")
-        run_closed_loop(target, 16, args.jvm_warmup, warmup=0.0)  # JIT-warm the fresh JVM first
-        # The shared point runner: each rate starts from an idle server (10 s request timeout).
-        at = point_runner(target, duration=args.duration, warmup=args.warmup, arrival="poisson",
-                          timeout=10.0, log=lambda line: print(line, flush=True))
-
-        return sweep_rates(at, args.start_rate, max_rate=args.max_rate, factor=args.factor,
-                           stop_after_failures=2, refine_steps=args.refine, criteria=criteria)
-    finally:
-        ts.stop()
+        return stock_archive(store, name, BASELINE / "ort_image_handler.py", serialized_file=whole,
+                             extra_files=[*weights, Path(tmp) / "labels.json"], config=config)
 
 
 def decode_share(mar: Path, bodies: list[bytes], repeats: int) -> dict:
@@ -165,20 +124,11 @@ def main() -> int:
     p.add_argument("--model", default="resnet18")
     p.add_argument("--rows", default="a,b,c", help="subset of a,b,c")
     p.add_argument("--images", type=int, default=16, help="distinct JPEGs sent round-robin")
-    p.add_argument("--p99-ms", type=float, default=500.0)
-    p.add_argument("--duration", type=float, default=10.0)
-    p.add_argument("--warmup", type=float, default=3.0)
-    p.add_argument("--jvm-warmup", type=float, default=30.0)
-    p.add_argument("--start-rate", type=float, default=8.0)
-    p.add_argument("--factor", type=float, default=1.3)
-    p.add_argument("--max-rate", type=float, default=400.0)
-    p.add_argument("--refine", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="short points, no refinement (smoke run)")
+    add_sweep_arguments(p)
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "hetserve-image-bench")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--out", type=Path, default=BENCHMARKS / "results")
     args = p.parse_args()
-    if args.quick:
-        args.duration, args.warmup, args.refine, args.factor, args.jvm_warmup = 4.0, 1.0, 0, 1.6, 5.0
+    settings = SweepSettings.from_args(args)
     rows = set(args.rows.split(","))
     criteria = Criteria(p99_ms=args.p99_ms)
     cores = physical_cores()
@@ -189,15 +139,15 @@ def main() -> int:
     labels.write_text(json.dumps(LABELS))
     bodies = jpegs(args.images)
     hetserve_mar = build_hetserve_image_mar(args.model, store, labels)
-    report = {"command": shlex.join([sys.executable, *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "machine": machine_info(), "criteria": asdict(criteria), "model": args.model,
+    load = Load(bodies, content_type="image/jpeg")
+    report = {**report_header(criteria), "model": args.model,
               "bodies": f"{len(bodies)} JPEGs, {min(map(len, bodies))}-{max(map(len, bodies))} bytes",
               "serving": SERVING, "rows": {}}
     curves: dict[str, list[LoadResult]] = {}
     if "a" in rows:
         print("  a_stock_ort_pillow", flush=True)
         stock = build_stock_ort_mar(hetserve_mar, store, labels, SERVING)
-        sweep = sweep_images(store, stock.name, args.work / "ts-a", bodies, args, criteria,
+        sweep = sweep_server(store, stock.name, args.work / "ts-a", load, settings, criteria,
                              base_config=BASELINE / "default.properties")
         report["rows"]["a_stock_ort_pillow"] = json.loads(sweep.to_json())
         curves["a stock BaseHandler + ORT + Pillow"] = sweep.by_rate()
@@ -206,9 +156,9 @@ def main() -> int:
             continue
         name = {"b": "b_hetserve_whole", "c": "c_hetserve_pipeline"}[row]
         print(f"  {name}", flush=True)
-        config = fill(HETSERVE_ROWS[key], cores)
+        config = fill(CPU_ROWS[key], cores)
         variant = with_config(hetserve_mar, store / f"{args.model}_img-{name}.mar", config)
-        sweep = sweep_images(store, variant.name, args.work / f"ts-{name}", bodies, args, criteria)
+        sweep = sweep_server(store, variant.name, args.work / f"ts-{name}", load, settings, criteria)
         report["rows"][name] = {**json.loads(sweep.to_json()), "config": config}
         curves[name.replace("_", " ", 1)] = sweep.by_rate()
     report["decode"] = decode_share(hetserve_mar, bodies, repeats=50 if args.quick else 200)

@@ -21,12 +21,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # the handlers package is copied into archives, not installed
+from handlers.runtime.flow import Runtime, StagePlan
+from handlers.runtime.perf_model import PerfHistory
+from hetserve.machine import machine_info
 
-from handlers.runtime.flow import Runtime, StagePlan  # noqa: E402
-from handlers.runtime.perf_model import PerfHistory  # noqa: E402
-from hetserve.machine import machine_info  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
 BUDGET_US = 100.0
 SIZES = (2, 5, 17)  # GPU + 1 group; GPU + 4; GPU + 16 one-core groups (a 16-core box)
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decisions", type=int, default=50_000)
     parser.add_argument("--warmup", type=int, default=2_000)
     parser.add_argument(
-        "--out", default=str(REPO / "benchmarks" / "results" / "scheduler_decision_cost.json")
+        "--out", default=str(RESULTS / "scheduler_decision_cost.json")
     )
     args = parser.parse_args(argv)
     results = [measure(n, args.decisions, args.warmup) for n in SIZES]

@@ -18,162 +18,50 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from hetserve.bench import point_runner  # noqa: E402
-from hetserve.knee import Criteria, plot_curves, sweep_rates  # noqa: E402
-from hetserve.loadgen import (  # noqa: E402
-    LoadResult,
-    Target,
-    run_closed_loop,
+from hetserve.bench_harness import (
+    CPU_ROWS,
+    Load,
+    SweepSettings,
+    add_sweep_arguments,
+    fill,
+    hetserve_archive,
+    physical_cores,
+    report_header,
+    stock_archive,
+    stock_eager_archive,
+    sweep_server,
+    whole_model_files,
 )
-from hetserve.machine import machine_info  # noqa: E402
-from hetserve.tsprocess import start_torchserve  # noqa: E402
-from partitioner.archive import with_config  # noqa: E402
+from hetserve.knee import Criteria, plot_curves
+from hetserve.loadgen import LoadResult
+from partitioner.archive import with_config
 
-BASELINE = REPO / "benchmarks" / "baseline"
+BENCHMARKS = Path(__file__).resolve().parent
+BASELINE = BENCHMARKS / "baseline"
 SHAPE = (1, 3, 224, 224)
-SERVING = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 10}
-HETSERVE_ROWS = {
-    "b_whole_one_group": {**SERVING, "hetserve": {"ratio": 1.0, "core_groups": "size:{cores}"}},
-    "b2_whole_group_per_core": {**SERVING, "hetserve": {"ratio": 1.0, "core_groups": "size:1"}},
-    "b3_whole_worker_per_core": {
-        **SERVING, "minWorkers": "{cores}", "maxWorkers": "{cores}", "batchSize": 4,
-        "hetserve": {"ratio": 1.0, "core_groups": "size:1"},
-    },
-    "c_pipeline_two_groups": {
-        **SERVING,
-        "hetserve": {"ratio": 0.5, "core_groups": "size:1", "cpu_head_groups": 1, "micro_batch": 2},
-    },
-}
-
-
-def physical_cores() -> int:
-    from handlers.hardware.topology import probe
-
-    return len(probe().cores)
-
-
-def fill(value, cores: int):
-    """Substitute {cores} in a row's config (strings only), keeping numbers numbers."""
-    if isinstance(value, dict):
-        return {k: fill(v, cores) for k, v in value.items()}
-    if isinstance(value, str) and "{cores}" in value:
-        text = value.format(cores=cores)
-        return int(text) if text.isdigit() else text
-    return value
-
-
 def build_hetserve_mar(model: str, store: Path, ratios: str = "0.5,0.8", *extra: str) -> Path:
     """``hetserve archive`` of a zoo model into ``store`` (kept: later runs reuse it); ``extra``
     are further archive options, e.g. the profiling device."""
-    mar = store / f"{model}.mar"
-    if not mar.exists():
-        subprocess.run(
-            [sys.executable, "-m", "hetserve", "archive", "--model", f"zoo:{model}", "--model-name", model,
-             "--ratios", ratios, "--export-path", str(store), "--quiet", *extra],
-            check=True, cwd=REPO,
-        )
-    return mar
-
-
-def build_stock_mar(model: str, store: Path, config: dict | None = None, tag: str = "") -> Path:
-    """Eager model file (one class, seeded zoo weights: no pickle) + the stock BaseHandler;
-    ``config`` becomes its model-config.yaml (TorchServe's defaults without one)."""
-    import yaml
-    from model_archiver.model_archiver_config import ModelArchiverConfig
-    from model_archiver.model_packaging import generate_model_archive
-
-    name = f"stock_{model.replace('-', '_')}{tag}"
-    mar = store / f"{name}.mar"
-    if mar.exists():
-        return mar
-    with tempfile.TemporaryDirectory() as tmp:
-        config_file = None
-        if config is not None:
-            config_file = Path(tmp) / "model-config.yaml"
-            config_file.write_text(yaml.safe_dump(config))
-        model_file = Path(tmp) / "eager_model.py"
-        model_file.write_text(
-            "import torch\n\nfrom partitioner.zoo import build\n\n\n"
-            "class EagerModel(torch.nn.Module):\n"
-            "    def __init__(self):\n"
-            "        super().__init__()\n"
-            f"        self.net = build({model!r}).module\n\n"
-            "    def forward(self, x):\n"
-            "        return self.net(x)\n"
-        )
-        generate_model_archive(ModelArchiverConfig(
-            model_name=name, handler=str(BASELINE / "stock_handler.py"), version="1.0",
-            model_file=str(model_file), export_path=str(store), force=True,
-            config_file=str(config_file) if config_file else None,
-        ))
-    return mar
+    return hetserve_archive(store, model, f"zoo:{model}", "--ratios", ratios, *extra)
 
 
 def build_stock_onnx_mar(model: str, store: Path, hetserve_mar: Path) -> Path:
     """Row (a'): the whole-model .onnx out of hetserve's archive (with its external weights), served
     by the stock BaseHandler's ONNX Runtime path; TorchServe's defaults (no model-config.yaml)."""
-    import zipfile
-
-    from model_archiver.model_archiver_config import ModelArchiverConfig
-    from model_archiver.model_packaging import generate_model_archive
-
-    from handlers.artifact.archive_safety import external_refs
-
     name = f"stock_onnx_{model.replace('-', '_')}"
-    mar = store / f"{name}.mar"
-    if mar.exists():
-        return mar
-    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(hetserve_mar) as z:
-        manifest = json.loads(z.read("hetserve-manifest.json"))
-        whole = manifest["whole_model"]
-        z.extract(whole, tmp)
-        # ORT reads external data next to the graph: ship exactly the files the graph points at.
-        extra = sorted({dict(ref.entries)["location"] for ref in external_refs(Path(tmp) / whole) if ref.marked_external})
-        for name_ in extra:
-            z.extract(name_, tmp)
-        generate_model_archive(ModelArchiverConfig(
-            model_name=name, handler=str(BASELINE / "stock_onnx_handler.py"), version="1.0",
-            serialized_file=str(Path(tmp) / whole), export_path=str(store), force=True,
-            extra_files=",".join(str(Path(tmp) / n) for n in extra) or None,
-        ))
-    return mar
-
-
-def sweep_server(store: Path, mar: str, workdir: Path, body: bytes, args, criteria: Criteria,
-                 base_config: Path | None = None, overrides: dict | None = None,
-                 shape: tuple[int, ...] = SHAPE):
-    kwargs = {"base_config": base_config} if base_config else {}
-    ts = start_torchserve(workdir, store, {"m": mar}, overrides=overrides, **kwargs)
-    try:
-        target = Target.create(
-            f"http://127.0.0.1:{ts.ports['inference']}/predictions/m", body,
-            {"Authorization": f"Bearer {ts.keys['inference']}", "X-Tensor-Shape": ",".join(map(str, shape))},
-        )
-        # A fresh JVM spends its first tens of seconds JIT-compiling (measured: C2 alone took a
-        # quarter of a core): load every server, baseline included, before measuring it.
-        run_closed_loop(target, 16, args.jvm_warmup, warmup=0.0)
-        # The shared point runner: each rate starts from an idle server (10 s request timeout).
-        at = point_runner(target, duration=args.duration, warmup=args.warmup, arrival="poisson",
-                          timeout=10.0, log=lambda line: print(line, flush=True))
-
-        return sweep_rates(at, args.start_rate, max_rate=args.max_rate, factor=args.factor,
-                           stop_after_failures=2, refine_steps=args.refine, criteria=criteria)
-    finally:
-        ts.stop()
+    if (store / f"{name}.mar").exists():
+        return store / f"{name}.mar"
+    with tempfile.TemporaryDirectory() as tmp:
+        whole, extra = whole_model_files(hetserve_mar, Path(tmp))
+        return stock_archive(store, name, BASELINE / "stock_onnx_handler.py",
+                             serialized_file=whole, extra_files=extra)
 
 
 def in_process_ceiling(store: Path, model: str, seconds: float) -> dict:
@@ -226,20 +114,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="resnet18,googlenet")
     p.add_argument("--rows", default="a,a2,b,b2,b3,c,d", help="subset of a,a2,b,b2,b3,c,d (a2 is row a')")
-    p.add_argument("--p99-ms", type=float, default=500.0)
-    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per rate")
-    p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds at the start of each rate")
-    p.add_argument("--jvm-warmup", type=float, default=30.0, help="seconds of load on each fresh server first")
-    p.add_argument("--start-rate", type=float, default=8.0)
-    p.add_argument("--factor", type=float, default=1.3)
-    p.add_argument("--max-rate", type=float, default=400.0)
-    p.add_argument("--refine", type=int, default=3, help="bisection steps after the sweep")
-    p.add_argument("--quick", action="store_true", help="short points, no refinement (smoke run)")
+    add_sweep_arguments(p)
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "hetserve-bench")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--out", type=Path, default=BENCHMARKS / "results")
     args = p.parse_args()
-    if args.quick:
-        args.duration, args.warmup, args.refine, args.factor, args.jvm_warmup = 4.0, 1.0, 0, 1.6, 5.0
+    settings = SweepSettings.from_args(args)
     rows = set(args.rows.split(","))
     criteria = Criteria(p99_ms=args.p99_ms)
     cores = physical_cores()
@@ -248,9 +127,9 @@ def main() -> int:
     store = args.work / "store"
     store.mkdir(exist_ok=True)
     body = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32).tobytes()
-    report = {"command": shlex.join([sys.executable, *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "machine": machine_info(), "criteria": asdict(criteria), "body": f"raw float32 {SHAPE}",
-              "settings": {k: getattr(args, k) for k in ("duration", "warmup", "jvm_warmup", "start_rate", "factor", "refine")},
+    load = Load.tensor(body, SHAPE)
+    report = {**report_header(criteria), "body": f"raw float32 {SHAPE}",
+              "settings": {k: getattr(settings, k) for k in ("duration", "warmup", "jvm_warmup", "start_rate", "factor", "refine")},
               "models": {}}
     for model in args.models.split(","):
         print(f"== {model}", flush=True)
@@ -259,27 +138,28 @@ def main() -> int:
         curves: dict[str, list[LoadResult]] = {}
         if "a" in rows:
             print("  a_stock_eager", flush=True)
-            sweep = sweep_server(store, build_stock_mar(model, store).name, args.work / "ts-a", body, args, criteria,
+            stock = stock_eager_archive(store, model, BASELINE / "stock_handler.py")
+            sweep = sweep_server(store, stock.name, args.work / "ts-a", load, settings, criteria,
                                  base_config=BASELINE / "default.properties")
             entry["rows"]["a_stock_eager"] = json.loads(sweep.to_json())
             curves["a stock BaseHandler (eager)"] = sweep.by_rate()
         if "a2" in rows:
             print("  a2_stock_onnx", flush=True)
             sweep = sweep_server(store, build_stock_onnx_mar(model, store, hetserve_mar).name, args.work / "ts-a2",
-                                 body, args, criteria, base_config=BASELINE / "default.properties")
+                                 load, settings, criteria, base_config=BASELINE / "default.properties")
             entry["rows"]["a2_stock_onnx"] = json.loads(sweep.to_json())
             curves["a' stock BaseHandler (ONNX Runtime)"] = sweep.by_rate()
-        for key, config in HETSERVE_ROWS.items():
+        for key, config in CPU_ROWS.items():
             if key.split("_")[0] not in rows:
                 continue
             print(f"  {key}", flush=True)
             variant = with_config(hetserve_mar, store / f"{model}-{key}.mar", fill(config, cores))
-            sweep = sweep_server(store, variant.name, args.work / f"ts-{key}", body, args, criteria)
+            sweep = sweep_server(store, variant.name, args.work / f"ts-{key}", load, settings, criteria)
             entry["rows"][key] = {**json.loads(sweep.to_json()), "config": fill(config, cores)}
             curves[key.replace("_", " ", 1)] = sweep.by_rate()
         if "d" in rows:
             print("  d_in_process_ort", flush=True)
-            entry["rows"]["d_in_process_ort"] = in_process_ceiling(store, model, args.duration)
+            entry["rows"]["d_in_process_ort"] = in_process_ceiling(store, model, settings.duration)
         entry["summary"] = summarize(entry["rows"])
         report["models"][model] = entry
         if curves:

@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def socket_fds(fd_dir: Path = Path("/proc/self/fd")) -> list[int]:
 class ConnectionGuard:
     """The guard process and the pipe end whose closing (the worker's death) starts its hold."""
 
-    def __init__(self, process: subprocess.Popen, write_fd: int) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], write_fd: int) -> None:
         self.process = process
         self._write_fd = write_fd
 
@@ -118,7 +119,7 @@ class ConnectionGuard:
 RISKY_MAX_BATCH_DELAY_MS = 50
 
 
-def batching_problems(model_yaml: dict) -> tuple[list[str], list[str]]:
+def batching_problems(model_yaml: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(warnings, errors) for the frontend batching settings of a model-config.yaml."""
     batch = model_yaml.get("batchSize", 1)
     delay = model_yaml.get("maxBatchDelay", TORCHSERVE_MAX_BATCH_DELAY_MS)

@@ -91,7 +91,8 @@ def _prediction_error(message: str, status: int) -> Exception:
         from ts.utils.util import PredictionException
     except ImportError:  # outside a TorchServe worker
         return RuntimeError(message)
-    return PredictionException(message, status)
+    error: Exception = PredictionException(message, status)  # ts is untyped
+    return error
 
 
 def _raw_request(item: dict[str, Any], context: Any, index: int) -> RawRequest:

@@ -254,7 +254,7 @@ def _groups_by_shape(
     decoded: list[tuple[int, DecodedRequest]],
 ) -> list[list[tuple[int, DecodedRequest]]]:
     """Requests whose non-batch dims agree can share one run (dynamic dims may differ)."""
-    groups: dict[tuple, list[tuple[int, DecodedRequest]]] = {}
+    groups: dict[tuple[Any, ...], list[tuple[int, DecodedRequest]]] = {}
     for index, request in decoded:
         key = tuple((name, a.shape[1:]) for name, a in sorted(request.arrays.items()))
         groups.setdefault(key, []).append((index, request))

@@ -52,9 +52,7 @@ PLAN_INPUTS = {"head": (("x",), ("h",)), "tail": (("h",), ("y",))}
 
 
 def make_runtime(executors, head, tail, micro_batch=2, timeout=5.0, **options):
-    runtime_ref = []
     for ex in executors:
-        ex._observer = lambda *a: runtime_ref[0].observe_run(*a)
         ex.start()
     plans = [
         StagePlan("head", ("x",), ("h",), tuple(head)),
@@ -62,7 +60,8 @@ def make_runtime(executors, head, tail, micro_batch=2, timeout=5.0, **options):
     ]
     runtime = Runtime(plans, executors, PerfHistory(), ["y"], micro_batch=micro_batch,
                       stage_timeout_s=timeout, **options).start()
-    runtime_ref.append(runtime)
+    for ex in executors:
+        ex.run_observer = runtime.observe_run
     return runtime
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -168,7 +168,7 @@ def _entry(data: memoryview, pos: int, end: int) -> tuple[str, str]:
     return key, value
 
 
-def _fields(data: memoryview, pos: int, end: int):
+def _fields(data: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int | None]]:
     """(field, start, stop) for length-delimited fields, (field, value, None) for varints;
     fixed-size fields are skipped."""
     while pos < end:

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from handlers.errors import ExecutorFailed, ExecutorLoadError, executor_failure
+from handlers.errors import ExecutorFailed, executor_failure
+from handlers.errors import ExecutorLoadError as ExecutorLoadError  # also importable from here
 from handlers.observability.tracing import Span
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 RunObserver = Callable[[str, str, int, float], None]
 # (link, bytes, seconds) -> None, e.g. ("cuda:0->cpu", 602112, 1.2e-4).
 TransferObserver = Callable[[str, int, float], None]
+# A stage run's outputs by name: numpy arrays, or DeviceTensors a CUDA executor leaves on its GPU.
+StageOutputs = dict[str, Any]
 
 
 def host_feeds(
@@ -96,7 +99,7 @@ class Job:
     feeds: Mapping[str, np.ndarray]
     batch: int
     observe: bool = True  # False for warm-up runs that must not bias the history
-    future: Future = field(default_factory=Future)
+    future: Future[StageOutputs] = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
     cancel: CancelToken = field(default_factory=CancelToken)
 
@@ -111,12 +114,22 @@ class Executor:
     """Base: a job queue drained by one thread; subclasses load sessions and run them."""
 
     device = "cpu"
+    # Rows every run is zero-padded to, for one fixed input shape (CUDA); 0: runs as given.
+    pad_batch = 0
 
-    def __init__(self, name: str, observer: RunObserver | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        observer: RunObserver | None = None,
+        transfer_observer: TransferObserver | None = None,
+    ) -> None:
         self.name = name
-        self._observer = observer
+        # Where observed runs and transfers go (the runtime's history); the assembly attaches
+        # them once the runtime exists, before any job is submitted.
+        self.run_observer = observer
+        self.transfer_observer = transfer_observer
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._ready: Future = Future()
+        self._ready: Future[None] = Future()
         self._thread = threading.Thread(target=self._main, name=f"hetserve-{name}", daemon=True)
         self.stages: frozenset[str] = frozenset()
         self.faults: FaultHook | None = None  # consulted before each run (tests only)
@@ -132,19 +145,19 @@ class Executor:
 
     def submit(
         self, stage: str, feeds: Mapping[str, np.ndarray], batch: int, observe: bool = True
-    ) -> Future:
+    ) -> Future[StageOutputs]:
         if stage not in self.stages:
             raise ExecutorError(f"executor {self.name} has no stage {stage!r}")
         job = Job(stage, feeds, batch, observe)
         self._jobs.put(job)
         return job.future
 
-    def running(self) -> tuple[Future, float] | None:
+    def running(self) -> tuple[Future[StageOutputs], float] | None:
         """The running job's future and the time (on ``clock``) it started, if any."""
         current = self._running
         return (current[0].future, current[1]) if current is not None else None
 
-    def interrupt(self, future: Future) -> bool:
+    def interrupt(self, future: Future[StageOutputs]) -> bool:
         """Stop the job behind ``future``: a queued one never runs, a running one is cancelled.
         False when it is no longer queued or running here."""
         current = self._running
@@ -205,8 +218,8 @@ class Executor:
                 continue
             self._running = None
             elapsed = self.clock() - started
-            if self._observer is not None and job.observe:
-                self._observer(job.stage, self.name, job.batch, elapsed)
+            if self.run_observer is not None and job.observe:
+                self.run_observer(job.stage, self.name, job.batch, elapsed)
             job.future.set_result(outputs)
         self._unload()
 
@@ -236,7 +249,7 @@ class Executor:
     def _load(self) -> list[str]:
         raise NotImplementedError
 
-    def _run(self, stage: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, stage: str, feeds: Mapping[str, np.ndarray]) -> StageOutputs:
         raise NotImplementedError
 
     def _unload(self) -> None:

@@ -52,9 +52,8 @@ class CpuExecutor(Executor):
         pin: bool = True,
         transfer_observer: TransferObserver | None = None,
     ) -> None:
-        super().__init__(group.name, observer)
+        super().__init__(group.name, observer, transfer_observer)
         self.group = group
-        self._transfer_observer = transfer_observer
         self._models = dict(models)
         self._spinning = spinning
         self._pin = pin
@@ -87,7 +86,7 @@ class CpuExecutor(Executor):
         names = self._output_names[stage]
         inputs = {k: feeds[k] for k in self._input_names[stage]}
         started = time.perf_counter()
-        host = host_feeds(inputs, self._transfer_observer)
+        host = host_feeds(inputs, self.transfer_observer)
         pulled = time.perf_counter()
         pulls = [v for v in inputs.values() if not isinstance(v, np.ndarray)]
         if pulls:  # a stage output left on a GPU was copied here: the cut tensor's transfer

@@ -25,17 +25,17 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from handlers.errors import ExecutorOutOfMemory, is_out_of_memory
+from handlers.errors import ExecutorLoadError, ExecutorOutOfMemory, is_out_of_memory
 from handlers.executors.base import (
     Executor,
     ExecutorError,
-    ExecutorLoadError,
     Job,
     RunObserver,
+    StageOutputs,
     TransferObserver,
 )
 from handlers.executors.cuda_graph import (
@@ -139,7 +139,7 @@ class TorchCudaBackend:
         self.device = f"cuda:{device_id}"
 
     def new_stream(self) -> Any:
-        return self._torch.cuda.Stream(device=self._device)
+        return self._torch.cuda.Stream(device=self._device)  # type: ignore[no-untyped-call]  # torch.cuda is unannotated
 
     def stream_pointer(self, stream: Any) -> int:
         return int(stream.cuda_stream)
@@ -161,7 +161,7 @@ class TorchCudaBackend:
             dst[:nbytes].copy_(src[:nbytes], non_blocking=True)
 
     def record_event(self, stream: Any) -> Any:
-        event = self._torch.cuda.Event(enable_timing=True)
+        event = self._torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]  # as above
         event.record(stream)
         return event
 
@@ -172,7 +172,7 @@ class TorchCudaBackend:
         event.synchronize()
 
     def elapsed_s(self, start: Any, end: Any) -> float:
-        return start.elapsed_time(end) / 1e3
+        return float(start.elapsed_time(end)) / 1e3
 
     def to_numpy(self, buffer: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         nbytes = _nbytes(shape, dtype)
@@ -260,6 +260,27 @@ class StageSession(Protocol):
         """Run; outputs bound to a view are written there, the others come back as host arrays.
         Returns when the device work is done."""
         ...
+
+
+# name -> (ORT dims, numpy scalar type or None), as ORT describes a session's tensors.
+SpecMap = dict[str, tuple[list[int | str | None], Any]]
+
+
+@runtime_checkable
+class GraphableSession(StageSession, Protocol):
+    """A StageSession that can also run as a captured CUDA graph (CudaGraphSession)."""
+
+    @property
+    def batch_symbol(self) -> str | None: ...
+
+    def tensor_specs(self) -> tuple[SpecMap, SpecMap]:
+        """(inputs, outputs)."""
+        ...
+
+    def bind_fixed(self, inputs: Mapping[str, DeviceView], outputs: Mapping[str, DeviceView]) -> None:
+        ...
+
+    def run_fixed(self) -> None: ...
 
 
 # (stage, model path, device id, compute stream pointer) -> StageSession
@@ -355,12 +376,12 @@ class OrtCudaSession:
                 name, "cuda", self.device_id, view.dtype.type, list(view.shape), view.pointer
             )
         for name in self.output_names:
-            view = outputs.get(name)
-            if view is None:
+            out = outputs.get(name)
+            if out is None:
                 binding.bind_output(name, "cuda", self.device_id)
             else:
                 binding.bind_output(
-                    name, "cuda", self.device_id, view.dtype.type, list(view.shape), view.pointer
+                    name, "cuda", self.device_id, out.dtype.type, list(out.shape), out.pointer
                 )
         # Returns after ORT synchronised the compute stream (ORT's default run option).
         self.session.run_with_iobinding(binding, self._plain_options)
@@ -372,14 +393,15 @@ class OrtCudaSession:
         return {name: values[name] for name in unbound}
 
     def provider_options(self) -> dict[str, dict[str, str]]:
-        return self.session.get_provider_options()
+        options: dict[str, dict[str, str]] = self.session.get_provider_options()
+        return options
 
     # -- as a CUDA graph (CudaGraphSession) --
     @property
     def batch_symbol(self) -> str | None:
         return self._batch_symbol
 
-    def tensor_specs(self) -> tuple[dict[str, tuple[list, Any]], dict[str, tuple[list, Any]]]:
+    def tensor_specs(self) -> tuple[SpecMap, SpecMap]:
         """(inputs, outputs): name -> (ORT dims, numpy dtype or None)."""
         return dict(self._inputs), dict(self._outputs)
 
@@ -406,7 +428,9 @@ class CudaGraphSession:
     executor's ``done`` event. Runs at any other shape go to the inner session's plain path.
     """
 
-    def __init__(self, inner: Any, backend: DeviceBackend, stream: Any, pad_batch: int) -> None:
+    def __init__(
+        self, inner: GraphableSession, backend: DeviceBackend, stream: Any, pad_batch: int
+    ) -> None:
         self.inner = inner
         self.input_names: tuple[str, ...] = inner.input_names
         self.output_names: tuple[str, ...] = inner.output_names
@@ -418,8 +442,9 @@ class CudaGraphSession:
             self.fixed[(spec.role, spec.name)] = DeviceView(
                 buffer, backend.pointer(buffer), spec.shape, spec.dtype
             )
-        inner.bind_fixed(*({n: v for (r, n), v in self.fixed.items() if r == role}
-                           for role in ("in", "out")))
+        fixed_in, fixed_out = ({n: v for (r, n), v in self.fixed.items() if r == role}
+                               for role in ("in", "out"))
+        inner.bind_fixed(fixed_in, fixed_out)
         self.replays = 0
         self.plain_runs = 0
 
@@ -500,7 +525,7 @@ class _Ticket:
     observe: bool
     host_inputs: dict[str, np.ndarray]
     device_inputs: dict[str, DeviceTensor]
-    future: Future
+    future: Future[StageOutputs]
     run_batch: int = 0  # rows the session runs: batch, or more when padded to a fixed shape
     slot: StagingSlot | None = None
     views: dict[str, DeviceView] = field(default_factory=dict)
@@ -605,7 +630,7 @@ class CudaExecutor(Executor):
         cuda_graph: bool = False,
     ) -> None:
         # No colon in the name: TorchServe metric lines use it as a separator.
-        super().__init__(f"cuda{device_id}s{stream_index}", observer)
+        super().__init__(f"cuda{device_id}s{stream_index}", observer, transfer_observer)
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         require_fixed_batch(cuda_graph, pad_batch)
@@ -629,7 +654,6 @@ class CudaExecutor(Executor):
         self.h2d_link = f"cpu->{self.device}"
         self.d2h_link = f"{self.device}->cpu"
         self._models = dict(models)
-        self._transfer_observer = transfer_observer
         self._device_outputs = frozenset(device_outputs)
         self._cpu_threads = cpu_threads
         self._provider_options = dict(provider_options or {})
@@ -649,7 +673,7 @@ class CudaExecutor(Executor):
     # -- the submitting thread --
     def submit(
         self, stage: str, feeds: Mapping[str, Any], batch: int, observe: bool = True
-    ) -> Future:
+    ) -> Future[StageOutputs]:
         if stage not in self.stages:
             raise ExecutorError(f"executor {self.name} has no stage {stage!r}")
         host, device = {}, {}
@@ -663,13 +687,15 @@ class CudaExecutor(Executor):
                 host[name] = value.to_host()  # another GPU: through the host
             else:
                 host[name] = value
-        future = Future()
+        future: Future[StageOutputs] = Future()
         ticket = _Ticket(stage, batch, observe, host, device, future, self._run_batch(batch, device))
         self.staging.admit(ticket)  # issues the copy now if a slot is free
         # A cancelled job never reaches _run: free its slot once its copy has left the buffer.
-        future.add_done_callback(
-            lambda f: f.cancelled() and self.staging.release(ticket, ticket.copy_done)
-        )
+        def release_if_cancelled(done: Future[StageOutputs]) -> None:
+            if done.cancelled():
+                self.staging.release(ticket, ticket.copy_done)
+
+        future.add_done_callback(release_if_cancelled)
         self._jobs.put(Job(stage, ticket, batch, observe, future))  # type: ignore[arg-type]
         return future
 
@@ -733,7 +759,9 @@ class CudaExecutor(Executor):
         self._epoch = (epoch, time.perf_counter())
         factory = self._session_factory or self._ort_session
         for stage, path in self._models.items():
-            def build(stage=stage, path=Path(path), graph=self.cuda_graph):
+            def build(
+                stage: str = stage, path: Path = Path(path), graph: bool = self.cuda_graph
+            ) -> StageSession:
                 if factory == self._ort_session and not graph:
                     return OrtCudaSession(path, self.device_id, pointer, self._cpu_threads,
                                           self._provider_options)
@@ -759,16 +787,18 @@ class CudaExecutor(Executor):
     ) -> StageSession:
         """The stage as a captured graph, or as it is when a graph cannot run it (logged)."""
         if stage not in self.graph_refusals:
-            if not getattr(session, "graph_enabled", True) or not hasattr(session, "bind_fixed"):
+            if not getattr(session, "graph_enabled", True) or not isinstance(session, GraphableSession):
                 self.graph_refusals[stage] = "the session was built without CUDA graphs"
             else:
-                reason = graph_refusal(self.pad_batch, *session.tensor_specs(), session.batch_symbol)
+                inputs, outputs = session.tensor_specs()
+                reason = graph_refusal(self.pad_batch, inputs, outputs, session.batch_symbol)
                 if reason is not None:
                     self.graph_refusals[stage] = reason
         if stage in self.graph_refusals:
             log.warning("executor %s: stage %r runs without a CUDA graph: %s",
                         self.name, stage, self.graph_refusals[stage])
             return session
+        assert isinstance(session, GraphableSession)  # refused above otherwise
         graph = CudaGraphSession(session, self.backend, self.compute_stream, self.pad_batch)
         try:
             graph.capture()
@@ -880,17 +910,18 @@ class CudaExecutor(Executor):
             name: backend.host_array(pinned[name], view.shape, view.dtype).copy()
             for name, view in views
         }
-        if ticket.observe and self._transfer_observer is not None:
+        observer = self.transfer_observer if ticket.observe else None
+        if observer is not None:
             seconds = backend.elapsed_s(started, finished) + time.perf_counter() - copy_started
-            self._transfer_observer(self.d2h_link, sum(v.nbytes for _, v in views), seconds)
+            observer(self.d2h_link, sum(v.nbytes for _, v in views), seconds)
         return out
 
     def _observe_copy_in(self, ticket: _Ticket) -> None:
         if ticket.copy_done is None:
             return
         tracing = self.timeline is not None
-        observing = ticket.observe and self._transfer_observer is not None
-        if not (tracing or observing):
+        observer = self.transfer_observer if ticket.observe else None
+        if not (tracing or observer is not None):
             return
         self.backend.sync_event(ticket.copy_done)  # already passed: the run waited for it
         nbytes = sum(v.nbytes for v in ticket.views.values())
@@ -899,9 +930,9 @@ class CudaExecutor(Executor):
                        ticket.staging_started + ticket.staging_s, nbytes)
             self._trace_gpu("h2d", TRANSFER, self.h2d_link, ticket.copy_started, ticket.copy_done,
                             nbytes)
-        if observing:
+        if observer is not None:
             seconds = ticket.staging_s + self.backend.elapsed_s(ticket.copy_started, ticket.copy_done)
-            self._transfer_observer(self.h2d_link, nbytes, seconds)
+            observer(self.h2d_link, nbytes, seconds)
 
     def _trace_gpu(self, lane: str, kind: str, name: str, start: Any, end: Any,
                    nbytes: int = 0) -> None:

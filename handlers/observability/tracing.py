@@ -41,7 +41,7 @@ class Timeline:
     """A thread-safe, bounded recorder: the newest ``capacity`` spans are kept."""
 
     capacity: int = 200_000
-    _spans: deque = field(init=False)
+    _spans: deque[Span] = field(init=False)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     dropped: int = 0
 

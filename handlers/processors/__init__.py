@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from handlers.artifact.manifest import Manifest, resolve_inside
+from handlers.artifact.manifest import Manifest, TensorSpec, resolve_inside
 from handlers.protocol.codecs import (
     _JSON_START,
     FORMAT_JSON,
@@ -146,7 +146,14 @@ class Processors:
                 err.request_format = FORMAT_V2
             raise
 
-    def _decode(self, body, content_type, headers, params, limits) -> DecodedRequest | None:
+    def _decode(
+        self,
+        body: Any,
+        content_type: str | None,
+        headers: Mapping[str, Any] | None,
+        params: Mapping[str, Any],
+        limits: RequestLimits,
+    ) -> DecodedRequest | None:
         media = _media_type(content_type) or _media_type(header(headers, "content-type"))
         if isinstance(body, memoryview):
             body = body.tobytes()
@@ -194,7 +201,9 @@ class Processors:
             return self._texts(texts, answer, had_batch_dim=batched)
         return decode_request(value, None, headers, self.manifest.inputs, limits, outputs=self.manifest.outputs)
 
-    def _sniffed_image(self, body, media, headers) -> bool:
+    def _sniffed_image(
+        self, body: bytes, media: str | None, headers: Mapping[str, Any] | None
+    ) -> bool:
         if (
             self.image_input is None
             or media not in (None, RAW_CONTENT_TYPE)
@@ -205,7 +214,7 @@ class Processors:
         webp = start[:4] == b"RIFF" and start[8:12] == b"WEBP"
         return webp or start.startswith(_IMAGE_MAGIC)
 
-    def _answer_format(self, headers, params) -> str:
+    def _answer_format(self, headers: Mapping[str, Any] | None, params: Mapping[str, Any]) -> str:
         raw = params.get(RAW_PARAM, header(headers, RAW_HEADER))
         if isinstance(raw, bytes | bytearray):
             raw = raw.decode("latin-1")
@@ -220,7 +229,9 @@ class Processors:
             return FORMAT_JSON
         return FORMAT_LABELS
 
-    def _v2_binary(self, body, headers, limits: RequestLimits) -> DecodedRequest | None:
+    def _v2_binary(
+        self, body: bytes, headers: Mapping[str, Any] | None, limits: RequestLimits
+    ) -> DecodedRequest | None:
         """A binary-extension v2 body with a BYTES input is ours; numeric ones go to the codecs."""
         if len(body) > limits.max_body_bytes:
             return None  # the codecs answer it with their 413
@@ -234,7 +245,7 @@ class Processors:
         return self._v2_bytes(document, limits, blobs)
 
     def _images(
-        self, blobs: Sequence[bytes], answer: str, had_batch_dim: bool, request_id=None,
+        self, blobs: Sequence[bytes], answer: str, had_batch_dim: bool, request_id: str | None = None,
         binary: BinaryOutputs = NO_BINARY,
     ) -> DecodedRequest:
         assert self.config.image is not None and self.image_input is not None
@@ -248,7 +259,7 @@ class Processors:
         )
 
     def _texts(
-        self, texts: Sequence[str], answer: str, had_batch_dim: bool, request_id=None,
+        self, texts: Sequence[str], answer: str, had_batch_dim: bool, request_id: str | None = None,
         binary: BinaryOutputs = NO_BINARY,
     ) -> DecodedRequest:
         assert self.text is not None
@@ -257,7 +268,12 @@ class Processors:
             arrays, len(texts), answer, had_batch_dim, request_id, binary_outputs=binary, kind="text"
         )
 
-    def _v2_bytes(self, document: dict, limits: RequestLimits, blobs=None) -> DecodedRequest:
+    def _v2_bytes(
+        self,
+        document: dict[str, Any],
+        limits: RequestLimits,
+        blobs: Mapping[str, memoryview] | None = None,
+    ) -> DecodedRequest:
         """A v2 request whose one input is BYTES: images or strings; v2 tensors out.
 
         In JSON, images are base64 text; with the binary tensor extension (``blobs``), each
@@ -294,7 +310,14 @@ class Processors:
             err.request_format = FORMAT_V2
             raise
 
-    def _v2_bytes_blob(self, entry, blob, document, limits: RequestLimits, binary) -> DecodedRequest:
+    def _v2_bytes_blob(
+        self,
+        entry: dict[str, Any],
+        blob: memoryview,
+        document: dict[str, Any],
+        limits: RequestLimits,
+        binary: BinaryOutputs,
+    ) -> DecodedRequest:
         shape = entry.get("shape")
         if (
             not isinstance(shape, list)
@@ -341,7 +364,7 @@ class Processors:
         return EncodedResponse(json.dumps(body, separators=(",", ":")), JSON_CONTENT_TYPE)
 
 
-def _has_bytes_input(document: dict) -> bool:
+def _has_bytes_input(document: dict[str, Any]) -> bool:
     return any(isinstance(e, dict) and e.get("datatype") == "BYTES" for e in document["inputs"])
 
 
@@ -359,8 +382,9 @@ def _texts_in(value: Any, manifest: Manifest) -> tuple[list[str] | None, bool]:
     return None, False
 
 
-def _request_id(document: dict) -> str | None:
-    return document.get("id") if isinstance(document.get("id"), str) else None
+def _request_id(document: dict[str, Any]) -> str | None:
+    request_id = document.get("id")
+    return request_id if isinstance(request_id, str) else None
 
 
 def _no_bytes_processor() -> RequestError:
@@ -387,11 +411,11 @@ def _b64(item: Any, index: int) -> bytes:
         raise RequestError(BAD_REQUEST, f"image {index}: BYTES data is not valid base64") from None
 
 
-def _spec(specs, name: str):
+def _spec(specs: Sequence[TensorSpec], name: str) -> TensorSpec:
     return next(s for s in specs if s.name == name)
 
 
-def _pick(name: str | None, specs, knob: str, what: str) -> str:
+def _pick(name: str | None, specs: Sequence[TensorSpec], knob: str, what: str) -> str:
     names = [s.name for s in specs]
     if name is None:
         if len(names) != 1 and what == "input":

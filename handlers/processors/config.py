@@ -52,7 +52,8 @@ def _hw(kind: str, knob: str, value: Any) -> tuple[int, int]:
 def _choice(kind: str, knob: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise _fail(kind, knob, f"must be one of {', '.join(choices)}, got {value!r}")
-    return value
+    chosen: str = value
+    return chosen
 
 
 def _floats(kind: str, knob: str, value: Any, count: int) -> tuple[float, ...]:

@@ -123,6 +123,6 @@ class _opened:
             ) from None
         return self.image
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.image is not None:
             self.image.close()

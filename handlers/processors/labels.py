@@ -42,9 +42,11 @@ def activate(scores: np.ndarray, activation: str) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64)
     if activation == "softmax":
         shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        return shifted / shifted.sum(axis=-1, keepdims=True)
+        softmax: np.ndarray = shifted / shifted.sum(axis=-1, keepdims=True)
+        return softmax
     if activation == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-scores))
+        sigmoid: np.ndarray = 1.0 / (1.0 + np.exp(-scores))
+        return sigmoid
     return scores
 
 

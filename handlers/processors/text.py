@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,9 +18,14 @@ from handlers.protocol.validation import BAD_REQUEST, PAYLOAD_TOO_LARGE, Request
 
 from .config import DEFAULT_TOKEN_INPUTS, ProcessorConfigError, TextConfig
 
+if TYPE_CHECKING:
+    from handlers.artifact.manifest import TensorSpec
+
 
 class TextProcessor:
-    def __init__(self, tokenizer_file: Path, config: TextConfig, input_specs: Sequence) -> None:
+    def __init__(
+        self, tokenizer_file: Path, config: TextConfig, input_specs: Sequence[TensorSpec]
+    ) -> None:
         from tokenizers import Tokenizer
 
         self.config = config
@@ -109,7 +115,7 @@ def _padded(rows: Sequence[Sequence[int]], length: int, pad: int, dtype: np.dtyp
     return out
 
 
-def _input_sources(config: TextConfig, input_specs: Sequence) -> dict[str, str]:
+def _input_sources(config: TextConfig, input_specs: Sequence[TensorSpec]) -> dict[str, str]:
     names = [spec.name for spec in input_specs]
     if config.inputs:
         sources = dict(config.inputs)

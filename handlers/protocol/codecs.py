@@ -31,9 +31,9 @@ import io
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -147,7 +147,7 @@ class DecodedRequest:
 
 @dataclass(frozen=True)
 class EncodedResponse:
-    body: bytes | str | dict | list
+    body: bytes | str | dict[str, Any] | list[Any]
     content_type: str
     headers: dict[str, str] = field(default_factory=dict)
     status: int = 200
@@ -158,7 +158,7 @@ class EncodedResponse:
 
 
 def decode_request(
-    body: bytes | bytearray | memoryview | str | dict | list | None,
+    body: bytes | bytearray | memoryview | str | dict[str, Any] | list[Any] | None,
     content_type: str | None,
     headers: Mapping[str, Any] | None,
     inputs: Sequence[TensorSpec],
@@ -191,7 +191,14 @@ def on_kserve_route(headers: Mapping[str, Any] | None) -> bool:
     return header(headers, "explain") is not None and header(headers, "url_path") is None
 
 
-def _decode_body(body, content_type, headers, inputs, limits, outputs) -> DecodedRequest:
+def _decode_body(
+    body: Any,
+    content_type: str | None,
+    headers: Mapping[str, Any] | None,
+    inputs: tuple[TensorSpec, ...],
+    limits: RequestLimits,
+    outputs: Sequence[TensorSpec] | None,
+) -> DecodedRequest:
     if not inputs:
         raise ValueError("the model declares no inputs")
     media = _media_type(content_type) or _media_type(header(headers, "content-type"))
@@ -271,12 +278,16 @@ def header(headers: Mapping[str, Any] | None, name: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _stamp(request_format: str):
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _stamp(request_format: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
     """Tag RequestErrors raised while decoding ``request_format`` so errors answer in kind."""
 
-    def wrap(decoder):
+    def wrap(decoder: Callable[_P, _R]) -> Callable[_P, _R]:
         @functools.wraps(decoder)
-        def decode(*args, **kwargs):
+        def decode(*args: _P.args, **kwargs: _P.kwargs) -> _R:
             try:
                 return decoder(*args, **kwargs)
             except RequestError as err:
@@ -374,7 +385,10 @@ def json_nesting_depth(data: bytes | bytearray) -> int:
 
 
 def _decode_document(
-    value: Any, inputs: tuple[TensorSpec, ...], limits: RequestLimits, outputs
+    value: Any,
+    inputs: tuple[TensorSpec, ...],
+    limits: RequestLimits,
+    outputs: Sequence[TensorSpec] | None,
 ) -> DecodedRequest:
     """A parsed JSON document: the JSON-family codec whose shape it has decodes it."""
     if isinstance(value, dict) and "inputs" in value and not is_v2_document(value) and not any(
@@ -417,7 +431,9 @@ def _decode_plain_json(
     return DecodedRequest(arrays, batch, FORMAT_JSON, had_batch_dim)
 
 
-def _single_output(headers, outputs: Sequence[TensorSpec] | None) -> tuple[str, ...] | None:
+def _single_output(
+    headers: Mapping[str, Any] | None, outputs: Sequence[TensorSpec] | None
+) -> tuple[str, ...] | None:
     """The one output a raw/.npy response will carry (None: decide when encoding)."""
     name = header(headers, OUTPUT_HEADER)
     if name is not None:
@@ -435,7 +451,9 @@ def _single_output(headers, outputs: Sequence[TensorSpec] | None) -> tuple[str, 
 _ONE_TENSOR_NOTE = " (raw and .npy bodies carry one tensor: use .npz, JSON or KServe v2 for several)"
 
 
-def _npz_outputs(headers, outputs) -> tuple[str, ...] | None:
+def _npz_outputs(
+    headers: Mapping[str, Any] | None, outputs: Sequence[TensorSpec] | None
+) -> tuple[str, ...] | None:
     name = header(headers, OUTPUT_HEADER)
     if name is None:
         return None
@@ -443,7 +461,7 @@ def _npz_outputs(headers, outputs) -> tuple[str, ...] | None:
     return (name,)
 
 
-def _target_input(headers, inputs: tuple[TensorSpec, ...]) -> TensorSpec:
+def _target_input(headers: Mapping[str, Any] | None, inputs: tuple[TensorSpec, ...]) -> TensorSpec:
     name = header(headers, NAME_HEADER)
     if name is None:
         if len(inputs) > 1:
@@ -464,7 +482,13 @@ def _target_input(headers, inputs: tuple[TensorSpec, ...]) -> TensorSpec:
 
 
 @_stamp(FORMAT_RAW)
-def _decode_raw(body, headers, inputs, limits: RequestLimits, outputs) -> DecodedRequest:
+def _decode_raw(
+    body: bytes,
+    headers: Mapping[str, Any] | None,
+    inputs: tuple[TensorSpec, ...],
+    limits: RequestLimits,
+    outputs: Sequence[TensorSpec] | None,
+) -> DecodedRequest:
     spec = _target_input(headers, inputs)
     requested = _single_output(headers, outputs)
     dtype_text = header(headers, DTYPE_HEADER)
@@ -528,7 +552,12 @@ def _infer_raw_shape(nbytes: int, spec: TensorSpec, itemsize: int) -> tuple[int,
 
 
 def _check_claim(
-    spec: TensorSpec, shape, dtype: np.dtype, nbytes: int, limits: RequestLimits, source: str
+    spec: TensorSpec,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    nbytes: int,
+    limits: RequestLimits,
+    source: str,
 ) -> None:
     """Claimed tensor vs the bytes actually sent, the spec and the limits, before any array."""
     needed = math.prod(shape) * dtype.itemsize
@@ -543,7 +572,13 @@ def _check_claim(
 
 
 @_stamp(FORMAT_NPY)
-def _decode_npy(body, headers, inputs, limits: RequestLimits, outputs) -> DecodedRequest:
+def _decode_npy(
+    body: bytes,
+    headers: Mapping[str, Any] | None,
+    inputs: tuple[TensorSpec, ...],
+    limits: RequestLimits,
+    outputs: Sequence[TensorSpec] | None,
+) -> DecodedRequest:
     spec = _target_input(headers, inputs)
     requested = _single_output(headers, outputs)
     shape, fortran_order, dtype, offset = _read_npy_header(body)
@@ -560,7 +595,7 @@ def _decode_npy(body, headers, inputs, limits: RequestLimits, outputs) -> Decode
     return DecodedRequest(arrays, batch, FORMAT_NPY, had_batch_dim, None, requested)
 
 
-def _read_npy_header(body) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+def _read_npy_header(body: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     """(shape, fortran_order, dtype, data offset) from the header alone; never unpickles."""
     stream = io.BytesIO(bytes(body[:NPY_HEADER_PREFIX]))
     try:
@@ -634,7 +669,12 @@ def encode_error(err: RequestError, request_format: str | None = None) -> Encode
     return codec.error(err)
 
 
-def _response_names(outputs, request: DecodedRequest, output_specs, codec: Codec) -> list[str]:
+def _response_names(
+    outputs: Mapping[str, np.ndarray],
+    request: DecodedRequest,
+    output_specs: Sequence[TensorSpec] | None,
+    codec: Codec,
+) -> list[str]:
     if output_specs:
         available = [spec.name for spec in output_specs]
         missing = [name for name in available if name not in outputs]
@@ -694,7 +734,14 @@ class Codec:
     def matches(self, body: Any, media: str | None, headers: Mapping[str, Any] | None) -> bool:
         raise NotImplementedError
 
-    def decode(self, body: Any, headers, inputs, limits: RequestLimits, outputs) -> DecodedRequest:
+    def decode(
+        self,
+        body: Any,
+        headers: Mapping[str, Any] | None,
+        inputs: tuple[TensorSpec, ...],
+        limits: RequestLimits,
+        outputs: Sequence[TensorSpec] | None,
+    ) -> DecodedRequest:
         raise NotImplementedError
 
     def encode(
@@ -732,7 +779,7 @@ class NpyCodec(Codec):
     format = FORMAT_NPY
     one_tensor = True
 
-    def matches(self, body, media, headers) -> bool:
+    def matches(self, body: Any, media: str | None, headers: Mapping[str, Any] | None) -> bool:
         if not isinstance(body, (bytes, bytearray)) or not body.startswith(NPY_MAGIC):
             return False
         # Raw bytes that happen to start with the magic, described by raw headers, stay raw.
@@ -741,10 +788,24 @@ class NpyCodec(Codec):
         )
         return not explicit_raw
 
-    def decode(self, body, headers, inputs, limits, outputs) -> DecodedRequest:
+    def decode(
+        self,
+        body: Any,
+        headers: Mapping[str, Any] | None,
+        inputs: tuple[TensorSpec, ...],
+        limits: RequestLimits,
+        outputs: Sequence[TensorSpec] | None,
+    ) -> DecodedRequest:
         return _decode_npy(body, headers, inputs, limits, outputs)
 
-    def encode(self, arrays, request, model_name, model_version, request_id) -> EncodedResponse:
+    def encode(
+        self,
+        arrays: dict[str, np.ndarray],
+        request: DecodedRequest,
+        model_name: str,
+        model_version: str | None,
+        request_id: str | None,
+    ) -> EncodedResponse:
         array, tensor_headers = _one_tensor(arrays)
         buffer = io.BytesIO()
         np.lib.format.write_array(buffer, array, allow_pickle=False)
@@ -756,7 +817,7 @@ class NpzCodec(Codec):
 
     format = FORMAT_NPZ
 
-    def matches(self, body, media, headers) -> bool:
+    def matches(self, body: Any, media: str | None, headers: Mapping[str, Any] | None) -> bool:
         if not isinstance(body, (bytes, bytearray)):
             return False
         explicit_raw = media == RAW_CONTENT_TYPE and (
@@ -764,13 +825,27 @@ class NpzCodec(Codec):
         )
         return (body.startswith(ZIP_MAGIC) and not explicit_raw) or media == NPZ_CONTENT_TYPE
 
-    def decode(self, body, headers, inputs, limits, outputs) -> DecodedRequest:
+    def decode(
+        self,
+        body: Any,
+        headers: Mapping[str, Any] | None,
+        inputs: tuple[TensorSpec, ...],
+        limits: RequestLimits,
+        outputs: Sequence[TensorSpec] | None,
+    ) -> DecodedRequest:
         arrays, batch, had_batch_dim = decode_npz(bytes(body), inputs, limits)
         return DecodedRequest(
             arrays, batch, FORMAT_NPZ, had_batch_dim, None, _npz_outputs(headers, outputs)
         )
 
-    def encode(self, arrays, request, model_name, model_version, request_id) -> EncodedResponse:
+    def encode(
+        self,
+        arrays: dict[str, np.ndarray],
+        request: DecodedRequest,
+        model_name: str,
+        model_version: str | None,
+        request_id: str | None,
+    ) -> EncodedResponse:
         return encode_npz(arrays, had_batch_dim=True)  # already this request's (unbatched) rows
 
 
@@ -778,13 +853,27 @@ class RawCodec(Codec):
     format = FORMAT_RAW
     one_tensor = True
 
-    def matches(self, body, media, headers) -> bool:
+    def matches(self, body: Any, media: str | None, headers: Mapping[str, Any] | None) -> bool:
         return isinstance(body, (bytes, bytearray)) and media == RAW_CONTENT_TYPE
 
-    def decode(self, body, headers, inputs, limits, outputs) -> DecodedRequest:
+    def decode(
+        self,
+        body: Any,
+        headers: Mapping[str, Any] | None,
+        inputs: tuple[TensorSpec, ...],
+        limits: RequestLimits,
+        outputs: Sequence[TensorSpec] | None,
+    ) -> DecodedRequest:
         return _decode_raw(body, headers, inputs, limits, outputs)
 
-    def encode(self, arrays, request, model_name, model_version, request_id) -> EncodedResponse:
+    def encode(
+        self,
+        arrays: dict[str, np.ndarray],
+        request: DecodedRequest,
+        model_name: str,
+        model_version: str | None,
+        request_id: str | None,
+    ) -> EncodedResponse:
         array, tensor_headers = _one_tensor(arrays)
         return EncodedResponse(array.tobytes(), RAW_CONTENT_TYPE, tensor_headers)
 
@@ -796,12 +885,19 @@ class KServeV2Codec(Codec):
 
     format = FORMAT_V2
 
-    def matches(self, body, media, headers) -> bool:
+    def matches(self, body: Any, media: str | None, headers: Mapping[str, Any] | None) -> bool:
         if isinstance(body, (bytes, bytearray)):
             return header(headers, V2_BINARY_HEADER) is not None
         return is_v2_document(body)
 
-    def decode(self, body, headers, inputs, limits, outputs) -> DecodedRequest:
+    def decode(
+        self,
+        body: Any,
+        headers: Mapping[str, Any] | None,
+        inputs: tuple[TensorSpec, ...],
+        limits: RequestLimits,
+        outputs: Sequence[TensorSpec] | None,
+    ) -> DecodedRequest:
         blobs = None
         if isinstance(body, (bytes, bytearray)):
             body, blobs = split_v2_binary(body, headers, limits)
@@ -811,7 +907,14 @@ class KServeV2Codec(Codec):
             v2.binary_outputs,
         )
 
-    def encode(self, arrays, request, model_name, model_version, request_id) -> EncodedResponse:
+    def encode(
+        self,
+        arrays: dict[str, np.ndarray],
+        request: DecodedRequest,
+        model_name: str,
+        model_version: str | None,
+        request_id: str | None,
+    ) -> EncodedResponse:
         binary = request.binary_outputs
         response = v2_response(
             arrays, model_name=model_name, model_version=model_version, request_id=request_id,
@@ -831,21 +934,35 @@ class JsonCodec(Codec):
 
     format = FORMAT_JSON
 
-    def matches(self, body, media, headers) -> bool:
+    def matches(self, body: Any, media: str | None, headers: Mapping[str, Any] | None) -> bool:
         return not isinstance(body, (bytes, bytearray))  # any other parsed JSON document
 
-    def decode(self, body, headers, inputs, limits, outputs) -> DecodedRequest:
+    def decode(
+        self,
+        body: Any,
+        headers: Mapping[str, Any] | None,
+        inputs: tuple[TensorSpec, ...],
+        limits: RequestLimits,
+        outputs: Sequence[TensorSpec] | None,
+    ) -> DecodedRequest:
         return _decode_plain_json(body, inputs, limits)
 
-    def encode(self, arrays, request, model_name, model_version, request_id) -> EncodedResponse:
+    def encode(
+        self,
+        arrays: dict[str, np.ndarray],
+        request: DecodedRequest,
+        model_name: str,
+        model_version: str | None,
+        request_id: str | None,
+    ) -> EncodedResponse:
         body = {"outputs": {name: json_list(a) for name, a in arrays.items()}}
         return EncodedResponse(_dumps(body), JSON_CONTENT_TYPE)
 
 
 @_stamp(FORMAT_V2)
 def split_v2_binary(
-    body: bytes | bytearray, headers, limits: RequestLimits
-) -> tuple[dict, dict[str, memoryview]]:
+    body: bytes | bytearray, headers: Mapping[str, Any] | None, limits: RequestLimits
+) -> tuple[dict[str, Any], dict[str, memoryview]]:
     """A binary-extension body -> (its v2 JSON header, each binary input's blob by name)."""
     length = header_length(header(headers, V2_BINARY_HEADER) or "", len(body))
     document = _parse_json(body[:length], limits)

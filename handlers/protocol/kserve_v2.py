@@ -29,11 +29,13 @@ from handlers.protocol.json_tensors import json_list, nested_to_array
 from handlers.protocol.v2_binary import (
     BINARY_SIZE,
     NO_BINARY,
-    V2_BINARY_HEADER,
     BinaryOutputs,
     binary_outputs,
     binary_size,
     tensor_from_blob,
+)
+from handlers.protocol.v2_binary import (
+    V2_BINARY_HEADER as V2_BINARY_HEADER,  # re-exported for the codecs and processors
 )
 from handlers.protocol.validation import (
     BAD_REQUEST,
@@ -127,7 +129,7 @@ def is_v2_document(document: Any) -> bool:
 
 
 def decode_v2(
-    document: dict,
+    document: dict[str, Any],
     inputs: Sequence[TensorSpec],
     limits: RequestLimits,
     outputs: Sequence[TensorSpec] | None = None,
@@ -146,7 +148,11 @@ def decode_v2(
 
 
 def _decode(
-    document: dict, inputs: tuple[TensorSpec, ...], limits: RequestLimits, outputs, blobs
+    document: dict[str, Any],
+    inputs: tuple[TensorSpec, ...],
+    limits: RequestLimits,
+    outputs: Sequence[TensorSpec] | None,
+    blobs: Mapping[str, memoryview] | None,
 ) -> V2Request:
     request_id = document.get("id")
     if request_id is not None and (
@@ -174,7 +180,7 @@ def _decode(
     return V2Request(arrays, batch, had_batch_dim, request_id, requested, binary_outputs(document))
 
 
-def check_entries(entries: list) -> list[str]:
+def check_entries(entries: list[Any]) -> list[str]:
     """The inputs' names, each entry checked to be an object with a unique string name."""
     names: list[str] = []
     for index, entry in enumerate(entries):
@@ -189,7 +195,11 @@ def check_entries(entries: list) -> list[str]:
 
 
 def _tensor(
-    entry: dict, spec: TensorSpec, budget: int, limits: RequestLimits, blobs
+    entry: dict[str, Any],
+    spec: TensorSpec,
+    budget: int,
+    limits: RequestLimits,
+    blobs: Mapping[str, memoryview] | None,
 ) -> np.ndarray:
     name = spec.name
     datatype = entry.get("datatype")

@@ -29,6 +29,7 @@ from .validation import (
 
 if TYPE_CHECKING:
     from handlers.artifact.manifest import TensorSpec
+    from handlers.protocol.codecs import EncodedResponse
 
 FORMAT_NPZ = "npz"
 NPZ_CONTENT_TYPE = "application/x-npz"
@@ -47,7 +48,9 @@ def decode_npz(
         raise
 
 
-def _decode(body, inputs, limits):
+def _decode(
+    body: bytes, inputs: tuple[TensorSpec, ...], limits: RequestLimits
+) -> tuple[dict[str, np.ndarray], int, bool]:
     try:
         archive = zipfile.ZipFile(io.BytesIO(body))
         members = archive.infolist()
@@ -65,7 +68,7 @@ def _decode(body, inputs, limits):
     check_names(names, inputs, " (name each .npz member after a model input)")
     specs = {spec.name: spec for spec in inputs}
     budget = limits.max_elements
-    arrays = {}
+    arrays: dict[str, np.ndarray] = {}
     try:
         with np.load(io.BytesIO(body), allow_pickle=False) as npz:
             for name in names:
@@ -83,7 +86,7 @@ def _decode(body, inputs, limits):
     return validate_inputs(arrays, inputs, limits)
 
 
-def encode_npz(outputs: Mapping[str, np.ndarray], had_batch_dim: bool):
+def encode_npz(outputs: Mapping[str, np.ndarray], had_batch_dim: bool) -> EncodedResponse:
     """The outputs (this request's rows) as one .npz body."""
     from .codecs import EncodedResponse
 

@@ -49,7 +49,7 @@ def header_length(value: str, body_bytes: int) -> int:
     return length
 
 
-def split_blobs(entries: list, data: memoryview | bytes) -> dict[str, memoryview]:
+def split_blobs(entries: list[Any], data: memoryview | bytes) -> dict[str, memoryview]:
     """Each binary input's blob out of ``data`` (the bytes after the JSON header), by input name.
 
     ``entries`` is the request's ``inputs`` list (names already checked to be unique strings).

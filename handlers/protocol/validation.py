@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from handlers.errors import RequestError, clip
+# Re-exported: the codecs and processors raise and clip through this module.
+from handlers.errors import RequestError as RequestError
+from handlers.errors import clip as clip
 
 if TYPE_CHECKING:
     from handlers.artifact.manifest import TensorSpec

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from handlers.artifact.manifest import Manifest, TensorSpec, random_batch
-from handlers.executors.base import Executor, ExecutorLoadError
+from handlers.errors import ExecutorLoadError
+from handlers.executors.base import Executor, StageOutputs
 from handlers.executors.cpu import CpuExecutor
 from handlers.executors.cuda import cuda_unavailable_reason
 from handlers.hardware.topology import plan_groups, probe, split_cpu_groups
@@ -136,16 +137,6 @@ def _build(
         topology.describe(), list(layout.head), list(layout.tail) if partitioned else "-",
     )
 
-    runtime_ref: list[Runtime] = []
-
-    def observe(stage: str, executor: str, batch: int, seconds: float) -> None:
-        if runtime_ref:
-            runtime_ref[0].observe_run(stage, executor, batch, seconds)
-
-    def observe_transfer(link: str, nbytes: int, seconds: float) -> None:
-        if runtime_ref:
-            runtime_ref[0].observe_transfer(link, nbytes, seconds)
-
     def stages_for(name: str) -> dict[str, Path]:
         return {p.name: model_dir / files[p.name] for p in plans if name in p.candidates}
 
@@ -157,16 +148,12 @@ def _build(
         keep = _device_outputs(manifest, config) if set(cuda_names) & set(layout.tail) else ()
         for i, name in enumerate(cuda_names):
             executors.append(CudaExecutor(
-                stages_for(name), config.cuda_device, i, observer=observe,
-                transfer_observer=observe_transfer, device_outputs=keep,
+                stages_for(name), config.cuda_device, i, device_outputs=keep,
                 pad_batch=gpu_pad_batch(config, len(cuda_names)), cuda_graph=config.cuda_graph,
             ))
     for group in groups:
         if stages := stages_for(group.name):
-            executors.append(CpuExecutor(
-                group, stages, spinning=config.spinning, observer=observe,
-                transfer_observer=observe_transfer,
-            ))
+            executors.append(CpuExecutor(group, stages, spinning=config.spinning))
     _start_all(executors)
     injector = _fault_injector(config)
     for executor in executors:
@@ -188,10 +175,14 @@ def _build(
             clock=time.perf_counter,
         ),
         probe_feeds=probe_feeds(plans, manifest, config),
-    ).start()
-    runtime_ref.append(runtime)
+    )
+    # The executors report into the runtime's history from here on; nothing has run on them yet.
+    for executor in executors:
+        executor.run_observer = runtime.observe_run
+        executor.transfer_observer = runtime.observe_transfer
+    runtime.start()
     try:
-        calibrate(runtime, manifest, config)
+        calibrate(StageRunner.of(runtime, config), runtime.history, manifest, config)
     except Exception:
         runtime.close()
         raise
@@ -236,8 +227,38 @@ def _device_outputs(manifest: Manifest, config: RuntimeConfig) -> tuple[str, ...
     return tuple(t.name for t in partition.cut_tensors if t.name not in outputs) if partition else ()
 
 
+@dataclass(frozen=True)
+class StageRunner:
+    """What calibration runs on: the stages, their executors, and how long one run may take."""
+
+    stages: tuple[StagePlan, ...]
+    executors: Mapping[str, Executor]
+    timeout_s: float
+
+    @classmethod
+    def of(cls, runtime: Runtime, config: RuntimeConfig) -> StageRunner:
+        # Calibration runs may be slower than served ones (first runs, cold caches).
+        return cls(runtime.stages, runtime.executors, config.stage_timeout_s * 4)
+
+    def run(
+        self,
+        stage: str,
+        executor: str,
+        feeds: Mapping[str, np.ndarray],
+        batch: int,
+        observe: bool = False,
+    ) -> StageOutputs:
+        """One run, waited for; only an observed run enters the performance history."""
+        job = self.executors[executor].submit(stage, feeds, batch, observe=observe)
+        return job.result(timeout=self.timeout_s)
+
+
 def calibrate(
-    runtime: Runtime, manifest: Manifest, config: RuntimeConfig, batches: Sequence[int] = (1, 4)
+    runner: StageRunner,
+    history: PerfHistory,
+    manifest: Manifest,
+    config: RuntimeConfig,
+    batches: Sequence[int] = (1, 4),
 ) -> None:
     """Warm every (stage, executor) pair and seed the history where it has nothing yet.
 
@@ -245,47 +266,44 @@ def calibrate(
     """
     specs = _stage_input_specs(manifest, config)
     rng = np.random.default_rng(0)
-    pairs = [(plan.name, name) for plan in runtime.stages for name in plan.candidates]
-    known = [pair for pair in pairs if runtime.history.is_calibrated(*pair)]
+    pairs = [(plan.name, name) for plan in runner.stages for name in plan.candidates]
+    known = [pair for pair in pairs if history.is_calibrated(*pair)]
     log.info(
         "hetserve: performance history has %d of %d (stage, executor) pairs calibrated%s",
         len(known), len(pairs), "; calibration shortened for them" if known else "",
     )
     # Later stages get the earlier stages' real outputs: a random cut tensor (an index, a mask)
     # can be a value the tail never sees and fail where real traffic would not.
-    real = {batch: pipeline_feeds(runtime, specs, batch, rng, config) for batch in batches}
-    for plan in runtime.stages:
+    real = {batch: pipeline_feeds(runner, specs, batch, rng) for batch in batches}
+    for plan in runner.stages:
         for name in plan.candidates:
-            executor = runtime.executors[name]
-            calibrated = runtime.history.is_calibrated(plan.name, name)
+            calibrated = history.is_calibrated(plan.name, name)
             runs = 1 if calibrated else max(config.calibration_runs, 1)
             for batch in batches if not calibrated else batches[:1]:
                 feeds = real[batch][plan.name]
-                executor.submit(plan.name, feeds, batch, observe=False).result(
-                    timeout=config.stage_timeout_s * 4
-                )
+                runner.run(plan.name, name, feeds, batch)  # warm-up, not observed
                 for _ in range(runs):
-                    executor.submit(plan.name, feeds, batch).result(
-                        timeout=config.stage_timeout_s * 4
-                    )
-    warm_every_size(runtime, config, specs, rng, skip=batches)
+                    runner.run(plan.name, name, feeds, batch, observe=True)
+    warm_every_size(runner, config, specs, rng, skip=batches)
 
 
 def pipeline_feeds(
-    runtime: Runtime, specs: dict[str, TensorSpec], batch: int, rng, config: RuntimeConfig
+    runner: StageRunner, specs: dict[str, TensorSpec], batch: int, rng: np.random.Generator
 ) -> dict[str, dict[str, np.ndarray]]:
     """Feeds for every stage at ``batch``: random model inputs, then each stage's real outputs
     (run once, unobserved, on its first candidate) for the stages after it."""
     available = {s.name: random_batch(s, batch, rng) for s in specs.values()}
     feeds: dict[str, dict[str, np.ndarray]] = {}
-    for plan in runtime.stages:
+    for plan in runner.stages:
         feeds[plan.name] = {n: available[n] for n in plan.inputs}
-        executor = runtime.executors[plan.candidates[0]]
-        outputs = executor.submit(plan.name, feeds[plan.name], batch, observe=False).result(
-            timeout=config.stage_timeout_s * 4
-        )
-        available.update({k: v if isinstance(v, np.ndarray) else v.to_host() for k, v in outputs.items()})
+        outputs = runner.run(plan.name, plan.candidates[0], feeds[plan.name], batch)
+        available.update({k: _on_host(v) for k, v in outputs.items()})
     return feeds
+
+
+def _on_host(value: Any) -> np.ndarray:
+    """A stage output as a host array (a CUDA executor may leave one on its GPU)."""
+    return value if isinstance(value, np.ndarray) else value.to_host()
 
 
 def warmup_sizes(largest: int, pad_batch: int, done: Sequence[int]) -> list[int]:
@@ -306,7 +324,11 @@ WARMUP_MAX_BATCH = 64
 
 
 def warm_every_size(
-    runtime: Runtime, config: RuntimeConfig, specs: dict[str, TensorSpec], rng, skip: Sequence[int]
+    runner: StageRunner,
+    config: RuntimeConfig,
+    specs: dict[str, TensorSpec],
+    rng: np.random.Generator,
+    skip: Sequence[int],
 ) -> None:
     """Run each GPU stage once at every batch size a TorchServe batch can be cut into.
 
@@ -315,16 +337,14 @@ def warm_every_size(
     for hundreds of milliseconds, so unwarmed sizes showed up as seconds of tail latency.
     """
     largest = min(config.batch_size, WARMUP_MAX_BATCH)
-    for plan in runtime.stages:
+    for plan in runner.stages:
         for name in plan.candidates:
-            executor = runtime.executors[name]
+            executor = runner.executors[name]
             if executor.device == "cpu":
                 continue
-            for batch in warmup_sizes(largest, getattr(executor, "pad_batch", 0), skip):
-                feeds = pipeline_feeds(runtime, specs, batch, rng, config)[plan.name]
-                executor.submit(plan.name, feeds, batch, observe=False).result(
-                    timeout=config.stage_timeout_s * 4
-                )
+            for batch in warmup_sizes(largest, executor.pad_batch, skip):
+                feeds = pipeline_feeds(runner, specs, batch, rng)[plan.name]
+                runner.run(plan.name, name, feeds, batch)
 
 
 def probe_feeds(

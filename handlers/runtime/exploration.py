@@ -33,7 +33,8 @@ def decayed_alpha(alpha: float, age_s: float, half_life_s: float = DECAY_HALF_LI
     """
     if not age_s > 0:  # no age (or a NaN): plain EWMA
         return alpha
-    return 1.0 - (1.0 - alpha) * 0.5 ** (age_s / half_life_s)
+    weight: float = 1.0 - (1.0 - alpha) * 0.5 ** (age_s / half_life_s)
+    return weight
 
 
 def clamped_stamp(updated: float, now: float) -> float:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from handlers.errors import ExecutorFailed, ExecutorOutOfMemory, StageTimeout
-from handlers.executors.base import Executor
+from handlers.executors.base import Executor, StageOutputs
 from handlers.runtime.perf_model import PerfHistory
 from handlers.runtime.placement import Placer
 from handlers.runtime.quarantine import Quarantine
@@ -57,15 +57,15 @@ class StagePlan:
 class RuntimeStats:
     """Counters the handler turns into TorchServe metrics after each batch."""
 
-    placements: Counter = field(default_factory=Counter)  # (stage, executor) -> count
+    placements: Counter[tuple[str, str]] = field(default_factory=Counter)  # (stage, executor) -> count
     run_ms: list[tuple[str, str, float]] = field(default_factory=list)  # (stage, executor, ms)
     queue_ms: list[tuple[str, float]] = field(default_factory=list)  # (stage, ms)
     micro_batches: int = 0
-    timeouts: Counter = field(default_factory=Counter)  # (stage, executor) -> missed deadlines
-    quarantines: Counter = field(default_factory=Counter)  # executor -> times taken out
-    probes: Counter = field(default_factory=Counter)  # (executor, "ok" | "failed") -> count
-    retries: Counter = field(default_factory=Counter)  # (stage, executor that failed) -> count
-    cpu_fallbacks: Counter = field(default_factory=Counter)  # (stage, GPU executor out of memory)
+    timeouts: Counter[tuple[str, str]] = field(default_factory=Counter)  # (stage, executor) -> missed deadlines
+    quarantines: Counter[str] = field(default_factory=Counter)  # executor -> times taken out
+    probes: Counter[tuple[str, str]] = field(default_factory=Counter)  # (executor, "ok" | "failed") -> count
+    retries: Counter[tuple[str, str]] = field(default_factory=Counter)  # (stage, executor that failed) -> count
+    cpu_fallbacks: Counter[tuple[str, str]] = field(default_factory=Counter)  # (stage, GPU executor out of memory)
 
     def drain(self) -> RuntimeStats:
         snapshot = RuntimeStats(
@@ -89,10 +89,10 @@ class _Flow:
     start: int
     stop: int
     tensors: dict[str, Any]  # numpy arrays, or tensors left on a GPU by the previous stage
-    done: Future = field(default_factory=Future)
+    done: Future[Any] = field(default_factory=Future)
     stage_index: int = 0
     abandoned: bool = False  # its request ran out of time: nothing more is done for it
-    attempt: tuple[_Attempt, Future] | None = None  # the stage run in flight
+    attempt: tuple[_Attempt, Future[StageOutputs]] | None = None  # the stage run in flight
 
     @property
     def batch(self) -> int:
@@ -158,8 +158,8 @@ class Runtime:
         self.lock = threading.Lock()
         self.placer = Placer(history, {e.name: e.device for e in executors}, clock)
         self.stats = RuntimeStats()
-        self.attempts: dict[Future, _Attempt] = {}  # stage runs in flight
-        self.probes: dict[Future, str] = {}  # re-probes in flight -> executor
+        self.attempts: dict[Future[StageOutputs], _Attempt] = {}  # stage runs in flight
+        self.probes: dict[Future[StageOutputs], str] = {}  # re-probes in flight -> executor
         self.supervisor = Supervisor(self, supervise_interval_s)
 
     def start(self) -> Runtime:
@@ -268,7 +268,7 @@ class Runtime:
             )
             return placement
 
-    def _stage_done(self, attempt: _Attempt, future: Future) -> None:
+    def _stage_done(self, attempt: _Attempt, future: Future[StageOutputs]) -> None:
         name, flow = attempt.executor, attempt.flow
         with self.lock:
             self.placer.complete(name)

@@ -355,7 +355,8 @@ def _finite(value: Any, minimum: float = 0.0, maximum: float = math.inf) -> floa
 def _count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"count {value!r} is not a positive integer")
-    return value
+    count: int = value
+    return count
 
 
 def _run_entry(r: dict[str, Any]) -> RunEntry:

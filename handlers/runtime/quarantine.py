@@ -43,8 +43,8 @@ class Quarantine:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self._clock = clock
-        self.quarantines: Counter = Counter()  # executor -> times quarantined
-        self.probes: Counter = Counter()  # (executor, "ok" | "failed") -> count
+        self.quarantines: Counter[str] = Counter()  # executor -> times quarantined
+        self.probes: Counter[tuple[str, str]] = Counter()  # (executor, "ok" | "failed") -> count
 
     def excluded(self) -> frozenset[str]:
         return frozenset(n for n, h in self._health.items() if h.quarantined)

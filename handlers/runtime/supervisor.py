@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from handlers.errors import StageTimeout
 
 if TYPE_CHECKING:
+    from handlers.executors.base import StageOutputs
     from handlers.runtime.flow import Runtime, _Attempt
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class Supervisor:
     def _enforce_deadlines(self) -> None:
         rt = self.runtime
         now = rt.clock()  # the executors stamp job starts with the same clock
-        overdue: list[tuple[str, Future, _Attempt | None]] = []
+        overdue: list[tuple[str, Future[StageOutputs], _Attempt | None]] = []
         for name, executor in rt.executors.items():
             running = executor.running()
             if running is None or now - running[1] <= rt.stage_timeout_s:
@@ -128,7 +129,7 @@ class Supervisor:
                 rt.probes[future] = name
             future.add_done_callback(functools.partial(self._probe_done, name))
 
-    def _probe_done(self, name: str, future: Future | None) -> None:
+    def _probe_done(self, name: str, future: Future[StageOutputs] | None) -> None:
         rt = self.runtime
         ok = future is None or (not future.cancelled() and future.exception() is None)
         with rt.lock:

@@ -69,7 +69,9 @@ def metis_graph(graph: TaskGraph) -> MetisGraph:
         weight = max(1, round(nbytes / total_bytes * EDGE_WEIGHT_SCALE)) if total_bytes else 1
         neighbours[a].append((b, weight))
         neighbours[b].append((a, weight))
-    xadj, adjncy, eweights = [0], [], []
+    xadj: list[int] = [0]
+    adjncy: list[int] = []
+    eweights: list[int] = []
     for row in neighbours:
         adjncy.extend(w for w, _ in row)
         eweights.extend(weight for _, weight in row)

@@ -161,8 +161,9 @@ def heavy_pattern_heads(
         if low > target + tolerance + RATIO_EPSILON or high < target - tolerance - RATIO_EPSILON:
             continue
         light = [v for v in order if not (head_mask | out_mask) >> v & 1]
-        found.append(_sweep_from(index, head_mask, light, target, tolerance))
-    found = [f for f in found if f is not None]
+        cut = _sweep_from(index, head_mask, light, target, tolerance)
+        if cut is not None:
+            found.append(cut)
     return sorted(found, key=lambda e: (e[0], sorted(e[1]))), exhaustive
 
 

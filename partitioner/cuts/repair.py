@@ -266,8 +266,9 @@ def sweep(state: SplitState, target: float, tolerance: float, to_tail: bool) -> 
         return gap > RATIO_EPSILON
 
     while True:
-        options = []
-        overshoots = []
+        # (bytes-cut change, -node cost, node): the smallest cut first, the heaviest node on ties.
+        options: list[tuple[int, float, int]] = []
+        overshoots: list[tuple[int, float, int]] = []
         for v in frontier:
             if state.in_tail[v] == to_tail or not state.keeps_both_nonempty(v):
                 continue

@@ -1,0 +1,253 @@
+"""The shared part of the serving benchmarks (benchmarks/serving_cpu.py, image_serving.py,
+hf_serving.py, and the GPU rows of gpu_torchserve.py): the archives they compare and one server
+row, measured the same way for every configuration.
+
+A server row: a fresh TorchServe on 127.0.0.1 serving one archive; 16 closed-loop clients for
+``jvm_warmup`` seconds first (a fresh JVM spends its first tens of seconds JIT-compiling:
+measured, C2 alone took a quarter of a core), then an open-loop Poisson rate sweep in which each
+rate starts from an idle server (``bench.point_runner``, 10 s request timeout), up to the highest
+rate that meets the criteria (``knee.sweep_rates``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hetserve.bench import point_runner
+from hetserve.knee import Criteria, Sweep, sweep_rates
+from hetserve.loadgen import Target, run_closed_loop
+from hetserve.machine import machine_info
+from hetserve.tsprocess import BASE_CONFIG, start_torchserve
+
+# TorchServe settings every serving row shares unless it says otherwise.
+SERVING: dict[str, Any] = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 10}
+# hetserve's CPU rows ({cores}: see ``fill``): (b) whole model, one core group; (b') one group per
+# core; (b'') one worker per core; (c) the two-stage pipeline over two core groups.
+CPU_ROWS: dict[str, dict[str, Any]] = {
+    "b_whole_one_group": {**SERVING, "hetserve": {"ratio": 1.0, "core_groups": "size:{cores}"}},
+    "b2_whole_group_per_core": {**SERVING, "hetserve": {"ratio": 1.0, "core_groups": "size:1"}},
+    "b3_whole_worker_per_core": {
+        **SERVING, "minWorkers": "{cores}", "maxWorkers": "{cores}", "batchSize": 4,
+        "hetserve": {"ratio": 1.0, "core_groups": "size:1"},
+    },
+    "c_pipeline_two_groups": {
+        **SERVING,
+        "hetserve": {"ratio": 0.5, "core_groups": "size:1", "cpu_head_groups": 1, "micro_batch": 2},
+    },
+}
+JVM_WARMUP_CLIENTS = 16
+REQUEST_TIMEOUT_S = 10.0
+
+
+def physical_cores() -> int:
+    from handlers.hardware.topology import probe
+
+    return len(probe().cores)
+
+
+def fill(value: Any, cores: int) -> Any:
+    """Substitute {cores} in a row's config (strings only), keeping numbers numbers."""
+    if isinstance(value, dict):
+        return {k: fill(v, cores) for k, v in value.items()}
+    if isinstance(value, str) and "{cores}" in value:
+        text = value.format(cores=cores)
+        return int(text) if text.isdigit() else text
+    return value
+
+
+# ---- archives ---------------------------------------------------------------------------------
+
+
+def hetserve_archive(store: Path, name: str, model: str, *options: str) -> Path:
+    """``hetserve archive --model MODEL --model-name NAME OPTIONS`` into ``store``, once: a later
+    run reuses the .mar."""
+    mar = store / f"{name}.mar"
+    if not mar.exists():
+        subprocess.run(
+            [sys.executable, "-m", "hetserve", "archive", "--model", model, "--model-name", name,
+             "--export-path", str(store), "--quiet", *options],
+            check=True,
+        )
+    return mar
+
+
+def stock_archive(
+    store: Path,
+    name: str,
+    handler: Path,
+    *,
+    serialized_file: Path | None = None,
+    model_file: Path | None = None,
+    extra_files: Sequence[Path] = (),
+    config: Mapping[str, Any] | None = None,
+) -> Path:
+    """A stock TorchServe archive (torch-model-archiver's own packaging), once; ``config``
+    becomes its model-config.yaml (TorchServe's defaults without one)."""
+    import yaml
+    from model_archiver.model_archiver_config import ModelArchiverConfig
+    from model_archiver.model_packaging import generate_model_archive
+
+    mar = store / f"{name}.mar"
+    if mar.exists():
+        return mar
+    with tempfile.TemporaryDirectory() as tmp:
+        config_file = None
+        if config is not None:
+            config_file = Path(tmp) / "model-config.yaml"
+            config_file.write_text(yaml.safe_dump(dict(config)))
+        generate_model_archive(ModelArchiverConfig(
+            model_name=name, handler=str(handler), version="1.0",
+            serialized_file=str(serialized_file) if serialized_file else None,
+            model_file=str(model_file) if model_file else None,
+            extra_files=",".join(map(str, extra_files)) or None,
+            export_path=str(store), force=True,
+            config_file=str(config_file) if config_file else None,
+        ))
+    return mar
+
+
+def stock_eager_archive(
+    store: Path, model: str, handler: Path, config: Mapping[str, Any] | None = None, tag: str = ""
+) -> Path:
+    """A zoo model as an eager model file (one class, seeded weights: no pickle) under the
+    stock ``handler``."""
+    name = f"stock_{model.replace('-', '_')}{tag}"
+    if (store / f"{name}.mar").exists():
+        return store / f"{name}.mar"
+    with tempfile.TemporaryDirectory() as tmp:
+        model_file = Path(tmp) / "eager_model.py"
+        model_file.write_text(
+            "import torch\n\nfrom partitioner.zoo import build\n\n\n"
+            "class EagerModel(torch.nn.Module):\n"
+            "    def __init__(self):\n"
+            "        super().__init__()\n"
+            f"        self.net = build({model!r}).module\n\n"
+            "    def forward(self, x):\n"
+            "        return self.net(x)\n"
+        )
+        return stock_archive(store, name, handler, model_file=model_file, config=config)
+
+
+def whole_model_files(mar: Path, dest: Path) -> tuple[Path, list[Path]]:
+    """The archive's whole-model .onnx extracted into ``dest`` (named by its manifest), and the
+    external-data files it points at (ORT reads them next to the graph)."""
+    from handlers.artifact.archive_safety import external_refs
+    from handlers.artifact.contract import read_archive
+
+    whole = read_archive(mar).manifest.whole_model
+    with zipfile.ZipFile(mar) as archive:
+        archive.extract(whole, dest)
+        refs = external_refs(dest / whole)
+        extra = sorted({dict(ref.entries)["location"] for ref in refs if ref.marked_external})
+        for name in extra:
+            archive.extract(name, dest)
+    return dest / whole, [dest / name for name in extra]
+
+
+# ---- one server row -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """How each rate of a sweep is measured (seconds; rates in requests per second)."""
+
+    duration: float = 10.0  # measured seconds per rate
+    warmup: float = 3.0  # unmeasured seconds at the start of each rate
+    jvm_warmup: float = 30.0  # seconds of closed-loop load on each fresh server first
+    start_rate: float = 8.0
+    factor: float = 1.3
+    max_rate: float = 400.0
+    refine: int = 3  # bisection steps after the sweep
+
+    def __post_init__(self) -> None:
+        if self.duration <= 0 or self.warmup < 0 or self.jvm_warmup < 0:
+            raise ValueError("duration must be > 0, warmup and jvm_warmup >= 0")
+        if self.start_rate <= 0 or self.factor <= 1 or self.max_rate < self.start_rate:
+            raise ValueError("need 0 < start_rate <= max_rate and factor > 1")
+        if self.refine < 0:
+            raise ValueError("refine must be >= 0")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SweepSettings:
+        settings = cls(args.duration, args.warmup, args.jvm_warmup, args.start_rate, args.factor,
+                       args.max_rate, args.refine)
+        return settings.quick() if getattr(args, "quick", False) else settings
+
+    def quick(self) -> SweepSettings:
+        """A smoke run: short points, no refinement."""
+        return SweepSettings(4.0, 1.0, 5.0, self.start_rate, 1.6, self.max_rate, 0)
+
+
+def add_sweep_arguments(p: argparse.ArgumentParser, defaults: SweepSettings = SweepSettings(),
+                        p99_ms: float = 500.0) -> None:
+    p.add_argument("--p99-ms", type=float, default=p99_ms)
+    p.add_argument("--duration", type=float, default=defaults.duration, help="measured seconds per rate")
+    p.add_argument("--warmup", type=float, default=defaults.warmup,
+                   help="unmeasured seconds at the start of each rate")
+    p.add_argument("--jvm-warmup", type=float, default=defaults.jvm_warmup,
+                   help="seconds of load on each fresh server first")
+    p.add_argument("--start-rate", type=float, default=defaults.start_rate)
+    p.add_argument("--factor", type=float, default=defaults.factor)
+    p.add_argument("--max-rate", type=float, default=defaults.max_rate)
+    p.add_argument("--refine", type=int, default=defaults.refine, help="bisection steps after the sweep")
+    p.add_argument("--quick", action="store_true", help="short points, no refinement (smoke run)")
+
+
+@dataclass(frozen=True)
+class Load:
+    """What every request of a row sends: bodies round-robin, the same headers each time."""
+
+    bodies: Sequence[bytes]
+    headers: Mapping[str, str] = field(default_factory=dict)
+    content_type: str = "application/octet-stream"
+
+    @classmethod
+    def tensor(cls, body: bytes, shape: Sequence[int]) -> Load:
+        """One raw float32 tensor body of ``shape``."""
+        return cls([body], {"X-Tensor-Shape": ",".join(map(str, shape))})
+
+
+def sweep_server(
+    store: Path,
+    mar: str,
+    workdir: Path,
+    load: Load,
+    settings: SweepSettings,
+    criteria: Criteria,
+    *,
+    base_config: Path | None = None,
+    overrides: dict[str, str] | None = None,
+    log: Callable[[str], None] = lambda line: print(line, flush=True),
+) -> Sweep:
+    """One server row: start TorchServe with ``mar``, warm it, sweep the rate, stop it."""
+    ts = start_torchserve(workdir, store, {"m": mar}, overrides=overrides,
+                          base_config=base_config or BASE_CONFIG)
+    try:
+        headers = {"Authorization": f"Bearer {ts.keys['inference']}", **load.headers}
+        target = Target.create(f"http://127.0.0.1:{ts.ports['inference']}/predictions/m",
+                               load.bodies, headers, load.content_type)
+        run_closed_loop(target, JVM_WARMUP_CLIENTS, settings.jvm_warmup, warmup=0.0)
+        at = point_runner(target, duration=settings.duration, warmup=settings.warmup,
+                          arrival="poisson", timeout=REQUEST_TIMEOUT_S, log=log)
+        return sweep_rates(at, settings.start_rate, max_rate=settings.max_rate,
+                           factor=settings.factor, stop_after_failures=2,
+                           refine_steps=settings.refine, criteria=criteria)
+    finally:
+        ts.stop()
+
+
+def report_header(criteria: Criteria) -> dict[str, Any]:
+    """What every serving report starts with: how it was run, when, where, against what."""
+    return {"command": shlex.join([sys.executable, *sys.argv]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(),
+            "criteria": asdict(criteria)}
