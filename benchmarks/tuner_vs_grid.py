@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,11 +44,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from hetserve.knee import Criteria  # noqa: E402
-from hetserve.tuner import (  # noqa: E402
+from hetserve.knee import Criteria
+from hetserve.tuner import (
     TrialFailed,
     TuneOptions,
     canonical,
@@ -58,6 +54,7 @@ from hetserve.tuner import (  # noqa: E402
     measure_trial,
 )
 
+REPO = Path(__file__).resolve().parent.parent
 GOAL_RATIO = 0.97
 GOAL_TRIALS = 0.25
 KNOBS = ("workers", "core_groups", "ratio", "batchSize", "maxBatchDelay", "micro_batch")
@@ -108,18 +105,6 @@ def confirmed_ratio(pick_values: Sequence[float], best_values: Sequence[float]) 
 # ---------------------------------------------------------------------------- live
 
 
-def build_archive(model: str, store: Path, ratio: float, log: Callable[[str], None]) -> Path:
-    """`hetserve archive` of a zoo model, once per store (a local copy of what serving_cpu.py does,
-    while the shared benchmark harness is being written)."""
-    mar = store / f"{model}.mar"
-    if not mar.exists():
-        log(f"building {mar} (ratio {ratio:g})")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
-        subprocess.run([sys.executable, "-m", "hetserve", "archive", "--model", f"zoo:{model}", "--model-name", model,
-                        "--ratios", str(ratio), "--export-path", str(store), "--quiet"], check=True, cwd=REPO, env=env)
-    return mar
-
-
 def measure_point(harness, params: Mapping[str, Any], options: TuneOptions, log: Callable[[str], None]) -> dict:
     """One configuration, the tuner's way: a fresh registration, then the objective's protocol."""
     t0 = time.monotonic()
@@ -147,13 +132,15 @@ def numa_nodes() -> int:
 
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     from handlers.artifact.contract import read_archive
+    from hetserve.bench_harness import hetserve_archive
     from hetserve.machine import machine_info, run_record
     from hetserve.tsprocess import BASE_CONFIG
     from hetserve.tuner import LiveHarness, physical_cores, run_study, shipped_defaults
 
     started, load_start = time.monotonic(), os.getloadavg()
     record = run_record()
-    mar = build_archive(args.model, args.store, args.ratio, log)
+    log(f"archive {args.model} at ratio {args.ratio:g} in {args.store} (reused if there)")
+    mar = hetserve_archive(args.store, args.model, f"zoo:{args.model}", "--ratios", str(args.ratio))
     archive = read_archive(mar)
     props = dict(line.split("=", 1) for line in BASE_CONFIG.read_text().splitlines()
                  if "=" in line and not line.lstrip().startswith("#"))
