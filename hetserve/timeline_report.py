@@ -189,6 +189,12 @@ def served_breakdown(
                 phases[s.name] = phases.get(s.name, 0.0) + s.seconds
         per_batch = {f"handler_{k}_ms": round(1e3 * v / batches, 3) for k, v in sorted(phases.items())}
         per_batch["handle_ms"] = _mean_ms([h.seconds for h in handles])
+        # The TorchServe adapter around handle: request objects in, statuses, headers and
+        # metrics out (recorded after each batch, so it is flushed with the next one).
+        adapter = [s.seconds for s in inside if s.lane.endswith("adapter") and s.name == "adapter"]
+        if adapter:
+            per_batch["adapter_outside_handle_ms"] = round(
+                1e3 * sum(adapter) / len(adapter) - (per_batch["handle_ms"] or 0.0), 3)
         per_batch["requests_per_batch"] = round(sum(h.batch for h in handles) / batches, 3)
     compute = [s for s in spans if s.kind == COMPUTE]
     stages: dict[str, dict[str, float]] = {}

@@ -61,6 +61,14 @@ def test_served_breakdown_averages_phases_per_batch_and_finds_the_hand_over_and_
     assert report["idle"]["worker"]["idle_ms_per_batch"] == pytest.approx(10)
 
 
+def test_the_adapters_time_outside_handle_is_reported_per_batch():
+    ms = 1e-3
+    spans = _batch(0, 2) + [Span("adapter", HOST, "adapter", -0.5 * ms, 11 * ms, 2)]
+    report = served_breakdown(spans, [], (-1 * ms, 0.020))
+    assert report["per_batch"]["adapter_outside_handle_ms"] == pytest.approx(1.5)
+    assert "adapter_outside_handle_ms" not in served_breakdown(_batch(0, 2), [], (0.0, 0.02))["per_batch"]
+
+
 def test_requests_are_matched_to_the_batch_that_started_after_their_send_and_ended_before_the_answer():
     spans = _batch(0, 2) + _batch(20, 2)
     ms = 1e-3

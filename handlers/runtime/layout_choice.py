@@ -54,7 +54,8 @@ def time_alternating(
     """Seconds per call of each, measured in turns (configured, whole, configured, ...)."""
     if rounds < 1:
         raise ValueError("rounds must be >= 1")
-    configured, whole = [], []
+    configured: list[float] = []
+    whole: list[float] = []
     for _ in range(rounds):
         for run, out in ((run_configured, configured), (run_whole, whole)):
             started = clock()
