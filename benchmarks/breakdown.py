@@ -1,8 +1,11 @@
 """Where a served batch's time goes at the knee (issue 19): frontend, worker, handler, stages, client.
 
-Per model, one fresh TorchServe serves the default archive (``hetserve archive`` with the shipped
-model-config: one worker, batchSize 4, maxBatchDelay 5) to 8 closed-loop clients sending raw
-float32 1x3x224x224 bodies. Measured in that one run, over the same window:
+Per model and row, one fresh TorchServe serves 8 closed-loop clients sending raw float32
+1x3x224x224 bodies. Rows: ``default``, the archive with this checkout's shipped model-config
+(one worker, batchSize 4, maxBatchDelay 5, the load-time layout check on) applied to it, so a
+cached archive built before a config change still measures today's default; ``whole``, the same
+with the whole model on one core group of every core (serving_cpu.py's b row), the row the
+default must never fall below. Measured per row, over the same window:
 
 - the worker's own spans (``HETSERVE_TRACE_DIR``: ``handlers/observability/tracing.py``): each
   batch's handle, its decode / assemble / run / encode, each stage's compute, the run phase's
@@ -18,11 +21,12 @@ float32 1x3x224x224 bodies. Measured in that one run, over the same window:
   model, all cores' threads, batch = batchSize) and, in process, the request path's host steps
   timed side by side: decode, assemble (the shipped path against a plain ``np.concatenate``), encode.
 
-Writes ``breakdown.json`` (command, machine, every figure) and ``breakdown-<model>.png`` (the
-worker's lanes over a short window, drawn by ``benchmarks/timeline.py``).
+Writes ``breakdown.json`` (command, machine, every figure) and ``breakdown-<model>-<row>.png``
+(the worker's lanes over a short window, drawn by ``benchmarks/timeline.py``).
 
-    python benchmarks/breakdown.py                  # both models, about 6 minutes on 2 idle cores
-    python benchmarks/breakdown.py --quick --models resnet18 --out /tmp/bd   # smoke run, ~1 min
+    python benchmarks/breakdown.py        # both models, both rows: about 5 minutes on 2 idle
+                                          # cores with the archives cached, 7-8 building them
+    python benchmarks/breakdown.py --quick --models resnet18 --rows default --out /tmp/bd   # ~1 min
 """
 
 from __future__ import annotations
@@ -223,19 +227,31 @@ def ceiling(mar: Path, batch: int, seconds: float) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- one model
 
 
-def measure(model: str, args, store: Path) -> dict[str, Any]:
+def row_archives(model: str, store: Path) -> dict[str, Path]:
+    """``default``: the archive with the shipped model-config applied; ``whole``: that with the
+    whole model on one group of every core."""
     import yaml
 
-    mar = build_hetserve_mar(model, store)
-    with zipfile.ZipFile(mar) as z:
-        config = yaml.safe_load(z.read("model-config.yaml")) if "model-config.yaml" in z.namelist() else {}
-    batch = int(config.get("batchSize", 1))
-    work = args.work / f"breakdown-{model}"
+    from hetserve.defaults import MODEL_CONFIG, default_file
+    from partitioner.archive import with_config
+
+    base = build_hetserve_mar(model, store)
+    shipped = yaml.safe_load(default_file(MODEL_CONFIG).read_text())
+    default = with_config(base, store / f"{model}-breakdown-default.mar", shipped)
+    cores = len(os.sched_getaffinity(0))
+    whole = with_config(default, store / f"{model}-breakdown-whole.mar",
+                        {"hetserve": {"ratio": 1.0, "core_groups": f"size:{cores}"}})
+    return {"default": default, "whole": whole}
+
+
+def measure(model: str, row: str, mar: Path, args) -> dict[str, Any]:
+    config = _config(mar)
+    work = args.work / f"breakdown-{model}-{row}"
     trace_dir = work / "spans"
     trace_dir.mkdir(parents=True, exist_ok=True)
     for old in trace_dir.glob("spans-*.jsonl"):
         old.unlink()
-    ts = start_torchserve(work / "ts", store, {"m": mar.name}, env={TRACE_DIR_ENV: str(trace_dir)})
+    ts = start_torchserve(work / "ts", mar.parent, {"m": mar.name}, env={TRACE_DIR_ENV: str(trace_dir)})
     try:
         target = Target.create(
             f"http://127.0.0.1:{ts.ports['inference']}/predictions/m",
@@ -254,12 +270,10 @@ def measure(model: str, args, store: Path) -> dict[str, Any]:
           and 200 <= r.outcome < 300]
     served = served_breakdown(spans, ok, (lo, hi))
     server = probe.summary(result.ok)
-    top = ceiling(mar, batch, args.ceiling_seconds)
-    steps = host_steps(_unpacked(mar, work / "model"), batch, args.repeats)
     picture = work / "picture.png"
-    _draw(spans, (lo, hi), args.window_ms, picture, f"{model}: worker lanes, {CLIENTS} clients, "
+    _draw(spans, (lo, hi), args.window_ms, picture, f"{model}, {row}: worker lanes, {CLIENTS} clients, "
           f"{result.goodput_rps:.1f} req/s")
-    png = args.out / f"breakdown-{model}.png"
+    png = args.out / f"breakdown-{model}-{row}{'-quick' if args.quick else ''}.png"
     if picture.exists():
         png.write_bytes(picture.read_bytes())
     per_request = served["per_request"]
@@ -268,6 +282,8 @@ def measure(model: str, args, store: Path) -> dict[str, Any]:
     return {
         "archive_config": {k: config.get(k) for k in ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay")}
         | {"hetserve": config.get("hetserve", {})},
+        # What the worker actually ran (the layout check may have kept the whole model).
+        "served_stages": sorted(served["stages"]),
         "load": {"clients": CLIENTS, "served_rps": round(result.goodput_rps, 2), "ok": result.ok,
                  "errors": result.errors, "latency_ms": vars(result.latency_ms),
                  "load_generator_cpu_pct_of_one_core": round(result.cpu_pct, 1)},
@@ -282,9 +298,6 @@ def measure(model: str, args, store: Path) -> dict[str, Any]:
                 _add(per_request["send_to_handle_start_ms"], per_request["handle_end_to_receive_ms"]),
                 _add(server["frontend_queue_mean_ms"], _sub(latency, frontend_ms))),
         },
-        "ceiling": top,
-        "served_vs_ceiling": round(result.goodput_rps / top["samples_per_s"], 3),
-        "host_steps_in_process": steps,
     }
 
 
@@ -318,10 +331,11 @@ def _draw(spans: list[Span], window: tuple[float, float], width_ms: float, path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet18,googlenet")
-    parser.add_argument("--duration", type=float, default=30.0, help="measured seconds per model")
-    parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds before the window")
-    parser.add_argument("--jvm-warmup", type=float, default=30.0, help="seconds of load on the fresh server first")
-    parser.add_argument("--ceiling-seconds", type=float, default=10.0)
+    parser.add_argument("--rows", default="default,whole", help="subset of default,whole")
+    parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per row")
+    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before the window")
+    parser.add_argument("--jvm-warmup", type=float, default=20.0, help="seconds of load on each fresh server first")
+    parser.add_argument("--ceiling-seconds", type=float, default=8.0)
     parser.add_argument("--repeats", type=int, default=200, help="in-process timing repeats")
     parser.add_argument("--window-ms", type=float, default=400.0, help="span of the picture")
     parser.add_argument("--quick", action="store_true", help="short everything (smoke run)")
@@ -336,11 +350,27 @@ def main() -> int:
     report = {"benchmark": "breakdown", **run_record(), "machine": machine_info(),
               "settings": {k: getattr(args, k) for k in ("duration", "warmup", "jvm_warmup", "ceiling_seconds", "quick")},
               "body": f"raw float32 {SHAPE}", "models": {}}
+    rows = [r for r in ("default", "whole") if r in args.rows.split(",")]
     for model in args.models.split(","):
         print(f"== {model}", flush=True)
-        entry = measure(model, args, store)
+        archives = row_archives(model, store)
+        entry: dict[str, Any] = {"rows": {}}
+        for row in rows:
+            entry["rows"][row] = measure(model, row, archives[row], args)
+        # With every server stopped: the ceiling and the host steps on the same, now quiet, cores.
+        batch = int(_config(archives["default"]).get("batchSize", 1))
+        entry["ceiling"] = ceiling(archives["default"], batch, args.ceiling_seconds)
+        entry["host_steps_in_process"] = host_steps(
+            _unpacked(archives["default"], args.work / f"breakdown-{model}-model"), batch, args.repeats)
+        for row, e in entry["rows"].items():
+            e["served_vs_ceiling"] = round(e["load"]["served_rps"] / entry["ceiling"]["samples_per_s"], 3)
+            print(table(f"{model}/{row}", e), flush=True)
+        if {"default", "whole"} <= set(entry["rows"]):
+            served = {r: entry["rows"][r]["load"]["served_rps"] for r in ("default", "whole")}
+            entry["default_vs_whole"] = round(served["default"] / served["whole"], 3) if served["whole"] else None
+        print(f"  {model}: ceiling {entry['ceiling']}, host steps {entry['host_steps_in_process']}, "
+              f"default/whole {entry.get('default_vs_whole')}", flush=True)
         report["models"][model] = entry
-        print(table(model, entry), flush=True)
     name = "breakdown_quick.json" if args.quick else "breakdown.json"
     (args.out / name).write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out / name}")
@@ -351,8 +381,8 @@ def table(model: str, e: dict[str, Any]) -> str:
     w, s = e["worker"], e["server"]
     rows = [
         ("served req/s", e["load"]["served_rps"]),
-        ("in-process ceiling samples/s", e["ceiling"]["samples_per_s"]),
-        ("served / ceiling", e["served_vs_ceiling"]),
+        ("served / in-process ceiling", e["served_vs_ceiling"]),
+        ("stages served", ", ".join(e["served_stages"])),
         ("client latency mean ms", w["per_request"]["client_latency_ms"]),
         ("frontend receive->response ms (TorchServe)", s["frontend_mean_ms"]),
         ("frontend queue ms (TorchServe)", s["frontend_queue_mean_ms"]),
@@ -364,9 +394,15 @@ def table(model: str, e: dict[str, Any]) -> str:
         *((f"idle {k} ms per batch", v["idle_ms_per_batch"]) for k, v in w["idle"].items()),
         *((f"CPU % of one core: {k}", v) for k, v in s["cpu_pct_of_one_core"].items()),
         ("CPU % of one core: load generator", e["load"]["load_generator_cpu_pct_of_one_core"]),
-        *((f"in process {k}", v) for k, v in e["host_steps_in_process"].items()),
     ]
-    return "\n".join(f"  {model:10s} {k:52s} {v}" for k, v in rows)
+    return "\n".join(f"  {model:18s} {k:52s} {v}" for k, v in rows)
+
+
+def _config(mar: Path) -> dict[str, Any]:
+    import yaml
+
+    with zipfile.ZipFile(mar) as z:
+        return yaml.safe_load(z.read("model-config.yaml")) or {}
 
 
 if __name__ == "__main__":
