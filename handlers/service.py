@@ -20,9 +20,9 @@ import numpy as np
 
 from handlers.artifact.archive_digest import check_archive_digest
 from handlers.artifact.history_key import history_key
-from handlers.artifact.manifest import MANIFEST_NAME, Manifest, load_verified_manifest
+from handlers.artifact.manifest import MANIFEST_NAME, Manifest, TensorSpec, load_verified_manifest
 from handlers.errors import RequestError, http_error
-from handlers.observability.tracing import HOST, Span, Timeline
+from handlers.observability.tracing import HOST, Recorder, Span, span_file_from_env
 from handlers.processors import Processors
 from handlers.protocol.codecs import (
     DecodedRequest,
@@ -80,8 +80,15 @@ class InferenceService:
         if state_path is not None:  # periodic saves run on the supervisor, off the request path
             runtime.supervisor.save_every(self.save_history, config.save_interval_s)
         # When set, each batch's host phases (decode, assemble, run, encode) are recorded on
-        # lane "handler": what the request path costs around the executors' work.
-        self.timeline: Timeline | None = None
+        # lane "handler", and the whole batch as "handle" on lane "worker": what the request
+        # path costs around the executors' work.
+        self.timeline: Recorder | None = None
+
+    def trace_into(self, recorder: Recorder | None) -> None:
+        """Record this service's and its executors' spans into ``recorder`` (None: stop)."""
+        self.timeline = recorder
+        for executor in self.runtime.executors.values():
+            executor.timeline = recorder
 
     def _trace(self, phase: str, start: float, batch: int) -> float:
         now = time.perf_counter()
@@ -108,11 +115,24 @@ class InferenceService:
         processors = Processors.load(config.processors, model_dir, manifest)
         service = cls(manifest, runtime, config, state_path, model_version, processors)
         service.save_history()
+        service.trace_into(span_file_from_env())  # HETSERVE_TRACE_DIR: benchmarks only
         return service
 
     # -- the request path --
     def handle(self, requests: Sequence[RawRequest]) -> list[Reply]:
         started = time.perf_counter()
+        try:
+            return self._handle(requests, started)
+        finally:
+            if self.timeline is not None:
+                self.timeline.record(
+                    Span("worker", HOST, "handle", started, time.perf_counter(), len(requests))
+                )
+                flush = getattr(self.timeline, "flush", None)
+                if flush is not None:  # a SpanFile: another process reads it during the run
+                    flush()
+
+    def _handle(self, requests: Sequence[RawRequest], started: float) -> list[Reply]:
         replies: list[Reply | None] = [None] * len(requests)
         decoded: list[tuple[int, DecodedRequest]] = []
         for i, request in enumerate(requests):
@@ -169,12 +189,7 @@ class InferenceService:
         self, group: list[tuple[int, DecodedRequest]], replies: list[Reply | None]
     ) -> None:
         started = time.perf_counter()
-        feeds = {
-            spec.name: np.concatenate([d.arrays[spec.name] for _, d in group])
-            if len(group) > 1
-            else group[0][1].arrays[spec.name]
-            for spec in self.manifest.inputs
-        }
+        feeds = assemble_feeds(group, self.manifest.inputs)
         samples = sum(r.batch for _, r in group)
         started = self._trace("assemble", started, samples)
         try:
@@ -232,6 +247,27 @@ class InferenceService:
     def close(self) -> None:
         self.save_history()
         self.runtime.close()
+
+
+def assemble_feeds(
+    group: Sequence[tuple[int, DecodedRequest]], specs: Sequence[TensorSpec]
+) -> dict[str, np.ndarray]:
+    """One batch's feeds: a lone request's arrays as they are (views of its body, no copy);
+    several requests' rows written once, straight into one buffer per input that the executors
+    read (their micro-batches are row slices of it, never copied again)."""
+    if len(group) == 1:
+        arrays = group[0][1].arrays
+        return {spec.name: arrays[spec.name] for spec in specs}
+    feeds = {}
+    for spec in specs:
+        parts = [request.arrays[spec.name] for _, request in group]
+        buffer = np.empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), parts[0].dtype)
+        row = 0
+        for part in parts:
+            buffer[row : row + part.shape[0]] = part
+            row += part.shape[0]
+        feeds[spec.name] = buffer
+    return feeds
 
 
 def _slice_outcomes(

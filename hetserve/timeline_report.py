@@ -8,6 +8,7 @@ here ships in a ``.mar``.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -143,3 +144,111 @@ def chrome_trace(spans: Sequence[Span], origin: float | None = None) -> dict[str
             "args": {"batch": s.batch, "bytes": s.nbytes},
         })
     return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+
+def _prefix(lane: str) -> str:
+    """A worker's lane prefix ("w0/", "1234/") or "" for a single worker's lanes."""
+    return lane.rsplit("/", 1)[0] + "/" if "/" in lane and not lane.startswith("cuda") else ""
+
+
+def _mean_ms(values: Sequence[float]) -> float | None:
+    return round(1e3 * sum(values) / len(values), 3) if values else None
+
+
+def served_breakdown(
+    spans: Sequence[Span],
+    requests: Sequence[tuple[float, float]],
+    window: tuple[float, float],
+) -> dict[str, Any]:
+    """Where a served batch's time goes, from a worker's spans and the client's own times.
+
+    ``spans``: what ``InferenceService`` and its executors recorded (lane "worker": one "handle"
+    span per batch; lane "handler": its decode/assemble/run/encode; executor lanes: compute and
+    transfers); several workers' lanes carry a prefix ("w0/worker"). ``requests``: each
+    successful request's (sent, received) on the same clock (CLOCK_MONOTONIC on Linux: the
+    loop clock of ``hetserve.loadgen`` and the worker's ``perf_counter``). Batches and requests
+    count when they start inside ``window``.
+
+    Per batch (mean ms): the handler's phases, each stage's compute, the run phase's time not
+    covered by its own worker's compute (hand-over between stages, placement, waiting), and how
+    long each executor lane and each worker sat idle. Per request: client send to the start of
+    the batch that answered it, that batch's handle, its end to the client's receive; a request
+    is matched to the latest batch that started after it was sent and ended before it came back.
+    """
+    lo, hi = window
+    width = hi - lo
+    inside = [s for s in spans if lo <= s.start < hi]
+    handles = sorted((s for s in inside if s.lane.endswith("worker") and s.name == "handle"),
+                     key=lambda s: s.end)
+    batches = len(handles)
+    per_batch: dict[str, float | None] = {}
+    if batches:
+        phases: dict[str, float] = {}
+        for s in inside:
+            if s.kind == HOST and s.lane.endswith("handler"):
+                phases[s.name] = phases.get(s.name, 0.0) + s.seconds
+        per_batch = {f"handler_{k}_ms": round(1e3 * v / batches, 3) for k, v in sorted(phases.items())}
+        per_batch["handle_ms"] = _mean_ms([h.seconds for h in handles])
+        # The TorchServe adapter around handle: request objects in, statuses, headers and
+        # metrics out (recorded after each batch, so it is flushed with the next one).
+        adapter = [s.seconds for s in inside if s.lane.endswith("adapter") and s.name == "adapter"]
+        if adapter:
+            per_batch["adapter_outside_handle_ms"] = round(
+                1e3 * sum(adapter) / len(adapter) - (per_batch["handle_ms"] or 0.0), 3)
+        per_batch["requests_per_batch"] = round(sum(h.batch for h in handles) / batches, 3)
+    compute = [s for s in spans if s.kind == COMPUTE]
+    stages: dict[str, dict[str, float]] = {}
+    for s in (c for c in compute if lo <= c.start < hi):
+        entry = stages.setdefault(f"{s.name}@{s.lane}", {"runs": 0, "seconds": 0.0, "rows": 0})
+        entry["runs"] += 1
+        entry["seconds"] += s.seconds
+        entry["rows"] += s.batch
+    stage_rows = {k: {"runs_per_batch": round(v["runs"] / batches, 3) if batches else None,
+                      "mean_run_ms": round(1e3 * v["seconds"] / v["runs"], 3),
+                      "mean_rows": round(v["rows"] / v["runs"], 3)}
+                  for k, v in sorted(stages.items())}
+    # The run phase minus its own worker's compute: stage hand-over, placement, queueing.
+    not_compute = []
+    for run in (s for s in inside if s.kind == HOST and s.lane.endswith("handler") and s.name == "run"):
+        mine = [(c.start, c.end) for c in compute if _prefix(c.lane) == _prefix(run.lane)]
+        not_compute.append(run.seconds - length(intersection([(run.start, run.end)], mine)))
+    lanes = sorted({s.lane for s in compute} | {h.lane for h in handles})
+    idle = {}
+    for lane in lanes:
+        own = clip([s for s in spans if s.lane == lane and s.kind in (COMPUTE, HOST)
+                    and (s.kind == COMPUTE or s.name == "handle")], lo, hi)
+        busy = length(_intervals(own))
+        idle[lane] = {"idle_share": round(1 - busy / width, 4) if width else None,
+                      "idle_ms_per_batch": round(1e3 * (width - busy) / batches, 3) if batches else None}
+    # Requests -> the batch that answered them.
+    ends = [h.end for h in handles]
+    to_handler, from_handler, latency, unmatched = [], [], [], 0
+    for sent, done in requests:
+        if not lo <= sent < hi:
+            continue
+        latency.append(done - sent)
+        i = bisect.bisect_right(ends, done) - 1
+        # A batch already running when the request left cannot hold it; with several workers
+        # an earlier-ending batch of another one may (none once batches end before the send).
+        while i >= 0 and handles[i].start < sent and handles[i].end >= sent:
+            i -= 1
+        if i < 0 or handles[i].start < sent:
+            unmatched += 1
+            continue
+        to_handler.append(handles[i].start - sent)
+        from_handler.append(done - handles[i].end)
+    return {
+        "window_s": width,
+        "batches": batches,
+        "per_batch": {**per_batch, "run_not_compute_ms": _mean_ms(not_compute)},
+        "stages": stage_rows,
+        "idle": idle,
+        "per_request": {
+            "requests": len(latency),
+            "matched": len(to_handler),
+            "unmatched": unmatched,
+            "client_latency_ms": _mean_ms(latency),
+            "send_to_handle_start_ms": _mean_ms(to_handler),
+            "handle_end_to_receive_ms": _mean_ms(from_handler),
+        },
+    }

@@ -83,3 +83,23 @@ def test_a_load_failure_is_one_runtime_error_naming_the_model(tiny_model_dir, tm
     context = make_context(tiny_model_dir, tiny_model_dir / "state")
     with pytest.raises(RuntimeError, match=r"could not load model tiny: .*inside the model directory"):
         HetServeHandler().initialize(context)
+
+
+def test_with_a_recorder_attached_the_adapter_records_its_own_span_around_handle(handler_and_context):
+    from handlers.observability.tracing import Timeline
+
+    handler, context = handler_and_context
+    timeline = Timeline()
+    handler.service.trace_into(timeline)
+    try:
+        raw = {"content-type": "application/octet-stream", "X-Tensor-Shape": SHAPE}
+        bind_batch(context, [raw, raw])
+        body = np.ones((1, 3, 64, 64), np.float32).tobytes()
+        handler.handle([{"body": body}, {"body": body}], context)
+    finally:
+        handler.service.trace_into(None)
+    spans = timeline.spans()
+    (adapter,) = [s for s in spans if s.lane == "adapter"]
+    (handle,) = [s for s in spans if s.lane == "worker"]
+    assert adapter.batch == handle.batch == 2
+    assert adapter.start <= handle.start and handle.end <= adapter.end

@@ -27,7 +27,7 @@ from handlers.errors import ExecutorLoadError as ExecutorLoadError  # also impor
 from handlers.observability.tracing import Span
 
 if TYPE_CHECKING:
-    from handlers.observability.tracing import Timeline
+    from handlers.observability.tracing import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Executor:
         self._thread = threading.Thread(target=self._main, name=f"hetserve-{name}", daemon=True)
         self.stages: frozenset[str] = frozenset()
         self.faults: FaultHook | None = None  # consulted before each run (tests only)
-        self.timeline: Timeline | None = None  # records this executor's spans when set
+        self.timeline: Recorder | None = None  # records this executor's spans when set
         # Stamps job starts (what stage deadlines compare with); the runtime injects its own.
         self.clock: Callable[[], float] = time.perf_counter
         # (job, clock() at its start) while a job runs; one tuple, so reads are atomic.

@@ -8,13 +8,27 @@ share one time axis.
 
 This module only records; the analysis of a recording (``hetserve.timeline_report``) is an
 offline tool and does not ship in a ``.mar``.
+
+Inside a TorchServe worker nobody can hand the service a ``Timeline``: with
+``HETSERVE_TRACE_DIR`` set in the worker's environment, ``span_file_from_env`` gives a
+``SpanFile`` that appends every span to ``<dir>/spans-<pid>.jsonl`` (a worker is killed, not
+closed, so the spans go to disk as they come). Times are ``time.perf_counter``, which on Linux is
+CLOCK_MONOTONIC, one clock for every process on the host: a load generator's send and receive
+times (asyncio's loop clock, also CLOCK_MONOTONIC) line up with a worker's spans.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 from collections import deque
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Protocol
+
+TRACE_DIR_ENV = "HETSERVE_TRACE_DIR"
 
 TRANSFER = "transfer"
 COMPUTE = "compute"
@@ -34,6 +48,12 @@ class Span:
     @property
     def seconds(self) -> float:
         return self.end - self.start
+
+
+class Recorder(Protocol):
+    """Anything spans can be recorded into: a ``Timeline``, a ``LanePrefix``, a ``SpanFile``."""
+
+    def record(self, span: Span) -> None: ...
 
 
 @dataclass
@@ -76,3 +96,51 @@ class LanePrefix:
 
     def record(self, span: Span) -> None:
         self.timeline.record(replace(span, lane=f"{self.prefix}{span.lane}"))
+
+
+class SpanFile:
+    """Appends each span as one JSON line; thread-safe. ``flush`` after each batch makes the
+    spans so far readable by another process."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives with the worker
+
+    def record(self, span: Span) -> None:
+        line = json.dumps(asdict(span), separators=(",", ":")) + "\n"
+        with self._lock:
+            if not self._file.closed:
+                self._file.write(line)
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._file.closed:
+                self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+def span_file_from_env(environ: Mapping[str, str] | None = None) -> SpanFile | None:
+    """A ``SpanFile`` in ``$HETSERVE_TRACE_DIR`` for this process, or None when it is unset.
+
+    Off unless an operator sets it: recording costs a JSON line per span on the request path."""
+    folder = (os.environ if environ is None else environ).get(TRACE_DIR_ENV, "").strip()
+    if not folder:
+        return None
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"{TRACE_DIR_ENV}={folder!r} is not an existing directory")
+    return SpanFile(path / f"spans-{os.getpid()}.jsonl")
+
+
+def read_span_file(path: str | Path) -> Iterator[Span]:
+    """The spans of a ``SpanFile``; a last line cut short by a killed writer is skipped."""
+    with open(path, encoding="utf-8") as lines:
+        for line in lines:
+            try:
+                yield Span(**json.loads(line))
+            except (json.JSONDecodeError, TypeError):
+                continue

@@ -27,6 +27,7 @@ from handlers.executors.cuda import cuda_unavailable_reason
 from handlers.hardware.topology import plan_groups, probe, split_cpu_groups
 from handlers.runtime.config import ConfigError, RuntimeConfig
 from handlers.runtime.flow import Runtime, StagePlan
+from handlers.runtime.layout_choice import WHOLE, choose, time_alternating
 from handlers.runtime.perf_model import PerfHistory
 from handlers.runtime.quarantine import Quarantine
 
@@ -107,7 +108,41 @@ def build_runtime(
             log.warning("hetserve: GPU not usable (%s); serving on CPU core groups only", exc)
     elif wants_cuda and "cuda" in (config.head_devices, config.tail_devices):
         raise ConfigError(f"hetserve asks for CUDA but it is unavailable: {reason}")
-    return _build(manifest, model_dir, config, history, partitioned, use_cuda=False)
+    runtime = _build(manifest, model_dir, config, history, partitioned, use_cuda=False)
+    if config.compare_whole and partitioned and config.ratio is None and not config.faults:
+        runtime = _keep_faster_layout(runtime, manifest, model_dir, config, history)
+    return runtime
+
+
+# Batches timed through each layout at load (alternating, after both are calibrated and warm).
+LAYOUT_CHECK_ROUNDS = 5
+
+
+def _keep_faster_layout(
+    runtime: Runtime, manifest: Manifest, model_dir: Path, config: RuntimeConfig, history: PerfHistory
+) -> Runtime:
+    """The split layout or the whole model on one group of every core, whichever ran a
+    batchSize batch faster (handlers.runtime.layout_choice); the other is closed."""
+    cores = len(probe().cores)
+    whole_config = replace(config, ratio=1.0, core_groups=f"size:{cores}", cpu_head_groups=0, micro_batch=0)
+    try:
+        whole = _build(manifest, model_dir, whole_config, history, False, use_cuda=False)
+    except Exception:
+        runtime.close()
+        raise
+    rng = np.random.default_rng(2)
+    feeds = {s.name: random_batch(s, config.batch_size, rng) for s in manifest.inputs}
+    try:
+        times = time_alternating(lambda: runtime.infer(feeds), lambda: whole.infer(feeds), LAYOUT_CHECK_ROUNDS)
+    except Exception:
+        whole.close()
+        runtime.close()
+        raise
+    decision = choose(*times, batch=config.batch_size)
+    log.info("hetserve: %s", decision.describe())
+    kept, dropped = (whole, runtime) if decision.keep == WHOLE else (runtime, whole)
+    dropped.close()
+    return kept
 
 
 def _build(

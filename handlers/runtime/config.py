@@ -57,6 +57,10 @@ class RuntimeConfig:
     # Run each fixed-batch GPU stage as a captured CUDA graph (handlers.executors.cuda_graph); off until
     # measured on a GPU.
     cuda_graph: bool = False
+    # CPU only, ratio left to the archive: at load, time a batch through the split layout and
+    # through the whole model on one group of every core, and keep the faster
+    # (handlers.runtime.layout_choice). The shipped model-config.yaml turns it on.
+    compare_whole: bool = False
     limits: RequestLimits = field(default_factory=RequestLimits)
     # Image/text in, labels out (handlers/processors); none declared: tensors in and out.
     processors: ProcessorsConfig = field(default_factory=ProcessorsConfig)
@@ -84,7 +88,7 @@ class RuntimeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"hetserve.{name} must be an integer >= {low}, got {value!r}")
-        for name in ("spinning", "cuda_fixed_batch", "cuda_graph"):
+        for name in ("spinning", "cuda_fixed_batch", "cuda_graph", "compare_whole"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"hetserve.{name} must be true or false, got {getattr(self, name)!r}")
         if self.cuda_graph and not self.cuda_fixed_batch:
