@@ -25,6 +25,7 @@ from partitioner.cuts.repair import (
     GraphIndex,
     MethodOutcome,
     SplitState,
+    excess,
     grow_head,
     polish,
     shrink_head,
@@ -144,9 +145,10 @@ def metis_cut(
         if best is not None and time.perf_counter() > deadline:
             break
         candidate = polish(index, head, ratio, tolerance)
-        if best is None or candidate.key(ratio, tolerance) < best.key(ratio, tolerance):
+        if best is None or _rank(candidate, ratio, tolerance) < _rank(best, ratio, tolerance):
             best, best_source = candidate, source
     assert best is not None
+    settle_toward_target(best, ratio, tolerance)
 
     notes = [f"best start: {best_source}"]
     proven_unreachable = best.key(ratio, tolerance)[0] > 0 and exhaustive and not pattern_heads
@@ -161,3 +163,44 @@ def metis_cut(
     cyclic = sum(not is_valid(graph, tail_of(graph, h)) for h in raw)
     notes.append(f"{cyclic}/{len(raw)} raw METIS cuts were cyclic")
     return MethodOutcome(tail=best.tail, note="; ".join(notes), explains_miss=proven_unreachable)
+
+
+def _rank(state: SplitState, ratio: float, tolerance: float) -> tuple[float, int, tuple[int, ...]]:
+    """(excess, bytes), ties broken by node order (the sorted tail).
+
+    Ties are the rule, not the exception: a stack of identical blocks offers the same residual
+    tensor at every block boundary inside the window. Without a rule the start order picks one,
+    and the starts come from METIS on measured weights, so profile noise would pick the cut.
+    Node order makes the choice a function of which splits exist; the noise then only matters
+    for a split that lies on the window's edge.
+    """
+    return (*state.key(ratio, tolerance), tuple(sorted(state.tail)))
+
+
+def settle_toward_target(state: SplitState, ratio: float, tolerance: float) -> None:
+    """Walk the plateau of equal (excess, bytes) splits toward the target ratio, one way only,
+    smallest node first, as long as the ratio gets no farther from the target.
+
+    Which end of a plateau polish stops at depends on its start, so on profile noise; where
+    this walk ends does not, except at the window's edge (no rule removes that). Free nodes
+    (a Reshape whose median time is 0 in one profile and 0.1 µs in the next) are carried along
+    the same way whatever their measured cost.
+    """
+    key = state.key(ratio, tolerance)
+    to_tail = state.head_ratio > ratio
+    while True:
+        distance = abs(state.head_ratio - ratio)
+        for v in sorted(state.frontier()):
+            if state.in_tail[v] == to_tail or not state.keeps_both_nonempty(v):
+                continue
+            tail_cost, delta = state.flip_delta(v)
+            after = state.ratio_after_cost(tail_cost)
+            if (
+                delta == 0
+                and excess(after, ratio, tolerance) == key[0]
+                and abs(after - ratio) <= distance + 1e-12
+            ):
+                state.flip(v)
+                break
+        else:
+            return
