@@ -220,6 +220,25 @@ def test_detr_tails_recompute_shapes_from_cut_tensors_instead_of_receiving_them(
     assert rebuilt > 0
 
 
+def test_gpt2_reaches_both_ratios_by_splitting_its_lm_head(built, hf_store):
+    """GPT-2's lm_head is a third of the FLOPs here (84% at full vocabulary): no cut of whole
+    nodes reaches 0.75 or 0.85. The partitioner splits it into column chunks, says so in the
+    manifest, and the chunks' stages still equal torch (served tests below)."""
+    item = _get(built, "gpt2")
+    assert item.off_target is None
+    (split,) = item.manifest.producer["split_ops"]
+    assert split["op_type"] == "MatMul" and split["parts"] >= 2
+    assert split["columns"] == hf_models.VOCAB
+    assert sorted(p.ratio for p in item.manifest.partitions) == list(RATIOS)
+    for part in item.manifest.partitions:
+        assert abs(part.achieved_ratio - part.ratio) <= 0.03 + 1e-9
+    with zipfile.ZipFile(hf_store / "gpt2.mar") as mar:
+        whole = onnx.load_model_from_string(mar.read("model.onnx"))
+    names = {n.name for n in whole.graph.node}
+    assert split["node"] not in names
+    assert {f"{split['node']}_part{k}" for k in range(split["parts"])} <= names
+
+
 def test_bert_archive_records_its_sequence_axis(built):
     dims = DynamicDims.from_json(_get(built, "bert").manifest.dynamic_dims)
     assert dims.axes == {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}
