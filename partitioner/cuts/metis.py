@@ -25,7 +25,6 @@ from partitioner.cuts.repair import (
     GraphIndex,
     MethodOutcome,
     SplitState,
-    excess,
     grow_head,
     polish,
     shrink_head,
@@ -178,29 +177,40 @@ def _rank(state: SplitState, ratio: float, tolerance: float) -> tuple[float, int
 
 
 def settle_toward_target(state: SplitState, ratio: float, tolerance: float) -> None:
-    """Walk the plateau of equal (excess, bytes) splits toward the target ratio, one way only,
-    smallest node first, as long as the ratio gets no farther from the target.
+    """Walk the plateau of equal (excess, bytes) splits to its head end, smallest node first.
 
-    Which end of a plateau polish stops at depends on its start, so on profile noise; where
-    this walk ends does not, except at the window's edge (no rule removes that). Free nodes
-    (a Reshape whose median time is 0 in one profile and 0.1 µs in the next) are carried along
-    the same way whatever their measured cost.
+    Which point of a plateau polish stops at depends on its start, so on profile noise; the
+    plateau's head end does not, except where the window's edge cuts the plateau (no rule
+    removes that). The walk goes one fixed way on purpose: "closest to the target" flips with
+    the measured cost of the nodes on the plateau whenever its ends straddle the target. A
+    step moves one node, or a node and one of its neighbours when only the pair keeps the
+    bytes (BERT's IsNaN -> Where guard: either alone sends a mask across). Free nodes are
+    carried along whatever their measured cost.
     """
     key = state.key(ratio, tolerance)
-    to_tail = state.head_ratio > ratio
-    while True:
-        distance = abs(state.head_ratio - ratio)
-        for v in sorted(state.frontier()):
-            if state.in_tail[v] == to_tail or not state.keeps_both_nonempty(v):
-                continue
-            tail_cost, delta = state.flip_delta(v)
-            after = state.ratio_after_cost(tail_cost)
-            if (
-                delta == 0
-                and excess(after, ratio, tolerance) == key[0]
-                and abs(after - ratio) <= distance + 1e-12
-            ):
-                state.flip(v)
+    index = state.index
+
+    def fits() -> bool:
+        return state.key(ratio, tolerance) == key
+
+    def may_move(v: int) -> bool:
+        return state.in_tail[v] and state.is_movable(v) and state.keeps_both_nonempty(v)
+
+    moved = True
+    while moved:
+        moved = False
+        for v in sorted(v for v in state.frontier() if may_move(v)):
+            state.flip(v)
+            if fits():
+                moved = True
                 break
-        else:
-            return
+            for w in sorted({*index.preds[v], *index.succs[v]}):
+                if may_move(w):
+                    state.flip(w)
+                    if fits():
+                        moved = True
+                        break
+                    state.flip(w)
+            if moved:
+                break
+            state.flip(v)
