@@ -362,16 +362,15 @@ def plan_cuts(
     if not unreachable:
         return plan
     window = 2 * options.tolerance * task.graph.total_cost
-    heavy = sorted(
-        (n for n in model.graph.node
-         if costs.get(n.name, 0.0) > window and splittable_weight(model, n) is not None),
-        key=lambda n: -costs[n.name],
-    )
+    heavy = []
+    for node in model.graph.node:
+        weight = splittable_weight(model, node) if costs.get(node.name, 0.0) > window else None
+        if weight is not None:
+            heavy.append((-costs[node.name], node.name, weight.shape[1]))
     best, best_reached = plan, 0
-    for node in heavy:
-        columns = splittable_weight(model, node).shape[1]
+    for _, name, columns in sorted(heavy):
         for parts in (p for p in SPLIT_PARTS if p <= columns):
-            split_model_, split = split_node(model, node.name, parts)
+            split_model_, split = split_node(model, name, parts)
             split_costs_ = split_costs(costs, split)
             split_task = build_task_graph(split_model_, split_costs_, dynamic.sizes)
             cuts = _cuts(split_task, options.ratios, options)
