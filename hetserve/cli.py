@@ -72,7 +72,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cost", choices=("profile", "flops"), default="profile", help="node cost source")
     p.add_argument("--profile-device", choices=("cpu", "cuda"), default="cpu", help="device the per-node profile runs on")
     p.add_argument("--profile-batch", type=int, default=1, help="batch size of the profiling runs")
-    p.add_argument("--profile-runs", type=int, default=10, help="timed runs per node (the median is kept)")
+    p.add_argument("--profile-runs", type=int, default=10, help="timed runs per pass; 3 passes, each node costs the median of the passes' medians")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset of the export")
     p.add_argument("--seed", type=int, default=0, help="seed of the partitioner (METIS) and the verification inputs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -32,6 +32,7 @@ from handlers.protocol.dynamic_dims import DynamicDims
 from partitioner.cuts import DEFAULT_TOLERANCE, CutResult, find_cut
 from partitioner.graph import evaluate
 from partitioner.onnx_graph import OnnxTaskGraph, build_task_graph
+from partitioner.split_ops import OpSplit, split_costs, split_node, splittable_weight
 from partitioner.stages import (
     VERIFY_TOLERANCE,
     WEIGHTS_FILE,
@@ -188,7 +189,23 @@ def build_stage_directory(
 
     dynamic = dynamic or DynamicDims()
     out_dir.mkdir(parents=True, exist_ok=True)
-    task = build_task_graph(model, costs, dynamic.sizes)
+    plan = plan_cuts(model, costs, options, dynamic)
+    model, task, op_split = plan.model, plan.task, plan.split
+    split_note = (
+        f"split {op_split.node} ({op_split.op_type}, {op_split.columns} output columns) into "
+        f"{op_split.parts} parts to reach the ratio"
+        if op_split is not None else ""
+    )
+    # Before anything is written or verified: an unreachable ratio fails in seconds.
+    for (ratio, _), cut in plan.cuts.items():
+        if not cut.within_tolerance and not options.allow_off_target:
+            raise OffTargetError(
+                f"ratio {ratio:g} is unreachable within +-{options.tolerance:g} "
+                f"({cut.method}): the nearest cut found gives the head "
+                f"{cut.achieved_ratio:.3f} of the cost ({cut.note}). Ask for ratios near "
+                "what the model allows, widen --tolerance, or pass --allow-off-target to "
+                "keep the nearest cut, labelled with the ratio it achieves."
+            )
     inputs, outputs = graph_io_specs(model)
     several = len(options.methods) > 1
 
@@ -205,18 +222,7 @@ def build_stage_directory(
         jobs = [(r, m) for r in options.ratios for m in options.methods]
         for ratio, method in tqdm(jobs, desc="cut+verify", unit="cut", disable=not progress):
             started = time.perf_counter()
-            cut = find_cut(
-                task.graph, ratio, method=method, tolerance=options.tolerance,
-                time_limit=options.time_limit, seed=options.seed,
-            )
-            if not cut.within_tolerance and not options.allow_off_target:
-                raise OffTargetError(
-                    f"ratio {ratio:g} is unreachable within +-{options.tolerance:g} "
-                    f"({cut.method}): the nearest cut found gives the head "
-                    f"{cut.achieved_ratio:.3f} of the cost ({cut.note}). Ask for ratios near "
-                    "what the model allows, widen --tolerance, or pass --allow-off-target to "
-                    "keep the nearest cut, labelled with the ratio it achieves."
-                )
+            cut = plan.cuts[(ratio, method)]
             # Two requested ratios, one cut (or two cuts of the same cost split, e.g. a free
             # Reshape on either side): archived once.
             key = (method, round(cut.achieved_ratio, 9))
@@ -235,7 +241,7 @@ def build_stage_directory(
                 )
                 written[key] = partition
                 partitions.append(partition)
-            rows.append(_report_row(cut, err, time.perf_counter() - started))
+            rows.append(_report_row(cut, err, time.perf_counter() - started, split_note))
 
     (out_dir / PROFILE_FILE).write_text(json.dumps(dict(profile_record or {}), indent=1) + "\n")
     files = _hash_files(out_dir)
@@ -262,6 +268,7 @@ def build_stage_directory(
                 "onnx_vs_torch_worst": evidence.onnx_vs_torch,
                 "cases": len(evidence.cases),
             },
+            **({"split_ops": [asdict(op_split)]} if op_split is not None else {}),
         },
         dynamic_dims=dynamic.to_json() if dynamic else {},
     )
@@ -312,6 +319,68 @@ def _write_and_verify(
         head_outputs=pair.head_outputs,
     )
     return partition, err
+
+
+SPLIT_PARTS = (2, 3, 4, 6, 8, 12, 16)
+
+
+@dataclass(frozen=True)
+class CutPlan:
+    """The model to cut (maybe with one op split), its task graph and the cuts already found."""
+
+    model: onnx.ModelProto
+    costs: Mapping[str, float]
+    task: OnnxTaskGraph
+    cuts: dict[tuple[float, str], CutResult]
+    split: OpSplit | None = None
+
+
+def _cuts(task: OnnxTaskGraph, ratios, options: CutOptions) -> dict[tuple[float, str], CutResult]:
+    return {
+        (r, m): find_cut(
+            task.graph, r, method=m, tolerance=options.tolerance,
+            time_limit=options.time_limit, seed=options.seed,
+        )
+        for r in ratios for m in options.methods
+    }
+
+
+def _missed(cuts: Mapping[tuple[float, str], CutResult]) -> set[float]:
+    return {r for (r, _), c in cuts.items() if not c.within_tolerance}
+
+
+def plan_cuts(
+    model: onnx.ModelProto, costs: Mapping[str, float], options: CutOptions, dynamic: DynamicDims
+) -> CutPlan:
+    """Cut at every ratio; when some ratio is unreachable because one MatMul/Gemm is heavier than
+    the window, split that op into column chunks (the fewest parts that reach the most ratios,
+    and only if that reaches at least one more). One split serves every ratio: the stages are
+    subgraphs of one whole model."""
+    task = build_task_graph(model, costs, dynamic.sizes)
+    plan = CutPlan(model, costs, task, _cuts(task, options.ratios, options))
+    unreachable = _missed(plan.cuts)
+    if not unreachable:
+        return plan
+    window = 2 * options.tolerance * task.graph.total_cost
+    heavy = []
+    for node in model.graph.node:
+        weight = splittable_weight(model, node) if costs.get(node.name, 0.0) > window else None
+        if weight is not None:
+            heavy.append((-costs[node.name], node.name, weight.shape[1]))
+    best, best_reached = plan, 0
+    for _, name, columns in sorted(heavy):
+        for parts in (p for p in SPLIT_PARTS if p <= columns):
+            split_model_, split = split_node(model, name, parts)
+            split_costs_ = split_costs(costs, split)
+            split_task = build_task_graph(split_model_, split_costs_, dynamic.sizes)
+            cuts = _cuts(split_task, options.ratios, options)
+            reached = len(unreachable - _missed(cuts))
+            if reached > best_reached and not _missed(cuts) - unreachable:
+                best = CutPlan(split_model_, split_costs_, split_task, cuts, split)
+                best_reached = reached
+            if reached == len(unreachable):
+                return best
+    return best
 
 
 def check_loads(stage_dir: Path, config: Mapping[str, Any], manifest: Manifest) -> None:
@@ -382,7 +451,7 @@ def verify_against(head_path: Path, tail_path: Path, cases, whole_session) -> tu
     return err, worst
 
 
-def _report_row(cut: CutResult, err: float, seconds: float) -> ReportRow:
+def _report_row(cut: CutResult, err: float, seconds: float, extra_note: str = "") -> ReportRow:
     return ReportRow(
         method=cut.method,
         ratio=cut.target_ratio,
@@ -394,7 +463,7 @@ def _report_row(cut: CutResult, err: float, seconds: float) -> ReportRow:
         max_abs_err=err,
         seconds=round(seconds, 3),
         cut_seconds=round(cut.seconds, 3),
-        note=cut.note,
+        note="; ".join(filter(None, [extra_note, cut.note])),
     )
 
 

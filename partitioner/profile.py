@@ -4,12 +4,21 @@ Measuring runs the whole graph in one session with profiling on and reads the pe
 times from the trace ORT writes; timing nodes one at a time would miss cache effects and the
 overlap the real run has. ``flops_costs`` is the static fallback (``--cost flops``) for when the
 target device is not at hand.
+
+Robustness on a shared machine: the measured runs are split into ``passes`` consecutive blocks;
+each node's figure is the median over its block, and its cost the median of the blocks' figures.
+A busy spell that covers one block (another build, a test server starting) is outvoted by the
+others instead of deciding the cut. The measured shares are then cross-checked against the FLOP
+estimate and nodes far off it are reported (``flop_mismatches``), never silently replaced: a
+memory-bound op really can cost more than its FLOPs say, but a 10x disagreement usually means a
+preempted block or a mis-attributed kernel, and the user should see which node it was.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
+import logging
 import math
 import os
 import tempfile
@@ -22,7 +31,15 @@ from typing import Any
 import numpy as np
 import onnx
 
+log = logging.getLogger(__name__)
+
 _KERNEL_SUFFIX = "_kernel_time"
+DEFAULT_PASSES = 3
+# Cross-check thresholds: a node is reported when its measured share of the total and its FLOP
+# share differ by more than this factor, and the larger of the two is at least MISMATCH_MIN_SHARE
+# (below that, launch overheads of tiny ops dominate and every small op would be "off").
+MISMATCH_FACTOR = 10.0
+MISMATCH_MIN_SHARE = 0.05
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -31,14 +48,28 @@ class ProfileError(ValueError):
 
 
 @dataclass(frozen=True)
+class CostMismatch:
+    """A node whose measured share of the total is far from its share of the FLOPs."""
+
+    node: str
+    op_type: str
+    measured_share: float
+    flop_share: float
+
+
+@dataclass(frozen=True)
 class NodeProfile:
-    costs: dict[str, float]  # node name -> median µs per run at ``batch``; 0 if never reported
+    # node name -> µs per run at ``batch`` (median of the passes' medians); 0 if never reported
+    costs: dict[str, float]
     device: str
     provider: str
     batch: int
-    runs: int
+    runs: int  # measured runs per pass
     seconds: float  # wall time of the measured runs, all together
     unmatched: list[str] = field(default_factory=list)  # profiled names that are no graph node
+    passes: int = 1
+    pass_totals_us: list[float] = field(default_factory=list)  # sum of node medians per pass
+    flop_mismatches: list[CostMismatch] = field(default_factory=list)
 
     @property
     def total_us(self) -> float:
@@ -57,6 +88,9 @@ class NodeProfile:
             runs=int(data["runs"]),
             seconds=float(data["seconds"]),
             unmatched=[str(u) for u in data.get("unmatched", [])],
+            passes=int(data.get("passes", 1)),
+            pass_totals_us=[float(t) for t in data.get("pass_totals_us", [])],
+            flop_mismatches=[CostMismatch(**m) for m in data.get("flop_mismatches", [])],
         )
 
 
@@ -69,8 +103,10 @@ def profile_nodes(
     threads: int | None = None,
     progress: bool = True,
     dim_sizes: dict[str, int] | None = None,
+    passes: int = DEFAULT_PASSES,
 ) -> NodeProfile:
-    """Per-node kernel time over ``runs`` whole-graph runs, after ``warmup`` unmeasured ones.
+    """Per-node kernel time over ``passes`` blocks of ``runs`` whole-graph runs each, after
+    ``warmup`` unmeasured ones: the median of the blocks' per-node medians.
 
     On CUDA the times ORT records are host-side: kernels launch asynchronously, so a node's time
     is its launch cost unless the kernel forces a sync. Use them as relative costs only.
@@ -80,8 +116,8 @@ def profile_nodes(
 
     if device not in _PROVIDERS:
         raise ValueError(f"device must be one of {sorted(_PROVIDERS)}, got {device!r}")
-    if batch < 1 or runs < 1 or warmup < 0:
-        raise ValueError("batch and runs must be at least 1, warmup at least 0")
+    if batch < 1 or runs < 1 or passes < 1 or warmup < 0:
+        raise ValueError("batch, runs and passes must be at least 1, warmup at least 0")
     node_names = [n.name for n in model.graph.node]
     if not all(node_names) or len(set(node_names)) != len(node_names):
         raise ProfileError(
@@ -109,13 +145,14 @@ def profile_nodes(
                 f"{provider} could not be started (session has {session.get_providers()}); "
                 "check that a CUDA GPU, its driver and onnxruntime-gpu's CUDA libraries are present"
             )
-        bar = tqdm(total=warmup + runs, desc="profiling", unit="run", disable=not progress)
+        measured = runs * passes
+        bar = tqdm(total=warmup + measured, desc="profiling", unit="run", disable=not progress)
         with bar:
             for _ in range(warmup):
                 session.run(None, feeds)
                 bar.update()
             start = time.perf_counter()
-            for _ in range(runs):
+            for _ in range(measured):
                 session.run(None, feeds)
                 bar.update()
             seconds = time.perf_counter() - start
@@ -123,16 +160,62 @@ def profile_nodes(
         with open(trace_path, encoding="utf-8") as f:
             events = json.load(f)
 
-    medians, unmatched = _kernel_times(events, set(node_names), warmup, runs)
+    per_pass, unmatched = _pass_medians(events, set(node_names), warmup, runs, passes)
+    costs = {n: float(np.median(per_pass[n])) if n in per_pass else 0.0 for n in node_names}
+    mismatches = _cross_check(model, costs, dim_sizes)
+    if mismatches:
+        worst = mismatches[0]
+        log.warning(
+            "profile: %d node(s) measured more than %gx off their share of the FLOPs, e.g. %s "
+            "(%s) at %.1f%% of the time but %.1f%% of the FLOPs; kept as measured (listed in "
+            "profile.json; tiny models are dominated by per-op overheads, otherwise re-profile "
+            "on a quiet machine if the cut looks wrong)",
+            len(mismatches), MISMATCH_FACTOR, worst.node, worst.op_type,
+            100 * worst.measured_share, 100 * worst.flop_share,
+        )
     return NodeProfile(
-        costs={name: medians.get(name, 0.0) for name in node_names},
+        costs=costs,
         device=device,
         provider=provider,
         batch=batch,
         runs=runs,
         seconds=seconds,
         unmatched=sorted(unmatched),
+        passes=passes,
+        pass_totals_us=[float(sum(m[k] for m in per_pass.values())) for k in range(passes)],
+        flop_mismatches=mismatches,
     )
+
+
+def flop_mismatches(
+    model: onnx.ModelProto, measured: dict[str, float], flops: dict[str, float]
+) -> list[CostMismatch]:
+    """Nodes whose measured share and FLOP share differ by more than ``MISMATCH_FACTOR``
+    (the larger share at least ``MISMATCH_MIN_SHARE``), largest disagreement first."""
+    total_m, total_f = sum(measured.values()), sum(flops.values())
+    if total_m <= 0 or total_f <= 0:
+        return []
+    ops = {n.name: n.op_type for n in model.graph.node}
+    found = []
+    for name, cost in measured.items():
+        m_share, f_share = cost / total_m, flops.get(name, 0.0) / total_f
+        if max(m_share, f_share) < MISMATCH_MIN_SHARE:
+            continue
+        if max(m_share, f_share) > MISMATCH_FACTOR * min(m_share, f_share):
+            found.append(CostMismatch(name, ops.get(name, "?"), m_share, f_share))
+    return sorted(found, key=lambda m: -abs(m.measured_share - m.flop_share))
+
+
+def _cross_check(
+    model: onnx.ModelProto, costs: dict[str, float], dim_sizes: dict[str, int] | None
+) -> list[CostMismatch]:
+    try:
+        flops = flops_costs(model, dim_sizes)
+    # Shape inference can fail on exotic graphs; the check is advisory, so it just stays off.
+    except (onnx.shape_inference.InferenceError, ValueError, KeyError, TypeError) as exc:
+        log.info("profile: no FLOP cross-check (%s: %s)", type(exc).__name__, exc)
+        return []
+    return flop_mismatches(model, costs, flops)
 
 
 def random_inputs(
@@ -171,23 +254,33 @@ def _static_dim(input_name: str, dim: onnx.TensorShapeProto.Dimension) -> int:
 
 
 def _kernel_times(
-    events: Sequence[dict[str, Any]], node_names: set[str], warmup: int, runs: int
+    events: Sequence[dict[str, Any]], node_names: set[str], warmup: int, runs: int, passes: int = 1
 ) -> tuple[dict[str, float], set[str]]:
-    """Per node, the median over the measured runs of its kernel time in that run (µs).
+    """Per node, the median of the passes' medians of its kernel time per run (µs)."""
+    per_pass, unmatched = _pass_medians(events, node_names, warmup, runs, passes)
+    return {name: float(np.median(m)) for name, m in per_pass.items()}, unmatched
+
+
+def _pass_medians(
+    events: Sequence[dict[str, Any]], node_names: set[str], warmup: int, runs: int, passes: int
+) -> tuple[dict[str, list[float]], set[str]]:
+    """Per node, for each pass (a block of ``runs`` consecutive measured runs), the median over
+    that block of its kernel time in a run (µs).
 
     The median, not the mean: on a shared machine one preempted run can put milliseconds on
     a node that normally takes microseconds, and a mean of 5-10 runs would keep that spike.
     """
+    total_runs = runs * passes
     # Every session.run leaves one "model_run" event; they split the trace into runs.
     run_starts = sorted(
         float(e["ts"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"
     )
-    if len(run_starts) != warmup + runs:
+    if len(run_starts) != warmup + total_runs:
         raise ProfileError(
-            f"the ONNX Runtime trace holds {len(run_starts)} runs, expected {warmup + runs}; "
+            f"the ONNX Runtime trace holds {len(run_starts)} runs, expected {warmup + total_runs}; "
             "it may have hit the profiler's event limit: profile with fewer runs"
         )
-    per_run: dict[str, list[float]] = defaultdict(lambda: [0.0] * runs)
+    per_run: dict[str, list[float]] = defaultdict(lambda: [0.0] * total_runs)
     unmatched: set[str] = set()
     for event in events:
         if event.get("cat") != "Node" or not event.get("name", "").endswith(_KERNEL_SUFFIX):
@@ -200,7 +293,20 @@ def _kernel_times(
             per_run[name][run] += float(event.get("dur", 0))
         else:
             unmatched.add(name)
-    return {name: float(np.median(times)) for name, times in per_run.items()}, unmatched
+    if not per_run:
+        return {}, unmatched
+    # Shares of each run's total, not raw times: a run slowed everywhere (the other core
+    # busy, a frequency drop) changes no share, so only a node's own outliers remain, and the
+    # medians remove those. The median run total of the pass turns shares back into µs.
+    names = list(per_run)
+    table = np.array([per_run[n] for n in names])  # nodes x runs
+    run_totals = table.sum(axis=0)
+    shares = table / np.where(run_totals > 0, run_totals, 1.0)
+    blocks = [slice(k * runs, (k + 1) * runs) for k in range(passes)]
+    medians = np.stack(
+        [np.median(shares[:, b], axis=1) * np.median(run_totals[b]) for b in blocks], axis=1
+    )
+    return {n: [float(x) for x in medians[i]] for i, n in enumerate(names)}, unmatched
 
 
 # ---- static estimate -------------------------------------------------------------------------

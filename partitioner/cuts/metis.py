@@ -146,9 +146,10 @@ def metis_cut(
         if best is not None and time.perf_counter() > deadline:
             break
         candidate = polish(index, head, ratio, tolerance)
-        if best is None or candidate.key(ratio, tolerance) < best.key(ratio, tolerance):
+        if best is None or _rank(candidate, ratio, tolerance) < _rank(best, ratio, tolerance):
             best, best_source = candidate, source
     assert best is not None
+    settle_toward_target(best, ratio, tolerance)
 
     notes = [f"best start: {best_source}"]
     proven_unreachable = best.key(ratio, tolerance)[0] > 0 and exhaustive and not pattern_heads
@@ -163,3 +164,55 @@ def metis_cut(
     cyclic = sum(not is_valid(graph, tail_of(graph, h)) for h in raw)
     notes.append(f"{cyclic}/{len(raw)} raw METIS cuts were cyclic")
     return MethodOutcome(tail=best.tail, note="; ".join(notes), explains_miss=proven_unreachable)
+
+
+def _rank(state: SplitState, ratio: float, tolerance: float) -> tuple[float, int, tuple[int, ...]]:
+    """(excess, bytes), ties broken by node order (the sorted tail).
+
+    Ties are the rule, not the exception: a stack of identical blocks offers the same residual
+    tensor at every block boundary inside the window. Without a rule the start order picks one,
+    and the starts come from METIS on measured weights, so profile noise would pick the cut.
+    Node order makes the choice a function of which splits exist; the noise then only matters
+    for a split that lies on the window's edge.
+    """
+    return (*state.key(ratio, tolerance), tuple(sorted(state.tail)))
+
+
+def settle_toward_target(state: SplitState, ratio: float, tolerance: float) -> None:
+    """Walk the plateau of equal (excess, bytes) splits to its head end, smallest node first.
+
+    Which point of a plateau polish stops at depends on its start, so on profile noise; the
+    plateau's head end does not, except where the window's edge cuts the plateau (no rule
+    removes that). The walk goes one fixed way on purpose: "closest to the target" flips with
+    the measured cost of the nodes on the plateau whenever its ends straddle the target. A
+    step moves one node, or a node and one of its neighbours when only the pair keeps the
+    bytes (BERT's IsNaN -> Where guard: either alone sends a mask across). Free nodes are
+    carried along whatever their measured cost.
+    """
+    key = state.key(ratio, tolerance)
+    index = state.index
+
+    def fits() -> bool:
+        return state.key(ratio, tolerance) == key
+
+    def may_move(v: int) -> bool:
+        return state.in_tail[v] and state.is_movable(v) and state.keeps_both_nonempty(v)
+
+    moved = True
+    while moved:
+        moved = False
+        for v in sorted(v for v in state.frontier() if may_move(v)):
+            state.flip(v)
+            if fits():
+                moved = True
+                break
+            for w in sorted({*index.preds[v], *index.succs[v]}):
+                if may_move(w):
+                    state.flip(w)
+                    if fits():
+                        moved = True
+                        break
+                    state.flip(w)
+            if moved:
+                break
+            state.flip(v)
