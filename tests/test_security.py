@@ -27,7 +27,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hetserve.cli import main
 from hetserve.tsprocess import REPO, TorchServe, start_torchserve
 from partitioner.archive import with_config
 
@@ -39,13 +38,9 @@ FRONTEND_LIMIT = 34603008  # config.properties max_request_size (32 MiB handler 
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
+def store(tmp_path_factory, tiny_variant) -> Path:
     store = tmp_path_factory.mktemp("store")
-    assert main([
-        "archive", "--model", "zoo:resnet18-tiny", "--export-path", str(store), "--cost", "flops",
-        "--quiet", "--model-name", "sec", "--ratios", "0.8", "--set", "maxBatchDelay=20",
-        "--set", f"hetserve.limits.max_body_bytes={BODY_LIMIT}",
-    ]) == 0
+    tiny_variant(store, "sec", {"maxBatchDelay": 20, "hetserve": {"limits": {"max_body_bytes": BODY_LIMIT}}})
     # Batches of exactly 4: a long delay makes TorchServe wait until all 4 requests are in.
     with_config(store / "sec.mar", store / "batched.mar", {"batchSize": 4, "maxBatchDelay": 5000})
     return store

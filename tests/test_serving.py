@@ -16,7 +16,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from hetserve.cli import main
 from hetserve.tsprocess import start_torchserve
 
 pytestmark = pytest.mark.server
@@ -25,13 +24,12 @@ SAMPLE = (3, 64, 64)  # resnet18-tiny
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
+def store(tmp_path_factory, tiny_variant) -> Path:
+    """Two variants of the session's archive (conftest.tiny_mar: cut at 0.5 and 0.8, served at 0.8)."""
     store = tmp_path_factory.mktemp("store")
-    common = ["--model", "zoo:resnet18-tiny", "--export-path", str(store), "--cost", "flops", "--quiet"]
     # Batching on: up to 4 requests per batch, waiting up to 200 ms for them to gather.
-    batching = ["--set", "batchSize=4", "--set", "maxBatchDelay=200"]
-    assert main(["archive", *common, "--model-name", "split", "--ratios", "0.5,0.8", *batching]) == 0
-    assert main(["archive", *common, "--model-name", "whole", "--ratios", "0.8", "--set", "hetserve.ratio=1.0"]) == 0
+    tiny_variant(store, "split", {"batchSize": 4, "maxBatchDelay": 200})
+    tiny_variant(store, "whole", {"hetserve": {"ratio": 1.0}})
     return store
 
 
