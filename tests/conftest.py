@@ -3,8 +3,11 @@ workers may keep their history under pytest's temp dir.
 
 ``tiny_mar`` is zoo:resnet18-tiny cut at ratios 0.5 and 0.8 with the shipped model-config;
 ``tiny_variant`` derives a copy with model-config overrides (``with_config``: only
-model-config.yaml changes, so no re-export and no re-cut), and ``tiny_model_dir`` is the archive
-unpacked, for tests that load the service in process.
+model-config.yaml changes, so no re-export and no re-cut); ``tiny_named`` does the same and
+also names the copy's model as ``hetserve archive --model-name`` would (responses carry that
+name); ``tiny_model_dir`` is the archive unpacked, for tests that load the service in process.
+Exporting and cutting the model is most of an archive's cost: tests that need resnet18-tiny
+served with another config derive it here rather than building their own.
 """
 
 from __future__ import annotations
@@ -53,6 +56,40 @@ def tiny_variant(tiny_mar) -> Callable[[Path, str, Mapping[str, Any]], Path]:
 
     def make(store: Path, name: str, overrides: Mapping[str, Any]) -> Path:
         return with_config(tiny_mar, store / f"{name}.mar", overrides)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_named(tiny_variant) -> Callable[[Path, str, Mapping[str, Any]], Path]:
+    """(store, name, model-config overrides) -> store/name.mar whose model is called ``name`` in
+    both manifests (TorchServe's MAR-INF and hetserve's), as if archived with --model-name name."""
+    import json
+
+    from handlers.artifact.manifest import MANIFEST_NAME
+
+    def make(store: Path, name: str, overrides: Mapping[str, Any]) -> Path:
+        staged = tiny_variant(store, f".{name}-unnamed", overrides)
+        out = store / f"{name}.mar"
+        with zipfile.ZipFile(staged) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+            for item in src.infolist():
+                data = src.read(item)
+                if item.filename == MANIFEST_NAME:
+                    data = _renamed(data, ("model_name",), name)
+                elif item.filename == "MAR-INF/MANIFEST.json":
+                    data = _renamed(data, ("model", "modelName"), name)
+                dst.writestr(item, data)
+        staged.unlink()
+        return out
+
+    def _renamed(raw: bytes, path: tuple[str, ...], name: str) -> bytes:
+        document = json.loads(raw)
+        node = document
+        for key in path[:-1]:
+            node = node[key]
+        assert path[-1] in node, f"no {'.'.join(path)} to rename"
+        node[path[-1]] = name
+        return (json.dumps(document, indent=2) + "\n").encode()
 
     return make
 

@@ -38,9 +38,9 @@ FRONTEND_LIMIT = 34603008  # config.properties max_request_size (32 MiB handler 
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_variant) -> Path:
+def store(tmp_path_factory, tiny_named) -> Path:
     store = tmp_path_factory.mktemp("store")
-    tiny_variant(store, "sec", {"maxBatchDelay": 20, "hetserve": {"limits": {"max_body_bytes": BODY_LIMIT}}})
+    tiny_named(store, "sec", {"maxBatchDelay": 20, "hetserve": {"limits": {"max_body_bytes": BODY_LIMIT}}})
     # Batches of exactly 4: a long delay makes TorchServe wait until all 4 requests are in.
     with_config(store / "sec.mar", store / "batched.mar", {"batchSize": 4, "maxBatchDelay": 5000})
     return store

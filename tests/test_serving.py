@@ -24,12 +24,12 @@ SAMPLE = (3, 64, 64)  # resnet18-tiny
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_variant) -> Path:
+def store(tmp_path_factory, tiny_named) -> Path:
     """Two variants of the session's archive (conftest.tiny_mar: cut at 0.5 and 0.8, served at 0.8)."""
     store = tmp_path_factory.mktemp("store")
     # Batching on: up to 4 requests per batch, waiting up to 200 ms for them to gather.
-    tiny_variant(store, "split", {"batchSize": 4, "maxBatchDelay": 200})
-    tiny_variant(store, "whole", {"hetserve": {"ratio": 1.0}})
+    tiny_named(store, "split", {"batchSize": 4, "maxBatchDelay": 200})
+    tiny_named(store, "whole", {"hetserve": {"ratio": 1.0}})
     return store
 
 
