@@ -8,6 +8,11 @@ also names the copy's model as ``hetserve archive --model-name`` would (response
 name); ``tiny_model_dir`` is the archive unpacked, for tests that load the service in process.
 Exporting and cutting the model is most of an archive's cost: tests that need resnet18-tiny
 served with another config derive it here rather than building their own.
+
+``shipped_server`` is one real TorchServe with config/config.properties as shipped (token auth
+on, model API off) serving the variants in SHIPPED_MODELS; the modules that only send requests
+to such a server share it (test_serving, test_security) rather than each starting its own. A
+test that kills a worker or needs another config starts its own server.
 """
 
 from __future__ import annotations
@@ -21,6 +26,15 @@ from typing import Any
 import pytest
 
 TINY_RATIOS = "0.5,0.8"
+SHIPPED_BODY_LIMIT = 4 * 2**20  # the "sec" model's hetserve.limits.max_body_bytes
+# name -> model-config overrides of tiny_mar, served together by shipped_server
+SHIPPED_MODELS: dict[str, dict[str, Any]] = {
+    # test_serving: batching on, up to 4 requests per batch, waiting up to 200 ms to gather them.
+    "split": {"batchSize": 4, "maxBatchDelay": 200},
+    "whole": {"hetserve": {"ratio": 1.0}},  # the unsplit model
+    # test_security: a lower body limit the tests can reach.
+    "sec": {"maxBatchDelay": 20, "hetserve": {"limits": {"max_body_bytes": SHIPPED_BODY_LIMIT}}},
+}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -100,3 +114,15 @@ def tiny_model_dir(tiny_mar, tmp_path_factory) -> Path:
     with zipfile.ZipFile(tiny_mar) as z:
         z.extractall(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def shipped_server(tiny_named, tmp_path_factory):
+    from hetserve.tsprocess import start_torchserve
+
+    store = tmp_path_factory.mktemp("shipped-store")
+    for name, overrides in SHIPPED_MODELS.items():
+        tiny_named(store, name, overrides)
+    ts = start_torchserve(tmp_path_factory.mktemp("ts-shipped"), store, {n: f"{n}.mar" for n in SHIPPED_MODELS})
+    yield ts
+    ts.stop()

@@ -10,13 +10,10 @@ import json
 import re
 import threading
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-
-from hetserve.tsprocess import start_torchserve
 
 pytestmark = pytest.mark.server
 
@@ -24,27 +21,18 @@ SAMPLE = (3, 64, 64)  # resnet18-tiny
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_named) -> Path:
-    """Two variants of the session's archive (conftest.tiny_mar: cut at 0.5 and 0.8, served at 0.8)."""
-    store = tmp_path_factory.mktemp("store")
-    # Batching on: up to 4 requests per batch, waiting up to 200 ms for them to gather.
-    tiny_named(store, "split", {"batchSize": 4, "maxBatchDelay": 200})
-    tiny_named(store, "whole", {"hetserve": {"ratio": 1.0}})
-    return store
+def server(shipped_server):
+    """The session's TorchServe with the shipped config (conftest.shipped_server): "split" is the
+    archive cut at 0.5 and 0.8 served at 0.8 with batching on (up to 4 requests per batch,
+    waiting up to 200 ms for them to gather), "whole" the same archive serving the unsplit model."""
+    return shipped_server
 
 
 @pytest.fixture(scope="module")
-def server(store, tmp_path_factory):
-    ts = start_torchserve(tmp_path_factory.mktemp("ts"), store, {"split": "split.mar", "whole": "whole.mar"})
-    yield ts
-    ts.stop()
-
-
-@pytest.fixture(scope="module")
-def reference(store, tmp_path_factory):
+def reference(tiny_mar, tmp_path_factory):
     """The unsplit model, straight from the archive, run by ORT."""
     out = tmp_path_factory.mktemp("unzipped")
-    with zipfile.ZipFile(store / "split.mar") as z:
+    with zipfile.ZipFile(tiny_mar) as z:
         z.extractall(out)
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     return lambda x: session.run(None, {"image": x})[0]
@@ -186,6 +174,8 @@ def test_runtime_metrics_reach_prometheus(server):
         assert server.predict(model, batch(4, 11).tobytes(), "application/octet-stream").status == 200
     text = server.request("GET", "/metrics", api="metrics").body.decode()
     # Histograms: one observation per stage run, in seconds, with buckets to take quantiles over.
+    # This module's models only: the shared server serves test_security's too.
+    text = "\n".join(line for line in text.splitlines() if re.search(r'ModelName="(split|whole)"', line))
     stages = set(re.findall(r'HetserveStageRunSeconds_bucket\{[^}]*Stage="(\w+)"', text))
     assert {"head", "tail", "whole"} <= stages
     counts = re.findall(r'HetserveStageRunSeconds_count\{[^}]*\} ([\d.]+)', text)
