@@ -10,11 +10,17 @@ TINY_MODELS = ("googlenet-tiny", "nfnet-tiny", "vit-tiny", "resnet18-tiny")
 
 
 @functools.cache
-def tiny_onnx(name: str) -> onnx.ModelProto:
+def tiny_exported(name: str):
+    """(the loaded zoo model, its ONNX export), once per session for every module that asks."""
     from partitioner.export import export_onnx
     from partitioner.loading import load_model
 
-    return export_onnx(load_model(f"zoo:{name}"))
+    loaded = load_model(f"zoo:{name}")
+    return loaded, export_onnx(loaded)
+
+
+def tiny_onnx(name: str) -> onnx.ModelProto:
+    return tiny_exported(name)[1]
 
 
 def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -4,9 +4,7 @@ archive from outside it (issue 17, item 7). Real archives built by ``hetserve ar
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import sys
 import zipfile
 from pathlib import Path
 
@@ -18,16 +16,13 @@ from hetserve.pinned_archives import PinError, verify_mar
 from hetserve.tsprocess import start_torchserve
 from partitioner.archive import with_config
 
-REPO = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("soak", REPO / "benchmarks" / "soak.py")
-soak = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("soak", soak)
-_spec.loader.exec_module(soak)
+NAME = "tiny"  # the model name conftest.tiny_mar was built with (what a pinned digest names)
 
 
 @pytest.fixture(scope="module")
-def mar(tmp_path_factory) -> Path:
-    return soak.build_archive(tmp_path_factory.mktemp("cover-store"), "cover")
+def mar(tiny_mar) -> Path:
+    """The session's shared archive, only read here: every edit goes to a copy."""
+    return tiny_mar
 
 
 def _digest(mar: Path) -> str:
@@ -79,21 +74,21 @@ def test_a_pinned_digest_is_checked_before_the_model_loads(mar, tmp_path):
     check_archive_digest(model_dir, {DIGEST_ENV: f"other={'0' * 64}"})  # pins another model only
     check_archive_digest(model_dir, {})
     with pytest.raises(ManifestError, match="not the archive the operator pinned"):
-        check_archive_digest(model_dir, {DIGEST_ENV: f"cover={'0' * 64}"})
+        check_archive_digest(model_dir, {DIGEST_ENV: f"{NAME}={'0' * 64}"})
     with pytest.raises(ManifestError, match="64 hex digits"):
-        expected_digest("cover=abc", "cover")
+        expected_digest(f"{NAME}=abc", NAME)
 
 
 def test_a_pinned_archive_is_checked_before_torchserve_starts(mar, tmp_path):
     good = _digest(mar)
     assert verify_mar(mar, good) is True
     assert verify_mar(mar, "") is False
-    edited = _edited(mar, tmp_path / "cover.mar", "hetserve_handler.py", b"\nimport os  # anything\n")
+    edited = _edited(mar, tmp_path / f"{NAME}.mar", "hetserve_handler.py", b"\nimport os  # anything\n")
     # The manifest is untouched, so its digest still matches: the file check catches the edit.
     with pytest.raises(PinError, match="hetserve_handler.py"):
         verify_mar(edited, good)
     with pytest.raises(PinError, match="hetserve_handler.py"):
-        start_torchserve(tmp_path / "ts", tmp_path, {"cover": "cover.mar"}, env={DIGEST_ENV: good})
+        start_torchserve(tmp_path / "ts", tmp_path, {NAME: f"{NAME}.mar"}, env={DIGEST_ENV: good})
     assert not (tmp_path / "ts").exists(), "refused before TorchServe was started"
 
 

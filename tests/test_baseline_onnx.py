@@ -5,6 +5,7 @@ request on a real TorchServe with the baseline's own config, matching the model.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -23,9 +24,11 @@ MODEL = "resnet18-tiny"
 
 
 @pytest.fixture(scope="module")
-def archives(tmp_path_factory):
+def archives(tmp_path_factory, tiny_mar):
+    # The hetserve archive is the session's (conftest.tiny_mar, the same zoo model): the stock
+    # row under test is built from it, as serving_cpu builds it from the one it archived.
     store = tmp_path_factory.mktemp("store")
-    hetserve_mar = serving_cpu.build_hetserve_mar(MODEL, store, "0.8", "--cost", "flops")
+    hetserve_mar = Path(shutil.copyfile(tiny_mar, store / f"{MODEL}.mar"))
     return store, hetserve_mar, serving_cpu.build_stock_onnx_mar(MODEL, store, hetserve_mar)
 
 

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from hetserve.tsprocess import NotAWorkerError, checked_worker_pid, start_torchserve
-from partitioner.archive import with_config
 
 pytestmark = pytest.mark.server
 
@@ -35,10 +34,9 @@ TRIALS = 3
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory) -> Path:
+def archive(tmp_path_factory, tiny_variant) -> Path:
     store = tmp_path_factory.mktemp("gather-store")
-    base = soak.build_archive(store, "base")
-    with_config(base, store / "gather.mar", {**soak.GATHERING, "maxBatchDelay": 1000, "hetserve": {
+    tiny_variant(store, "gather", {**soak.GATHERING, "maxBatchDelay": 1000, "hetserve": {
         "ratio": 0.5, "stage_timeout_s": 5, "state_dir": str(store / "state")}})
     return store
 

@@ -36,7 +36,6 @@ from handlers.artifact.manifest import TensorSpec
 from handlers.protocol.codecs import decode_request, encode_error, encode_response
 from handlers.protocol.kserve_v2 import ENVELOPE_MESSAGE, ENVELOPE_STATUS, FORMAT_V2, envelope_error
 from handlers.protocol.validation import RequestError, RequestLimits
-from hetserve.cli import main
 from hetserve.tsprocess import start_torchserve
 from partitioner.archive import with_config
 
@@ -293,15 +292,10 @@ def test_errors_on_kserve_routes_use_kserve_form():
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory) -> Path:
-    store = tmp_path_factory.mktemp("mar")
-    assert main([
-        "archive", "--model", "zoo:resnet18-tiny", "--model-name", MODEL, "--export-path",
-        str(store), "--cost", "flops", "--quiet", "--ratios", "0.5,0.8",
-        # Up to 4 requests per batch, waiting up to 200 ms for them to gather.
-        "--set", "batchSize=4", "--set", "maxBatchDelay=200",
-    ]) == 0
-    return store / f"{MODEL}.mar"
+def archive(tmp_path_factory, tiny_named) -> Path:
+    """The session's resnet18-tiny archive (cut at 0.5 and 0.8), named MODEL, batching on: up
+    to 4 requests per batch, waiting up to 200 ms for them to gather."""
+    return tiny_named(tmp_path_factory.mktemp("mar"), MODEL, {"batchSize": 4, "maxBatchDelay": 200})
 
 
 def build_storage(mar: Path, out: Path) -> subprocess.CompletedProcess:

@@ -31,7 +31,6 @@ import pytest
 from handlers.artifact.archive_safety import external_refs
 from handlers.artifact.manifest import MANIFEST_NAME, ManifestError, load_verified_manifest
 from handlers.service import InferenceService
-from hetserve.cli import main
 from hetserve.tsprocess import LOG_CONFIG, TorchServe, _wait_ready, free_port, write_config
 
 SAMPLE = (3, 64, 64)  # resnet18-tiny
@@ -150,11 +149,9 @@ CASES: list[tuple[str, Edit, tuple[str, ...]]] = [
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
+def store(tmp_path_factory, tiny_variant) -> Path:
     store = tmp_path_factory.mktemp("store")
-    args = ["archive", "--model", "zoo:resnet18-tiny", "--export-path", str(store), "--cost", "flops",
-            "--quiet", "--model-name", "good", "--ratios", "0.8", "--set", "hetserve.calibration_runs=1"]
-    assert main(args) == 0
+    tiny_variant(store, "good", {"hetserve": {"calibration_runs": 1}})
     return store
 
 

@@ -29,7 +29,6 @@ import numpy as np
 import pytest
 
 from hetserve.tsprocess import start_torchserve
-from partitioner.archive import with_config
 
 pytestmark = pytest.mark.server
 
@@ -55,15 +54,16 @@ def executors() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, state, executors):
+def server(tmp_path_factory, state, executors, tiny_variant):
+    # Variants of the session's shared archive (conftest.tiny_mar, cut at 0.5 and 0.8): only
+    # model-config.yaml differs, so no export here.
     store = tmp_path_factory.mktemp("store")
-    base = soak.build_archive(store, "base")
-    with_config(base, store / "faulty.mar", soak.faulty_config(state / "faulty", executors[-1]))
-    with_config(base, store / "oom.mar", {**soak.SERVING, "hetserve": {
+    tiny_variant(store, "faulty", soak.faulty_config(state / "faulty", executors[-1]))
+    tiny_variant(store, "oom", {**soak.SERVING, "hetserve": {
         "ratio": 0.5, "state_dir": str(state / "oom"),
         "faults": {"kind": "oom", "stage": "tail", "count": 3},
     }})
-    with_config(base, store / "slow.mar", {**soak.SERVING, "hetserve": {
+    tiny_variant(store, "slow", {**soak.SERVING, "hetserve": {
         "ratio": 0.5, "state_dir": str(state / "slow"),
         "faults": {"kind": "hang", "stage": "head", "hang_s": 0.5},
     }})

@@ -19,7 +19,6 @@ import pytest
 from handlers.artifact.manifest import TensorSpec
 from handlers.protocol.response_size import archive_warnings, min_response_bytes
 from hetserve.tsprocess import start_torchserve
-from partitioner.archive import with_config
 
 REPO = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("soak", REPO / "benchmarks" / "soak.py")
@@ -32,10 +31,9 @@ SERVING = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 50
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
+def store(tmp_path_factory, tiny_variant) -> Path:
     store = tmp_path_factory.mktemp("limits-store")
-    base = soak.build_archive(store, "base")
-    with_config(base, store / "small.mar", {**SERVING, "hetserve": {
+    tiny_variant(store, "small", {**SERVING, "hetserve": {
         "ratio": 0.5, "state_dir": str(store / "state"), "limits": {"max_response_bytes": LIMIT}}})
     return store
 

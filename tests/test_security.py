@@ -1,6 +1,7 @@
 """Input safety and the secure configuration, proven against a real TorchServe on 127.0.0.1.
 
-Two servers share one archive: ``secure`` runs config/config.properties as shipped; ``open``
+Two servers share one archive: ``secure`` runs config/config.properties as shipped (the
+session's conftest.shipped_server, shared with test_serving); ``open``
 turns the model register API on (the only way allowed_urls can be exercised) and serves a
 copy of the model that batches 4 requests at a time, for the mixed-batch tests.
 Bad inputs that tests/test_serving.py already sends are not repeated here.
@@ -24,38 +25,34 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import SHIPPED_BODY_LIMIT, SHIPPED_MODELS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hetserve.cli import main
 from hetserve.tsprocess import REPO, TorchServe, start_torchserve
 from partitioner.archive import with_config
 
 pytestmark = pytest.mark.server
 
 SAMPLE = (3, 64, 64)  # resnet18-tiny
-BODY_LIMIT = 4 * 2**20  # the archive's hetserve.limits.max_body_bytes
+BODY_LIMIT = SHIPPED_BODY_LIMIT  # the "sec" archive's hetserve.limits.max_body_bytes
 FRONTEND_LIMIT = 34603008  # config.properties max_request_size (32 MiB handler limit + 1 MiB)
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
+def store(tmp_path_factory, tiny_named) -> Path:
     store = tmp_path_factory.mktemp("store")
-    assert main([
-        "archive", "--model", "zoo:resnet18-tiny", "--export-path", str(store), "--cost", "flops",
-        "--quiet", "--model-name", "sec", "--ratios", "0.8", "--set", "maxBatchDelay=20",
-        "--set", f"hetserve.limits.max_body_bytes={BODY_LIMIT}",
-    ]) == 0
+    tiny_named(store, "sec", SHIPPED_MODELS["sec"])
     # Batches of exactly 4: a long delay makes TorchServe wait until all 4 requests are in.
     with_config(store / "sec.mar", store / "batched.mar", {"batchSize": 4, "maxBatchDelay": 5000})
     return store
 
 
 @pytest.fixture(scope="module")
-def secure(store, tmp_path_factory):
-    ts = start_torchserve(tmp_path_factory.mktemp("ts-secure"), store, {"sec": "sec.mar"})
-    yield ts
-    ts.stop()
+def secure(shipped_server):
+    """The session's TorchServe with the shipped config (conftest.shipped_server); its "sec"
+    model is the same variant as this module's sec.mar."""
+    return shipped_server
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +337,7 @@ def test_model_register_and_delete_are_refused(secure, reference):
         assert "not allowed" in message_of(resp.body)
         assert_clean(secure, resp.body, path.encode())
     listed = secure.request("GET", "/models", api="management").json()
-    assert [m["modelName"] for m in listed["models"]] == ["sec"]
+    assert sorted(m["modelName"] for m in listed["models"]) == sorted(SHIPPED_MODELS)  # no "again"
     assert_still_serving(secure, pids, reference)
 
 

@@ -10,14 +10,10 @@ import json
 import re
 import threading
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-
-from hetserve.cli import main
-from hetserve.tsprocess import start_torchserve
 
 pytestmark = pytest.mark.server
 
@@ -25,31 +21,18 @@ SAMPLE = (3, 64, 64)  # resnet18-tiny
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    store = tmp_path_factory.mktemp("store")
-    common = ["--model", "zoo:resnet18-tiny", "--export-path", str(store), "--cost", "flops", "--quiet"]
-    # Batching on: up to 4 requests per batch, waiting up to 200 ms for them to gather.
-    batching = ["--set", "batchSize=4", "--set", "maxBatchDelay=200"]
-    # Split it stays: the load-time layout check (compare_whole) could otherwise keep the whole
-    # model, and these tests read the head and tail stages' metrics.
-    split = ["--set", "hetserve.compare_whole=false"]
-    assert main(["archive", *common, "--model-name", "split", "--ratios", "0.5,0.8", *batching, *split]) == 0
-    assert main(["archive", *common, "--model-name", "whole", "--ratios", "0.8", "--set", "hetserve.ratio=1.0"]) == 0
-    return store
+def server(shipped_server):
+    """The session's TorchServe with the shipped config (conftest.shipped_server): "split" is the
+    archive cut at 0.5 and 0.8 served at 0.8 with batching on (up to 4 requests per batch,
+    waiting up to 200 ms for them to gather), "whole" the same archive serving the unsplit model."""
+    return shipped_server
 
 
 @pytest.fixture(scope="module")
-def server(store, tmp_path_factory):
-    ts = start_torchserve(tmp_path_factory.mktemp("ts"), store, {"split": "split.mar", "whole": "whole.mar"})
-    yield ts
-    ts.stop()
-
-
-@pytest.fixture(scope="module")
-def reference(store, tmp_path_factory):
+def reference(tiny_mar, tmp_path_factory):
     """The unsplit model, straight from the archive, run by ORT."""
     out = tmp_path_factory.mktemp("unzipped")
-    with zipfile.ZipFile(store / "split.mar") as z:
+    with zipfile.ZipFile(tiny_mar) as z:
         z.extractall(out)
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     return lambda x: session.run(None, {"image": x})[0]
@@ -191,6 +174,8 @@ def test_runtime_metrics_reach_prometheus(server):
         assert server.predict(model, batch(4, 11).tobytes(), "application/octet-stream").status == 200
     text = server.request("GET", "/metrics", api="metrics").body.decode()
     # Histograms: one observation per stage run, in seconds, with buckets to take quantiles over.
+    # This module's models only: the shared server serves test_security's too.
+    text = "\n".join(line for line in text.splitlines() if re.search(r'ModelName="(split|whole)"', line))
     stages = set(re.findall(r'HetserveStageRunSeconds_bucket\{[^}]*Stage="(\w+)"', text))
     assert {"head", "tail", "whole"} <= stages
     counts = re.findall(r'HetserveStageRunSeconds_count\{[^}]*\} ([\d.]+)', text)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import textwrap
 
 import numpy as np
@@ -10,6 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from models import tiny_exported
 from safetensors.torch import save_file
 
 from handlers.protocol.dynamic_dims import DynamicDims
@@ -27,11 +27,10 @@ from partitioner.loading import LoadedModel, ModelLoadError, load_model, parse_z
 TINY = ("googlenet-tiny", "nfnet-tiny", "vit-tiny", "resnet18-tiny")
 
 
-@functools.cache
 def exported(name: str) -> tuple[LoadedModel, onnx.ModelProto]:
-    """Each tiny model is exported once per test session (export is the slow part)."""
-    loaded = load_model(f"zoo:{name}")
-    return loaded, export_onnx(loaded)
+    """Each tiny model is exported once per test session (export is the slow part), shared with
+    the other modules that cut or profile the same models (tests/models.py)."""
+    return tiny_exported(name)
 
 
 def run_onnx(model: onnx.ModelProto, *inputs: torch.Tensor) -> list[np.ndarray]:
