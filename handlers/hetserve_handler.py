@@ -42,7 +42,9 @@ class HetServeHandler:
         model_dir = context.system_properties.get("model_dir")
         version = ((context.manifest or {}).get("model") or {}).get("modelVersion", "1.0")
         try:
-            self.service = InferenceService.load(model_dir, context.model_yaml_config, version)
+            self.service = InferenceService.load(
+                model_dir, context.model_yaml_config, version, served_name=context.model_name
+            )
         except Exception as exc:  # noqa: BLE001 - re-raised as the one type TorchServe reports
             # TorchServe only reports RuntimeError/MemoryError as a load failure; anything else
             # (ONNX Runtime's errors included) would kill the worker without a clear reason.

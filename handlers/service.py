@@ -70,8 +70,12 @@ class InferenceService:
         state_path: Path | None,
         model_version: str = "1.0",
         processors: Processors | None = None,
+        served_name: str | None = None,
     ) -> None:
         self.manifest = manifest
+        # KServe v2 answers carry the name the model is served under, which an operator may have
+        # registered differently from the archive's --model-name.
+        self.served_name = served_name or manifest.model_name
         self.processors = processors
         self.runtime = runtime
         self.config = config
@@ -102,6 +106,7 @@ class InferenceService:
         model_dir: str | Path,
         model_yaml: Mapping[str, Any] | None = None,
         model_version: str = "1.0",
+        served_name: str | None = None,
     ) -> InferenceService:
         model_dir = Path(model_dir)
         check_archive_digest(model_dir)  # the operator's pin, before anything else is read
@@ -113,7 +118,7 @@ class InferenceService:
         history = PerfHistory.load(state_path, alpha=config.ewma_alpha)
         runtime = build_runtime(manifest, model_dir, config, history)
         processors = Processors.load(config.processors, model_dir, manifest)
-        service = cls(manifest, runtime, config, state_path, model_version, processors)
+        service = cls(manifest, runtime, config, state_path, model_version, processors, served_name)
         service.save_history()
         service.trace_into(span_file_from_env())  # HETSERVE_TRACE_DIR: benchmarks only
         return service
@@ -212,7 +217,7 @@ class InferenceService:
                     mine,
                     request,
                     self.manifest.outputs,
-                    model_name=self.manifest.model_name,
+                    model_name=self.served_name,
                     model_version=self.model_version,
                 )
             except RequestError as err:  # e.g. the answer would exceed a response limit

@@ -21,7 +21,7 @@ from handlers.observability.metrics import MICRO_BATCHES  # noqa: E402
 SHAPE = "1,3,64,64"
 
 
-def make_context(model_dir: Path, state_dir: Path, **hetserve) -> ts_context.Context:
+def make_context(model_dir: Path, state_dir: Path, name: str = "tiny", **hetserve) -> ts_context.Context:
     config = yaml.safe_load((model_dir / "model-config.yaml").read_text()) or {}
     config["hetserve"] = {**(config.get("hetserve") or {}), "calibration_runs": 1,
                           "state_dir": str(state_dir), "core_groups": "size:1", **hetserve}
@@ -29,7 +29,7 @@ def make_context(model_dir: Path, state_dir: Path, **hetserve) -> ts_context.Con
     metrics = MetricsCacheYamlImpl(config_file_path=str(metrics_yaml))
     metrics.initialize_cache()
     return ts_context.Context(
-        "tiny", str(model_dir), {"model": {"modelVersion": "2.0"}}, 4, None, "0.12.0",
+        name, str(model_dir), {"model": {"modelVersion": "2.0"}}, 4, None, "0.12.0",
         metrics=metrics, model_yaml_config=config,
     )
 
@@ -103,3 +103,23 @@ def test_with_a_recorder_attached_the_adapter_records_its_own_span_around_handle
     (handle,) = [s for s in spans if s.lane == "worker"]
     assert adapter.batch == handle.batch == 2
     assert adapter.start <= handle.start and handle.end <= adapter.end
+
+
+def test_v2_answers_carry_the_name_the_model_is_served_under(tiny_model_dir, tmp_path):
+    # The archive says "tiny"; an operator registered it as "renamed" (the v2 protocol's
+    # model_name is the served model's).
+    context = make_context(tiny_model_dir, tmp_path, name="renamed", ratio=1.0)
+    handler = HetServeHandler()
+    handler.initialize(context)
+    try:
+        assert handler.service.manifest.model_name == "tiny"
+        spec = handler.service.manifest.inputs[0]
+        body = json.dumps({"inputs": [{"name": spec.name, "shape": [1, 3, 64, 64], "datatype": "FP32",
+                                       "data": [0.5] * (3 * 64 * 64)}]}).encode()
+        bind_batch(context, [{"content-type": "application/json"}])
+        answers = handler.handle([{"body": body}], context)
+        assert context.get_response_status(0)[0] == 200
+        answer = json.loads(answers[0])
+        assert answer["model_name"] == "renamed" and answer["model_version"] == "2.0"
+    finally:
+        handler.service.close()
