@@ -58,6 +58,17 @@ class HetServeHandler:
         self.guard = ConnectionGuard.start(hold_seconds(context.model_yaml_config))
         self.initialized = True
 
+    def close(self) -> None:
+        """Unload in process (tests, embedding): the runtime's threads and the guard process go.
+        A TorchServe worker never calls this; its process exit does the same."""
+        if self.guard is not None:
+            self.guard.stop()
+            self.guard = None
+        if self.service is not None:
+            self.service.close()
+            self.service = None
+        self.initialized = False
+
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
         started = time.perf_counter()
         answers = self._handle(data, context)

@@ -46,7 +46,7 @@ def handler_and_context(tiny_model_dir, tmp_path_factory):
     handler = HetServeHandler()
     handler.initialize(context)
     yield handler, context
-    handler.service.close()
+    handler.close()
 
 
 def test_a_batch_gets_one_answer_per_request_with_its_own_status_and_headers(handler_and_context):
@@ -122,4 +122,13 @@ def test_v2_answers_carry_the_name_the_model_is_served_under(tiny_model_dir, tmp
         answer = json.loads(answers[0])
         assert answer["model_name"] == "renamed" and answer["model_version"] == "2.0"
     finally:
-        handler.service.close()
+        handler.close()
+
+
+def test_close_stops_the_connection_guard_and_the_service(tiny_model_dir, tmp_path):
+    handler = HetServeHandler()
+    handler.initialize(make_context(tiny_model_dir, tmp_path, ratio=1.0))
+    guard = handler.guard
+    handler.close()
+    assert handler.service is None and handler.guard is None and not handler.initialized
+    assert guard is not None and guard.process.poll() is not None  # no guard left behind
