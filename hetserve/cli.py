@@ -207,8 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true",
                    help="instead of searching: re-measure the default and the winner of --out side by side")
     p.add_argument("--trials", type=int, default=12, help="configurations to try")
-    p.add_argument("--objective", choices=("max-rate", "p99"), default="max-rate",
-                   help="highest rate under --p99-ms, or lowest p99 at --rate")
+    p.add_argument("--objective", choices=("max-rate", "p99", "goodput"), default="max-rate",
+                   help="highest rate under --p99-ms, lowest p99 at --rate, or answers/s of a closed "
+                        "loop of --concurrency clients (0 if p99 > --p99-ms)")
+    p.add_argument("--search", choices=("tpe", "local"), default="tpe",
+                   help="tpe (optuna), or local: one knob of the best at a time from the shipped "
+                        "default (benchmarks/tuner_vs_grid.py; suits budgets of a few trials)")
+    p.add_argument("--concurrency", type=int, default=8, help="clients of the goodput objective")
     p.add_argument("--rate", type=float, help="with --objective p99: the fixed offered rate")
     p.add_argument("--p99-ms", type=float, default=500.0, help="p99 latency a rate must keep to count")
     p.add_argument("--start-rate", type=float, default=5.0, help="first rate of each sweep, requests/s")
@@ -468,14 +473,21 @@ def cmd_advise(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tune(args: argparse.Namespace) -> int:
+def tune_options(args: argparse.Namespace):  # -> hetserve.tuner.TuneOptions (optuna imported late)
     from hetserve.knee import Criteria
-    from hetserve.tuner import TuneOptions, compare, tune_archive
+    from hetserve.tuner import TuneOptions
 
-    options = TuneOptions(
+    return TuneOptions(
         trials=args.trials, objective=args.objective, rate=args.rate, criteria=Criteria(p99_ms=args.p99_ms),
         start_rate=args.start_rate, factor=args.factor, max_rate=args.max_rate, refine=args.refine,
-        prune_fraction=args.prune_fraction, seed=args.seed)
+        prune_fraction=args.prune_fraction, seed=args.seed, search=args.search,
+        concurrency=args.concurrency)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from hetserve.tuner import compare, tune_archive
+
+    options = tune_options(args)
     harness = {"duration": args.duration, "warmup": args.warmup, "jvm_warmup": args.jvm_warmup,
                "trial_warmup": args.trial_warmup}
     if args.compare:

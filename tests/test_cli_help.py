@@ -70,3 +70,16 @@ def test_the_load_generator_module_explains_its_flags_too():
     missing = [a.option_strings for a in parser._actions if not (a.help or "").strip()]
     assert not missing
     assert "``" not in parser.format_help()
+
+
+def test_tune_offers_the_goodput_objective_and_the_local_search():
+    from hetserve.cli import tune_options
+
+    args = build_parser().parse_args(["tune", "--mar", "m.mar", "--out", "o", "--objective", "goodput",
+                                      "--search", "local", "--concurrency", "4", "--trials", "4"])
+    options = tune_options(args)
+    assert (options.objective, options.search, options.concurrency, options.trials) == ("goodput", "local", 4, 4)
+    default = tune_options(build_parser().parse_args(["tune", "--mar", "m.mar", "--out", "o"]))
+    assert (default.objective, default.search) == ("max-rate", "tpe")  # unchanged for existing users
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["tune", "--mar", "m.mar", "--out", "o", "--search", "grid"])
