@@ -68,10 +68,27 @@ def fill(value: Any, cores: int) -> Any:
 # ---- archives ---------------------------------------------------------------------------------
 
 
+def packed_runtime_is_current(mar: Path) -> bool:
+    """Whether ``mar`` carries this checkout's serving code (the ``handlers`` tree that
+    ``copy_runtime`` packs). A cached archive from an older checkout would otherwise be served
+    with its old handler, which may refuse today's shipped model-config keys."""
+    import handlers
+
+    src = Path(handlers.__file__).resolve().parent
+    ours = {f"handlers/{p.relative_to(src).as_posix()}": p for p in src.rglob("*.py")
+            if "__pycache__" not in p.parts}
+    with zipfile.ZipFile(mar) as z:
+        packed = {n for n in z.namelist() if n.startswith("handlers/") and n.endswith(".py")}
+        return packed == set(ours) and all(z.read(n) == ours[n].read_bytes() for n in packed)
+
+
 def hetserve_archive(store: Path, name: str, model: str, *options: str) -> Path:
     """``hetserve archive --model MODEL --model-name NAME OPTIONS`` into ``store``, once: a later
-    run reuses the .mar."""
+    run reuses the .mar while it carries this checkout's serving code."""
     mar = store / f"{name}.mar"
+    if mar.exists() and not packed_runtime_is_current(mar):
+        print(f"{mar} packs an older handlers/ than this checkout: rebuilding it", flush=True)
+        mar.unlink()
     if not mar.exists():
         subprocess.run(
             [sys.executable, "-m", "hetserve", "archive", "--model", model, "--model-name", name,
