@@ -36,6 +36,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -312,7 +313,9 @@ def _sub(a, b):
 
 
 def _unpacked(mar: Path, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+    # A fresh folder: files of an earlier archive left there are strays the manifest check refuses.
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     with zipfile.ZipFile(mar) as archive:
         archive.extractall(folder)
     return folder

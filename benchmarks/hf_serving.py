@@ -86,10 +86,10 @@ def build_stock(model: str, store: Path, hetserve_mar: Path) -> Path:
                              serialized_file=Path(tmp) / f"{model}.onnx", config=SERVING)
 
 
-# As measured so far: Content-Type goes as an extra header after the generator's own
-# (application/octet-stream); both servers sniff the JSON body. Kept so results stay comparable.
 def json_load(body: bytes) -> Load:
-    return Load([body], {"Content-Type": "application/json"})
+    # One Content-Type: sent as an extra header after the generator's own octet-stream one,
+    # hetserve read the body as a raw tensor and refused every request (400).
+    return Load([body], content_type="application/json")
 
 
 def main() -> int:
