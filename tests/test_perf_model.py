@@ -232,3 +232,28 @@ def test_from_json_rejects_bad_entries() -> None:
     data["runs"][0]["mean_s"] = float("nan")
     with pytest.raises(PerfHistoryError):
         PerfHistory.from_json(data)
+
+
+def test_last_observed_is_the_newest_stamp_of_the_pair_after_observe_merge_and_load(tmp_path: Path) -> None:
+    clock = FakeClock()
+    h = PerfHistory(alpha=0.4, clock=clock)
+    assert h.last_observed("tail", "cpu0") is None
+    h.observe_run("tail", "cpu0", 1, 0.01)
+    clock.advance(5)
+    h.observe_run("tail", "cpu0", 8, 0.05)  # another bucket, later
+    clock.advance(5)
+    h.observe_run("tail", "cpu1", 1, 0.01)
+    assert h.last_observed("tail", "cpu0") == 1005.0 and h.last_observed("tail", "cpu1") == 1010.0
+    clock.advance(5)
+    h.observe_run("tail", "cpu0", 1, 0.02)  # the older bucket again: the pair's newest moves
+    assert h.last_observed("tail", "cpu0") == 1015.0
+    other = PerfHistory(alpha=0.4, clock=FakeClock(2000.0))
+    other.observe_run("tail", "cpu1", 2, 0.01)
+    merged = h.merge(other)
+    assert merged.last_observed("tail", "cpu1") == 2000.0 and merged.last_observed("tail", "cpu0") == 1015.0
+    path = tmp_path / "history.json"
+    merged.save(path)
+    loaded = PerfHistory.load(path, alpha=0.4, clock=FakeClock(3000.0))
+    for pair in (("tail", "cpu0"), ("tail", "cpu1")):
+        newest = max(e["updated"] for e in loaded.to_json()["runs"] if (e["stage"], e["executor"]) == pair)
+        assert loaded.last_observed(*pair) == newest
