@@ -55,6 +55,9 @@ class Recorder(Protocol):
 
     def record(self, span: Span) -> None: ...
 
+    def flush(self) -> None:
+        """Make the spans so far visible to their reader (a no-op for in-memory recorders)."""
+
 
 @dataclass
 class Timeline:
@@ -69,6 +72,9 @@ class Timeline:
         if self.capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {self.capacity}")
         self._spans = deque(maxlen=self.capacity)
+
+    def flush(self) -> None:
+        """In memory: always readable."""
 
     def record(self, span: Span) -> None:
         with self._lock:
@@ -96,6 +102,9 @@ class LanePrefix:
 
     def record(self, span: Span) -> None:
         self.timeline.record(replace(span, lane=f"{self.prefix}{span.lane}"))
+
+    def flush(self) -> None:
+        self.timeline.flush()
 
 
 class SpanFile:
