@@ -161,6 +161,7 @@ class Processors:
             body = body.encode("utf-8", "surrogatepass")
         if not isinstance(body, bytes | bytearray) or not body:
             return None  # the codecs answer empty and pre-decoded bodies
+        body = bytes(body)  # no copy for bytes; the frontend may hand a bytearray
         answer = self._answer_format(headers, params)
         if header(headers, V2_BINARY_HEADER) is not None:  # explicit: whatever the content type
             return self._v2_binary(body, headers, limits)
@@ -171,7 +172,7 @@ class Processors:
                     f"this model takes no images ({quoted(media or 'image bytes')}): its archive "
                     "declares no image processor; send tensors (JSON, .npy, .npz, raw)",
                 )
-            return self._images([bytes(body)], answer, had_batch_dim=False)
+            return self._images([body], answer, had_batch_dim=False)
         if media == "text/plain":
             if self.text is None:
                 raise RequestError(
