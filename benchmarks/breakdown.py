@@ -2,14 +2,17 @@
 
 Per model and row, one fresh TorchServe serves 8 closed-loop clients sending raw float32
 1x3x224x224 bodies. Rows: ``default``, the archive with this checkout's shipped model-config
-(one worker, batchSize 4, maxBatchDelay 5, the load-time layout check on) applied to it, so a
-cached archive built before a config change still measures today's default; ``whole``, the same
-with the whole model on one core group of every core (serving_cpu.py's b row), the row the
-default must never fall below. Measured per row, over the same window:
+applied to it (its minWorkers/maxWorkers, batchSize, maxBatchDelay and the load-time layout
+check: served as it ships), so a cached archive built before a config change still measures
+today's default; ``whole``, the same with the whole model on one core group of every core and
+one worker (serving_cpu.py's b row), the row the default must never fall below. Each row records
+its worker count (configured, and processes running). Measured per row, over the same window:
 
-- the worker's own spans (``HETSERVE_TRACE_DIR``: ``handlers/observability/tracing.py``): each
+- every worker's own spans (``HETSERVE_TRACE_DIR``: ``handlers/observability/tracing.py``, one
+  ``spans-<pid>.jsonl`` per worker process, lanes prefixed "w<i>/" when there are several): each
   batch's handle, its decode / assemble / run / encode, each stage's compute, the run phase's
-  time outside compute (hand-over between stages), the idle time of every core group;
+  time outside compute (hand-over between stages), the idle time of every worker and core group
+  per batch of that worker;
 - the client's send and receive times of each request (same clock, CLOCK_MONOTONIC), matched to
   the batch that answered it: send -> handle start, handle end -> receive;
 - TorchServe's own per-request counters from its metrics API (``ts_inference_latency_microseconds``:
@@ -18,8 +21,12 @@ default must never fall below. Measured per row, over the same window:
 - the CPU time of the load generator (this process), the frontend (java) and the worker over the
   window, as shares of one core;
 - then, with the server stopped, the in-process ONNX Runtime ceiling on the same cores (whole
-  model, all cores' threads, batch = batchSize) and, in process, the request path's host steps
-  timed side by side: decode, assemble (the shipped path against a plain ``np.concatenate``), encode.
+  model, batch = batchSize, the best of two layouts: one session over every physical core, and one
+  single-thread session per core run side by side; ``hetserve.bench_harness.in_process_ceiling``).
+  Served / ceiling is against the best layout (named), against each layout, and against the best
+  less the share of the cores the load generator used; and, in process, the request path's host
+  steps timed side by side: decode, assemble (the shipped path against a plain
+  ``np.concatenate``), encode.
 
 Writes ``breakdown.json`` (command, machine, every figure) and ``breakdown-<model>-<row>.png``
 (the worker's lanes over a short window, drawn by ``benchmarks/timeline.py``).
@@ -34,7 +41,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import shutil
 import sys
@@ -49,14 +55,16 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from ort_ceiling import samples_per_s  # noqa: E402
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from handlers.observability.tracing import TRACE_DIR_ENV, Span, read_span_file  # noqa: E402
-from hetserve.bench_harness import hetserve_archive  # noqa: E402
-from hetserve.loadgen import Target, _result, _Run, run_closed_loop  # noqa: E402
+from hetserve.bench_harness import (  # noqa: E402
+    hetserve_archive,
+    in_process_ceiling,
+    physical_cores,
+    whole_model_files,
+)
+from hetserve.loadgen import Target, drive_closed_loop_recorded, run_closed_loop  # noqa: E402
 from hetserve.machine import machine_info, run_record  # noqa: E402
 from hetserve.timeline_report import clip, served_breakdown  # noqa: E402
 from hetserve.tsprocess import start_torchserve  # noqa: E402
@@ -99,21 +107,19 @@ def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
 
 
 def server_pids(ts) -> dict[str, list[int]]:
-    """The frontend (java) and its Python workers, found under the TorchServe process tree."""
+    """The frontend (java) and its Python workers (``TorchServe.worker_pids``: the CPU
+    launcher's own process, which names the worker script too, is not one)."""
     import psutil
 
     root = psutil.Process(ts.process.pid)
-    frontend, workers = [], []
+    frontend = []
     for proc in [root, *root.children(recursive=True)]:
         try:
-            cmd = " ".join(proc.cmdline())
+            if "java" in proc.name() or "model-server.jar" in " ".join(proc.cmdline()):
+                frontend.append(proc.pid)
         except psutil.Error:
             continue
-        if "java" in proc.name() or "model-server.jar" in cmd:
-            frontend.append(proc.pid)
-        elif "model_service_worker" in cmd:
-            workers.append(proc.pid)
-    return {"frontend": frontend, "workers": workers}
+    return {"frontend": frontend, "workers": ts.worker_pids()}
 
 
 class Probe:
@@ -148,26 +154,34 @@ class Probe:
 
 async def closed_loop(target: Target, duration: float, warmup: float, probe: Probe):
     """``hetserve.loadgen``'s closed loop, keeping each request's record (send and receive times)
-    and probing the server at the window's edges."""
-    run = _Run(target, 10.0, CLIENTS)
-    await run.pool.fill(CLIENTS)
-    start = run.loop.time()
-    edges = threading.Thread(target=lambda: (probe.at(start + warmup), probe.at(start + warmup + duration)))
-    edges.start()
-    clients = [run.loop.create_task(run.closed_client()) for _ in range(CLIENTS)]
-    window = await run.measure(start, warmup, duration, clients, False)
-    await asyncio.to_thread(edges.join)
-    return _result(run, window, mode="closed", concurrency=CLIENTS, warmup_s=warmup), run.records, window
+    and probing the server at the window's edges (from a thread: a probe must not stall the
+    clients' loop)."""
+    edges: list[threading.Thread] = []
+
+    def probe_edges(start: float) -> None:
+        thread = threading.Thread(target=lambda: (probe.at(start + warmup), probe.at(start + warmup + duration)))
+        thread.start()
+        edges.append(thread)
+
+    run = await drive_closed_loop_recorded(target, CLIENTS, duration, warmup=warmup, timeout=10.0,
+                                           on_start=probe_edges)
+    for thread in edges:
+        await asyncio.to_thread(thread.join)
+    return run
 
 
-def worker_spans(trace_dir: Path) -> list[Span]:
-    files = sorted(trace_dir.glob("spans-*.jsonl"))
-    spans = []
+def worker_spans(trace_dir: Path) -> tuple[list[Span], dict[str, int]]:
+    """Every worker's spans, lanes prefixed "w<i>/" when there are several span files (one per
+    worker process: ``SpanFile`` names them ``spans-<pid>.jsonl``; a restarted worker adds one),
+    and which pid each prefix is."""
+    files = sorted(trace_dir.glob("spans-*.jsonl"), key=lambda p: int(p.stem.split("-")[1]))
+    spans, pids = [], {}
     for i, path in enumerate(files):
         prefix = f"w{i}/" if len(files) > 1 else ""
+        pids[prefix.rstrip("/") or "worker"] = int(path.stem.split("-")[1])
         for s in read_span_file(path):
             spans.append(s if not prefix else Span(prefix + s.lane, s.kind, s.name, s.start, s.end, s.batch, s.nbytes))
-    return spans
+    return spans, pids
 
 
 # ---------------------------------------------------------------------------- in-process figures
@@ -214,23 +228,35 @@ def host_steps(model_dir: Path, batch: int, repeats: int) -> dict[str, Any]:
 
 
 def ceiling(mar: Path, batch: int, seconds: float) -> dict[str, Any]:
-    from handlers.artifact.contract import read_archive
-
-    threads = len(os.sched_getaffinity(0))
+    """The best in-process layout of the archive's whole model on every physical core (one
+    session over all cores, one session per core side by side), named."""
     with tempfile.TemporaryDirectory() as tmp:
-        with zipfile.ZipFile(mar) as archive:
-            archive.extractall(tmp)
-        whole = Path(tmp) / read_archive(Path(tmp)).manifest.whole_model
-        rate = samples_per_s(whole, threads, batch, seconds)
-    return {"threads": threads, "batch": batch, "samples_per_s": round(rate, 2)}
+        whole, _ = whole_model_files(mar, Path(tmp))
+        return in_process_ceiling(whole, batch, seconds)
+
+
+def versus_ceiling(served: float, ceiling_row: dict[str, Any], load_generator_pct: float) -> dict[str, Any]:
+    """Served req/s against the best in-process layout and against each layout; and against the
+    best layout less the cores the load generator took (it shares the box: its cost, counted)."""
+    cores = ceiling_row["threads"]
+    best = ceiling_row["samples_per_s"]
+    left = best * max(0.0, 1 - load_generator_pct / (100 * cores))
+    return {
+        "served_vs_ceiling": round(served / best, 3) if best else None,
+        "ceiling_layout": ceiling_row["layout"],
+        "served_vs_layout": {name: round(served / row["samples_per_s"], 3) if row["samples_per_s"] else None
+                             for name, row in ceiling_row["layouts"].items()},
+        "ceiling_less_load_generator": round(left, 2),
+        "served_vs_ceiling_less_load_generator": round(served / left, 3) if left else None,
+    }
 
 
 # ---------------------------------------------------------------------------- one model
 
 
-def row_archives(model: str, store: Path) -> dict[str, Path]:
-    """``default``: the archive with the shipped model-config applied; ``whole``: that with the
-    whole model on one group of every core."""
+def row_archives(model: str, store: Path, workers: int | None = None) -> dict[str, Path]:
+    """``default``: the archive with the shipped model-config applied, workers included (served
+    as it ships); ``whole``: that with the whole model on one group of every core, one worker."""
     import yaml
 
     from hetserve.defaults import MODEL_CONFIG, default_file
@@ -240,10 +266,13 @@ def row_archives(model: str, store: Path) -> dict[str, Path]:
     # ratio it reaches); the default row serves the archive's default partition.
     base = hetserve_archive(store, model, f"zoo:{model}", "--ratios", "0.5,0.8", "--allow-off-target")
     shipped = yaml.safe_load(default_file(MODEL_CONFIG).read_text())
+    if workers is not None:  # --workers: what the default would serve with another worker count
+        shipped = {**shipped, "minWorkers": workers, "maxWorkers": workers}
     default = with_config(base, store / f"{model}-breakdown-default.mar", shipped)
-    cores = len(os.sched_getaffinity(0))
+    cores = physical_cores()
     whole = with_config(default, store / f"{model}-breakdown-whole.mar",
-                        {"hetserve": {"ratio": 1.0, "core_groups": f"size:{cores}"}})
+                        {"minWorkers": 1, "maxWorkers": 1,
+                         "hetserve": {"ratio": 1.0, "core_groups": f"size:{cores}"}})
     return {"default": default, "whole": whole}
 
 
@@ -263,13 +292,14 @@ def measure(model: str, row: str, mar: Path, args) -> dict[str, Any]:
         )
         # A fresh JVM JIT-compiles for its first tens of seconds: load it before measuring.
         run_closed_loop(target, CLIENTS, args.jvm_warmup, warmup=0.0)
-        probe = Probe(f"http://127.0.0.1:{ts.ports['metrics']}/metrics", server_pids(ts))
-        result, records, window = asyncio.run(closed_loop(target, args.duration, args.warmup, probe))
+        pids = server_pids(ts)
+        probe = Probe(f"http://127.0.0.1:{ts.ports['metrics']}/metrics", pids)
+        run = asyncio.run(closed_loop(target, args.duration, args.warmup, probe))
     finally:
         ts.stop()
-    lo, hi = window[0], window[1]
-    spans = worker_spans(trace_dir)
-    ok = [(r.sent, r.done) for r in records if r.sent is not None and isinstance(r.outcome, int)
+    result, (lo, hi) = run.result, run.window
+    spans, span_pids = worker_spans(trace_dir)
+    ok = [(r.sent, r.done) for r in run.records if r.sent is not None and isinstance(r.outcome, int)
           and 200 <= r.outcome < 300]
     served = served_breakdown(spans, ok, (lo, hi))
     server = probe.summary(result.ok)
@@ -285,6 +315,10 @@ def measure(model: str, row: str, mar: Path, args) -> dict[str, Any]:
     return {
         "archive_config": {k: config.get(k) for k in ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay")}
         | {"hetserve": config.get("hetserve", {})},
+        # As served: the archive's own minWorkers, the worker processes found at the window's
+        # start, and whose span file each "w<i>/" lane prefix is.
+        "workers": {"configured": config.get("minWorkers"), "running": len(pids["workers"]),
+                    "span_files": span_pids},
         # What the worker actually ran (the layout check may have kept the whole model).
         "served_stages": sorted(served["stages"]),
         "load": {"clients": CLIENTS, "served_rps": round(result.goodput_rps, 2), "ok": result.ok,
@@ -343,6 +377,8 @@ def main() -> int:
     parser.add_argument("--ceiling-seconds", type=float, default=8.0)
     parser.add_argument("--repeats", type=int, default=200, help="in-process timing repeats")
     parser.add_argument("--window-ms", type=float, default=400.0, help="span of the picture")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="serve the default row with this many workers (default: as the shipped model-config says)")
     parser.add_argument("--quick", action="store_true", help="short everything (smoke run)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "hetserve-bench")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -353,12 +389,12 @@ def main() -> int:
     store = args.work / "store"
     store.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "breakdown", **run_record(), "machine": machine_info(),
-              "settings": {k: getattr(args, k) for k in ("duration", "warmup", "jvm_warmup", "ceiling_seconds", "quick")},
+              "settings": {k: getattr(args, k) for k in ("duration", "warmup", "jvm_warmup", "ceiling_seconds", "workers", "quick")},
               "body": f"raw float32 {SHAPE}", "models": {}}
     rows = [r for r in ("default", "whole") if r in args.rows.split(",")]
     for model in args.models.split(","):
         print(f"== {model}", flush=True)
-        archives = row_archives(model, store)
+        archives = row_archives(model, store, args.workers)
         entry: dict[str, Any] = {"rows": {}}
         for row in rows:
             entry["rows"][row] = measure(model, row, archives[row], args)
@@ -368,7 +404,8 @@ def main() -> int:
         entry["host_steps_in_process"] = host_steps(
             _unpacked(archives["default"], args.work / f"breakdown-{model}-model"), batch, args.repeats)
         for row, e in entry["rows"].items():
-            e["served_vs_ceiling"] = round(e["load"]["served_rps"] / entry["ceiling"]["samples_per_s"], 3)
+            e.update(versus_ceiling(e["load"]["served_rps"], entry["ceiling"],
+                                    e["load"]["load_generator_cpu_pct_of_one_core"]))
             print(table(f"{model}/{row}", e), flush=True)
         if {"default", "whole"} <= set(entry["rows"]):
             served = {r: entry["rows"][r]["load"]["served_rps"] for r in ("default", "whole")}
@@ -386,7 +423,10 @@ def table(model: str, e: dict[str, Any]) -> str:
     w, s = e["worker"], e["server"]
     rows = [
         ("served req/s", e["load"]["served_rps"]),
-        ("served / in-process ceiling", e["served_vs_ceiling"]),
+        ("workers (configured / running)", f"{e['workers']['configured']} / {e['workers']['running']}"),
+        (f"served / in-process ceiling ({e['ceiling_layout']})", e["served_vs_ceiling"]),
+        *((f"served / in-process {k}", v) for k, v in e["served_vs_layout"].items()),
+        ("served / ceiling less the load generator's CPU", e["served_vs_ceiling_less_load_generator"]),
         ("stages served", ", ".join(e["served_stages"])),
         ("client latency mean ms", w["per_request"]["client_latency_ms"]),
         ("frontend receive->response ms (TorchServe)", s["frontend_mean_ms"]),
@@ -396,7 +436,9 @@ def table(model: str, e: dict[str, Any]) -> str:
         ("frontend<->worker round trip outside handler ms", e["derived_per_request_ms"]["frontend_worker_round_trip_outside_handler"]),
         *((f"per batch {k}", v) for k, v in w["per_batch"].items()),
         *((f"stage {k} mean run ms", v["mean_run_ms"]) for k, v in w["stages"].items()),
-        *((f"idle {k} ms per batch", v["idle_ms_per_batch"]) for k, v in w["idle"].items()),
+        *((f"worker {k}: batches, mean handle ms", f"{v['batches']}, {v['handle_ms']}")
+          for k, v in w.get("workers", {}).items()),
+        *((f"idle {k} ms per batch of its worker", v["idle_ms_per_batch"]) for k, v in w["idle"].items()),
         *((f"CPU % of one core: {k}", v) for k, v in s["cpu_pct_of_one_core"].items()),
         ("CPU % of one core: load generator", e["load"]["load_generator_cpu_pct_of_one_core"]),
     ]

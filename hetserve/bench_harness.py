@@ -12,10 +12,12 @@ rate that meets the criteria (``knee.sweep_rates``).
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -169,6 +171,116 @@ def whole_model_files(mar: Path, dest: Path) -> tuple[Path, list[Path]]:
         for name in extra:
             archive.extract(name, dest)
     return dest / whole, [dest / name for name in extra]
+
+
+# ---- the in-process ceiling ----------------------------------------------------------------------
+
+# The in-process layouts the ceiling is the best of: one session whose intra-op threads span
+# every physical core (ORT's defaults, unpinned: what a plain user runs), and data-parallel, one
+# single-thread session per physical core, each driven from its own Python thread and pinned to
+# its core the way hetserve's CPU executor pins (ORT releases the GIL, so they run in parallel).
+ONE_SESSION_ALL_CORES = "one_session_all_cores"
+SESSION_PER_CORE = "session_per_core"
+CEILING_LAYOUTS = (ONE_SESSION_ALL_CORES, SESSION_PER_CORE)
+
+
+def _example_batch(session: Any, batch: int) -> dict[str, Any]:
+    import numpy as np
+
+    spec = session.get_inputs()[0]
+    dims = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape[1:]]
+    return {spec.name: np.random.default_rng(0).standard_normal((batch, *dims), dtype=np.float32)}
+
+
+def _timed_runs(session: Any, feeds: dict[str, Any], batch: int, deadline: float) -> tuple[int, float]:
+    """Run until ``deadline`` (perf_counter): (samples done, when the last run ended)."""
+    done = 0
+    while time.perf_counter() < deadline:
+        session.run(None, feeds)
+        done += batch
+    return done, time.perf_counter()
+
+
+def one_session_samples_per_s(path: Path, threads: int, batch: int, seconds: float) -> float:
+    """One ONNX Runtime session, ``threads`` intra-op threads (ORT's defaults otherwise), run
+    back to back on one batch for ``seconds``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = _example_batch(session, batch)
+    for _ in range(3):
+        session.run(None, feeds)
+    started = time.perf_counter()
+    done, ended = _timed_runs(session, feeds, batch, started + seconds)
+    return done / (ended - started)
+
+
+def session_per_core_samples_per_s(path: Path, batch: int, seconds: float,
+                                   cores: int | None = None) -> float:
+    """One single-thread session per physical core (``cores`` of them, default every usable
+    one), each loaded and run in its own Python thread pinned to its core with the CPU
+    executor's session options, all on one batch for the same ``seconds``: samples/s summed."""
+    import onnxruntime as ort
+
+    from handlers.executors.cpu import cpu_session_options
+    from handlers.hardware.topology import core_groups, probe
+
+    groups = core_groups(probe(), "size:1")[:cores]
+    window: list[float] = []
+    # The barrier's action runs once, before any driver is released: one start for every clock.
+    ready = threading.Barrier(len(groups), action=lambda: window.append(time.perf_counter()))
+    counts: list[tuple[int, float]] = []
+    failures: list[BaseException] = []
+
+    def drive(group: Any) -> None:
+        try:
+            # Pin first, load second, as CpuExecutor does: the weights are touched from this core.
+            os.sched_setaffinity(0, {group.cpus[0]})
+            session = ort.InferenceSession(str(path), cpu_session_options(group, spinning=False),
+                                           providers=["CPUExecutionProvider"])
+            feeds = _example_batch(session, batch)
+            for _ in range(3):
+                session.run(None, feeds)
+            ready.wait()  # every session loaded and warm: all start together
+        except threading.BrokenBarrierError:
+            return  # another driver failed; its error is the one reported
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            failures.append(exc)
+            ready.abort()
+            return
+        counts.append(_timed_runs(session, feeds, batch, window[0] + seconds))
+
+    threads = [threading.Thread(target=drive, args=(g,), name=f"ceiling-{g.name}") for g in groups]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        raise failures[0]
+    return sum(n for n, _ in counts) / (max(end for _, end in counts) - window[0])
+
+
+def in_process_ceiling(path: Path, batch: int, seconds: float, cores: int | None = None) -> dict[str, Any]:
+    """The best in-process layout for ``path`` on ``cores`` physical cores (default: every
+    usable one), batch ``batch``: each layout's samples/s, and the best one named.
+
+    ``threads`` and ``samples_per_s`` keep the keys older reports had (total threads, the
+    ceiling); ``layout`` names which layout set it."""
+    usable = physical_cores()
+    cores = min(cores or usable, usable)
+    layouts = {
+        ONE_SESSION_ALL_CORES: {"sessions": 1, "threads_per_session": cores, "pinned": False,
+                                "samples_per_s": one_session_samples_per_s(path, cores, batch, seconds)},
+        SESSION_PER_CORE: {"sessions": cores, "threads_per_session": 1, "pinned": True,
+                           "samples_per_s": session_per_core_samples_per_s(path, batch, seconds, cores)},
+    }
+    for row in layouts.values():
+        row["samples_per_s"] = round(row["samples_per_s"], 2)
+    best = max(layouts, key=lambda name: layouts[name]["samples_per_s"])
+    return {"threads": cores, "batch": batch, "seconds": seconds,
+            "samples_per_s": layouts[best]["samples_per_s"], "layout": best, "layouts": layouts}
 
 
 # ---- one server row -----------------------------------------------------------------------------

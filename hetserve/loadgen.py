@@ -23,7 +23,7 @@ import signal
 import statistics
 import time
 from collections import Counter, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -482,14 +482,40 @@ async def drive_open_loop(target: Target, rate: float, duration: float, *, arriv
 async def drive_closed_loop(target: Target, concurrency: int, duration: float, *, warmup: float = 1.0,
                             timeout: float = 10.0, handle_signals: bool = False) -> LoadResult:
     """`concurrency` clients, each sending its next request when the previous one returns."""
+    recorded = await drive_closed_loop_recorded(target, concurrency, duration, warmup=warmup,
+                                                timeout=timeout, handle_signals=handle_signals)
+    return recorded.result
+
+
+@dataclass(frozen=True)
+class RecordedRun:
+    """A run's stats with what they were computed from: every request's record and the measured
+    window, on the loop's clock (``time.monotonic``, CLOCK_MONOTONIC on Linux), so a caller can
+    line requests up with timestamps taken elsewhere on the same host."""
+
+    result: LoadResult
+    records: tuple[Record, ...]
+    window: tuple[float, float]
+
+
+async def drive_closed_loop_recorded(target: Target, concurrency: int, duration: float, *,
+                                     warmup: float = 1.0, timeout: float = 10.0,
+                                     handle_signals: bool = False,
+                                     on_start: Callable[[float], None] | None = None) -> RecordedRun:
+    """``drive_closed_loop``, keeping the records. ``on_start(start)`` is called once, with the
+    loop-clock time the clients start at (the window is [start + warmup, start + warmup +
+    duration)), before any request is sent: it must return at once (start a thread to act later)."""
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
     run = _Run(target, timeout, concurrency)
     await run.pool.fill(concurrency)
     start = run.loop.time()
+    if on_start is not None:
+        on_start(start)
     clients = [run.loop.create_task(run.closed_client()) for _ in range(concurrency)]
     window = await run.measure(start, warmup, duration, clients, handle_signals)
-    return _result(run, window, mode="closed", concurrency=concurrency, warmup_s=warmup)
+    result = _result(run, window, mode="closed", concurrency=concurrency, warmup_s=warmup)
+    return RecordedRun(result, tuple(run.records), (window[0], window[1]))
 
 
 def _result(run: _Run, window: tuple[float, float, float, float], **meta) -> LoadResult:
@@ -505,6 +531,10 @@ def run_open_loop(target: Target, rate: float, duration: float, arrival: str = "
 
 def run_closed_loop(target: Target, concurrency: int, duration: float, **options) -> LoadResult:
     return asyncio.run(drive_closed_loop(target, concurrency, duration, **options))
+
+
+def run_closed_loop_recorded(target: Target, concurrency: int, duration: float, **options) -> RecordedRun:
+    return asyncio.run(drive_closed_loop_recorded(target, concurrency, duration, **options))
 
 
 def probe(target: Target, timeout: float = 30.0) -> tuple[int | str, float]:

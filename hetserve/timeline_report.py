@@ -171,7 +171,8 @@ def served_breakdown(
 
     Per batch (mean ms): the handler's phases, each stage's compute, the run phase's time not
     covered by its own worker's compute (hand-over between stages, placement, waiting), and how
-    long each executor lane and each worker sat idle. Per request: client send to the start of
+    long each executor lane and each worker sat idle per batch *of that worker*; per worker
+    (its lane prefix, "worker" for unprefixed lanes): its batches and their mean handle. Per request: client send to the start of
     the batch that answered it, that batch's handle, its end to the client's receive; a request
     is matched to the latest batch that started after it was sent and ended before it came back.
     """
@@ -213,13 +214,23 @@ def served_breakdown(
         mine = [(c.start, c.end) for c in compute if _prefix(c.lane) == _prefix(run.lane)]
         not_compute.append(run.seconds - length(intersection([(run.start, run.end)], mine)))
     lanes = sorted({s.lane for s in compute} | {h.lane for h in handles})
+    # Several workers each take their own batches: a lane's idle time is per batch of its worker.
+    worker_handles: dict[str, list[Span]] = {}
+    for h in handles:
+        worker_handles.setdefault(_prefix(h.lane), []).append(h)
     idle = {}
     for lane in lanes:
         own = clip([s for s in spans if s.lane == lane and s.kind in (COMPUTE, HOST)
                     and (s.kind == COMPUTE or s.name == "handle")], lo, hi)
         busy = length(_intervals(own))
+        mine = len(worker_handles.get(_prefix(lane), ()))
         idle[lane] = {"idle_share": round(1 - busy / width, 4) if width else None,
-                      "idle_ms_per_batch": round(1e3 * (width - busy) / batches, 3) if batches else None}
+                      "idle_ms_per_batch": round(1e3 * (width - busy) / mine, 3) if mine else None}
+    workers = {(prefix.rstrip("/") or "worker"): {
+        "batches": len(own_handles),
+        "handle_ms": _mean_ms([h.seconds for h in own_handles]),
+        "requests_per_batch": round(sum(h.batch for h in own_handles) / len(own_handles), 3),
+    } for prefix, own_handles in sorted(worker_handles.items())}
     # Requests -> the batch that answered them.
     ends = [h.end for h in handles]
     to_handler, from_handler, latency, unmatched = [], [], [], 0
@@ -243,6 +254,7 @@ def served_breakdown(
         "per_batch": {**per_batch, "run_not_compute_ms": _mean_ms(not_compute)},
         "stages": stage_rows,
         "idle": idle,
+        "workers": workers,
         "per_request": {
             "requests": len(latency),
             "matched": len(to_handler),
