@@ -182,3 +182,25 @@ def test_several_requests_are_written_into_one_buffer_in_request_order():
     assert feeds["x"].shape == (6, 3, 4, 4) and feeds["x"].flags.c_contiguous
     np.testing.assert_array_equal(feeds["x"], expected)
     assert not any(np.shares_memory(feeds["x"], np.frombuffer(b, np.float32)) for b, _ in parts)
+
+
+def test_with_several_workers_each_lanes_idle_time_is_per_batch_of_its_own_worker():
+    def on(worker: str, spans: list[Span]) -> list[Span]:
+        return [Span(f"{worker}/{s.lane}", s.kind, s.name, s.start, s.end, s.batch) for s in spans]
+
+    # w0 serves two batches in the 40 ms window, w1 one: w1's lanes are idle 30 ms for its one batch.
+    spans = on("w0", _batch(0, 4) + _batch(20, 4)) + on("w1", _batch(5, 2))
+    report = served_breakdown(spans, [], (0.0, 0.040))
+    assert report["batches"] == 3
+    assert report["workers"]["w0"] == {"batches": 2, "handle_ms": pytest.approx(10), "requests_per_batch": 4}
+    assert report["workers"]["w1"]["batches"] == 1 and report["workers"]["w1"]["requests_per_batch"] == 2
+    assert report["idle"]["w0/worker"]["idle_ms_per_batch"] == pytest.approx(10)
+    assert report["idle"]["w1/worker"]["idle_ms_per_batch"] == pytest.approx(30)
+    assert report["idle"]["w1/g0"]["idle_ms_per_batch"] == pytest.approx(37)
+    assert report["idle"]["w0/g1"]["idle_share"] == pytest.approx(1 - 4 / 40)
+
+
+def test_a_single_workers_unprefixed_lanes_are_reported_as_one_worker():
+    report = served_breakdown(_batch(0, 2) + _batch(20, 2), [], (0.0, 0.040))
+    assert list(report["workers"]) == ["worker"]
+    assert report["workers"]["worker"]["batches"] == 2

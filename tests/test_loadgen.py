@@ -25,6 +25,7 @@ from hetserve.loadgen import (
     arrival_offsets,
     parse_response_head,
     run_closed_loop,
+    run_closed_loop_recorded,
     run_open_loop,
     summarize,
 )
@@ -303,3 +304,20 @@ def test_wait_until_idle_returns_once_a_lone_request_is_fast_again():
         waited = wait_until_idle(target, baseline, deadline_s=10)
         assert 0.9 <= waited < 5.0
         assert wait_until_idle(target, baseline, deadline_s=10) < 0.5  # idle: returns at once
+
+
+def test_a_recorded_closed_loop_hands_back_its_records_window_and_start():
+    starts: list[float] = []
+    with serving(delay=0.02) as srv:
+        target = Target.create(srv.base + "/predictions/m", b"x")
+        run = run_closed_loop_recorded(target, 2, 0.6, warmup=0.2, on_start=starts.append)
+        plain_requests = srv.requests
+    (start,) = starts  # called once, before any request left
+    assert all(r.sent is None or r.sent >= start for r in run.records)
+    assert run.window[0] == pytest.approx(start + 0.2)
+    assert run.window[0] < run.window[1] <= start + 0.2 + 0.6 + 1e-6
+    # The stats are those of the records handed back, warm-up requests included in the records.
+    in_window = [r for r in run.records if run.window[0] <= r.intended < run.window[1]]
+    assert run.result.ok == sum(r.outcome == 200 for r in in_window) > 0
+    assert len(run.records) == plain_requests > len(in_window)
+    assert run.result.mode == "closed" and run.result.concurrency == 2
