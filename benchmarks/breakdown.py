@@ -31,7 +31,7 @@ its worker count (configured, and processes running). Measured per row, over the
 Writes ``breakdown.json`` (command, machine, every figure) and ``breakdown-<model>-<row>.png``
 (the worker's lanes over a short window, drawn by ``benchmarks/timeline.py``).
 
-    python benchmarks/breakdown.py        # both models, both rows: about 5 minutes on 2 idle
+    python benchmarks/breakdown.py        # both models, both rows: about 6 minutes on 2 idle
                                           # cores with the archives cached, 7-8 building them
     python benchmarks/breakdown.py --quick --models resnet18 --rows default --out /tmp/bd   # ~1 min
 """

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +35,9 @@ from hetserve.bench_harness import (
     stock_eager_archive,
     sweep_server,
     whole_model_files,
+)
+from hetserve.bench_harness import (
+    in_process_ceiling as harness_ceiling,
 )
 from hetserve.knee import Criteria, plot_curves
 from hetserve.loadgen import LoadResult
@@ -67,49 +67,14 @@ def build_stock_onnx_mar(model: str, store: Path, hetserve_mar: Path) -> Path:
 
 
 def in_process_ceiling(store: Path, model: str, seconds: float) -> dict:
-    """ONNX Runtime with no server: one 2-thread session, and one 1-thread session per core."""
-    import zipfile
-
-    import onnxruntime as ort
-
-    cores = sorted(os.sched_getaffinity(0))
+    """ONNX Runtime with no server, batch 8: the best of one session over every physical core and
+    one single-thread session per core side by side (``bench_harness.in_process_ceiling``)."""
     batch = 8
     with tempfile.TemporaryDirectory() as tmp:
-        with zipfile.ZipFile(store / f"{model}.mar") as z:
-            z.extract("model.onnx", tmp)
-            z.extract("weights.bin", tmp)
-        path = str(Path(tmp) / "model.onnx")
-        x = np.random.default_rng(0).standard_normal((batch, *SHAPE[1:])).astype(np.float32)
-
-        def session(threads: int):
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-        def drive(sess, cpu: int | None, counts: list, stop: float):
-            if cpu is not None:
-                os.sched_setaffinity(0, {cpu})
-            sess.run(None, {"image": x})
-            n = 0
-            while time.perf_counter() < stop:
-                sess.run(None, {"image": x})
-                n += batch
-            counts.append(n)
-
-        results = {}
-        for label, sessions in (("one_session_all_threads", [session(len(cores))]),
-                                ("one_session_per_core", [session(1) for _ in cores])):
-            counts: list[int] = []
-            start = time.perf_counter()
-            stop = start + seconds
-            pins = [None] if len(sessions) == 1 else cores
-            threads = [threading.Thread(target=drive, args=(s, c, counts, stop)) for s, c in zip(sessions, pins, strict=True)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            results[label] = sum(counts) / (time.perf_counter() - start)
-    return {"samples_per_s": results, "best": max(results.values()), "batch": batch}
+        whole, _ = whole_model_files(store / f"{model}.mar", Path(tmp))
+        ceiling = harness_ceiling(whole, batch, seconds)
+    return {"samples_per_s": {k: v["samples_per_s"] for k, v in ceiling["layouts"].items()},
+            "best": ceiling["samples_per_s"], "layout": ceiling["layout"], "batch": batch}
 
 
 def main() -> int:
