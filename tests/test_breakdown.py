@@ -204,3 +204,32 @@ def test_a_single_workers_unprefixed_lanes_are_reported_as_one_worker():
     report = served_breakdown(_batch(0, 2) + _batch(20, 2), [], (0.0, 0.040))
     assert list(report["workers"]) == ["worker"]
     assert report["workers"]["worker"]["batches"] == 2
+
+
+# ---- served against the in-process ceiling ---------------------------------------------------------
+
+
+def _breakdown_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "breakdown.py"
+    spec = importlib.util.spec_from_file_location("breakdown", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_served_is_compared_with_the_best_layout_each_layout_and_the_cores_the_client_left():
+    versus_ceiling = _breakdown_module().versus_ceiling
+    ceiling = {"threads": 2, "batch": 4, "samples_per_s": 50.0, "layout": "session_per_core",
+               "layouts": {"one_session_all_cores": {"samples_per_s": 40.0},
+                           "session_per_core": {"samples_per_s": 50.0}}}
+    # The load generator used 10% of one core of two: 95% of the ceiling was left to the server.
+    out = versus_ceiling(45.0, ceiling, load_generator_pct=10.0)
+    assert out["served_vs_ceiling"] == pytest.approx(0.9)
+    assert out["ceiling_layout"] == "session_per_core"
+    assert out["served_vs_layout"] == {"one_session_all_cores": pytest.approx(1.125),
+                                       "session_per_core": pytest.approx(0.9)}
+    assert out["ceiling_less_load_generator"] == pytest.approx(47.5)
+    assert out["served_vs_ceiling_less_load_generator"] == pytest.approx(45 / 47.5, abs=1e-3)
