@@ -21,8 +21,9 @@ its worker count (configured, and processes running). Measured per row, over the
 - the CPU time of the load generator (this process), the frontend (java) and the worker over the
   window, as shares of one core;
 - then, with the server stopped, the in-process ONNX Runtime ceiling on the same cores (whole
-  model, batch = batchSize, the best of two layouts: one session over every physical core, and one
-  single-thread session per core run side by side; ``hetserve.bench_harness.in_process_ceiling``).
+  model, batch = batchSize, the best of three layouts: one session over every physical core,
+  unpinned and pinned as hetserve pins, and one single-thread session per core run side by side;
+  ``hetserve.bench_harness.in_process_ceiling``).
   Served / ceiling is against the best layout (named), against each layout, and against the best
   less the share of the cores the load generator used; and, in process, the request path's host
   steps timed side by side: decode, assemble (the shipped path against a plain
@@ -31,7 +32,7 @@ its worker count (configured, and processes running). Measured per row, over the
 Writes ``breakdown.json`` (command, machine, every figure) and ``breakdown-<model>-<row>.png``
 (the worker's lanes over a short window, drawn by ``benchmarks/timeline.py``).
 
-    python benchmarks/breakdown.py        # both models, both rows: about 6 minutes on 2 idle
+    python benchmarks/breakdown.py        # both models, both rows: about 6-7 minutes on 2 idle
                                           # cores with the archives cached, 7-8 building them
     python benchmarks/breakdown.py --quick --models resnet18 --rows default --out /tmp/bd   # ~1 min
 """

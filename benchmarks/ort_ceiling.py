@@ -1,9 +1,11 @@
 """How fast this machine runs a model in process (ONNX Runtime, no server): the yardstick that makes
 serving figures from different days comparable. Shared build machines vary from day to day.
 
-Rows: one session with 1 thread and with one thread per physical core (ORT's defaults, unpinned),
-and one single-thread session per physical core run side by side (``session_per_core``: the
-data-parallel layout, pinned as hetserve pins), each at every ``--batches``. The ceiling at
+Rows: one session with 1 thread and with one thread per physical core (ORT's defaults, unpinned);
+one session over every core pinned as hetserve's CPU executor pins a group
+(``one_session_all_cores_pinned``); and one single-thread session per physical core run side by
+side (``session_per_core``: the data-parallel layout, pinned the same way); each at every
+``--batches``. The ceiling at
 ``--batch`` is the best row at that batch, named by its layout
 (``hetserve.bench_harness.in_process_ceiling``).
 
@@ -24,7 +26,9 @@ sys.path.insert(0, str(REPO))
 from handlers.artifact.contract import read_archive  # noqa: E402
 from hetserve.bench_harness import (  # noqa: E402
     ONE_SESSION_ALL_CORES,
+    ONE_SESSION_ALL_CORES_PINNED,
     SESSION_PER_CORE,
+    one_pinned_session_samples_per_s,
     one_session_samples_per_s,
     physical_cores,
     session_per_core_samples_per_s,
@@ -42,6 +46,9 @@ def measure_rows(whole: Path, cores: int, batches: list[int], seconds: float) ->
             rows.append({"layout": layout, "sessions": 1, "threads": threads, "batch": b,
                          "samples_per_s": round(one_session_samples_per_s(whole, threads, b, seconds), 1)})
     if cores > 1:
+        for b in batches:
+            rows.append({"layout": ONE_SESSION_ALL_CORES_PINNED, "sessions": 1, "threads": cores, "batch": b,
+                         "samples_per_s": round(one_pinned_session_samples_per_s(whole, b, seconds, cores), 1)})
         for b in batches:
             rows.append({"layout": SESSION_PER_CORE, "sessions": cores, "threads": cores, "batch": b,
                          "samples_per_s": round(session_per_core_samples_per_s(whole, b, seconds, cores), 1)})

@@ -67,8 +67,9 @@ def build_stock_onnx_mar(model: str, store: Path, hetserve_mar: Path) -> Path:
 
 
 def in_process_ceiling(store: Path, model: str, seconds: float) -> dict:
-    """ONNX Runtime with no server, batch 8: the best of one session over every physical core and
-    one single-thread session per core side by side (``bench_harness.in_process_ceiling``)."""
+    """ONNX Runtime with no server, batch 8: the best of one session over every physical core
+    (unpinned and pinned) and one single-thread session per core side by side
+    (``bench_harness.in_process_ceiling``)."""
     batch = 8
     with tempfile.TemporaryDirectory() as tmp:
         whole, _ = whole_model_files(store / f"{model}.mar", Path(tmp))

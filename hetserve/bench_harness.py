@@ -176,12 +176,14 @@ def whole_model_files(mar: Path, dest: Path) -> tuple[Path, list[Path]]:
 # ---- the in-process ceiling ----------------------------------------------------------------------
 
 # The in-process layouts the ceiling is the best of: one session whose intra-op threads span
-# every physical core (ORT's defaults, unpinned: what a plain user runs), and data-parallel, one
-# single-thread session per physical core, each driven from its own Python thread and pinned to
-# its core the way hetserve's CPU executor pins (ORT releases the GIL, so they run in parallel).
+# every physical core (ORT's defaults, unpinned: what a plain user runs); the same pinned the way
+# hetserve's CPU executor pins a group of every core (its session options, spinning off); and
+# data-parallel, one single-thread session per physical core, each driven from its own Python
+# thread pinned to its core (ORT releases the GIL, so they run in parallel).
 ONE_SESSION_ALL_CORES = "one_session_all_cores"
+ONE_SESSION_ALL_CORES_PINNED = "one_session_all_cores_pinned"
 SESSION_PER_CORE = "session_per_core"
-CEILING_LAYOUTS = (ONE_SESSION_ALL_CORES, SESSION_PER_CORE)
+CEILING_LAYOUTS = (ONE_SESSION_ALL_CORES, ONE_SESSION_ALL_CORES_PINNED, SESSION_PER_CORE)
 
 
 def _example_batch(session: Any, batch: int) -> dict[str, Any]:
@@ -220,14 +222,30 @@ def one_session_samples_per_s(path: Path, threads: int, batch: int, seconds: flo
 def session_per_core_samples_per_s(path: Path, batch: int, seconds: float,
                                    cores: int | None = None) -> float:
     """One single-thread session per physical core (``cores`` of them, default every usable
-    one), each loaded and run in its own Python thread pinned to its core with the CPU
-    executor's session options, all on one batch for the same ``seconds``: samples/s summed."""
+    one), side by side: ``pinned_sessions_samples_per_s`` over one-core groups."""
+    from handlers.hardware.topology import core_groups, probe
+
+    return pinned_sessions_samples_per_s(path, batch, seconds, core_groups(probe(), "size:1")[:cores])
+
+
+def one_pinned_session_samples_per_s(path: Path, batch: int, seconds: float,
+                                     cores: int | None = None) -> float:
+    """One session over the first ``cores`` physical cores (default every usable one), pinned
+    as hetserve's CPU executor pins a group: ``pinned_sessions_samples_per_s`` over one group."""
+    from handlers.hardware.topology import CoreGroup, probe
+
+    return pinned_sessions_samples_per_s(path, batch, seconds, [CoreGroup.of(probe().cores[:cores])])
+
+
+def pinned_sessions_samples_per_s(path: Path, batch: int, seconds: float, groups: Sequence[Any]) -> float:
+    """One session per core group (``handlers.hardware.topology.CoreGroup``), each loaded and
+    run in its own Python thread pinned as ``CpuExecutor`` pins (the thread on the group's first
+    core, ORT's intra-op threads on the others, the executor's session options), all on one
+    batch for the same ``seconds``: samples/s summed."""
     import onnxruntime as ort
 
     from handlers.executors.cpu import cpu_session_options
-    from handlers.hardware.topology import core_groups, probe
 
-    groups = core_groups(probe(), "size:1")[:cores]
     window: list[float] = []
     # The barrier's action runs once, before any driver is released: one start for every clock.
     ready = threading.Barrier(len(groups), action=lambda: window.append(time.perf_counter()))
@@ -273,6 +291,9 @@ def in_process_ceiling(path: Path, batch: int, seconds: float, cores: int | None
     layouts = {
         ONE_SESSION_ALL_CORES: {"sessions": 1, "threads_per_session": cores, "pinned": False,
                                 "samples_per_s": one_session_samples_per_s(path, cores, batch, seconds)},
+        ONE_SESSION_ALL_CORES_PINNED: {
+            "sessions": 1, "threads_per_session": cores, "pinned": True,
+            "samples_per_s": one_pinned_session_samples_per_s(path, batch, seconds, cores)},
         SESSION_PER_CORE: {"sessions": cores, "threads_per_session": 1, "pinned": True,
                            "samples_per_s": session_per_core_samples_per_s(path, batch, seconds, cores)},
     }

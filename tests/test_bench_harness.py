@@ -54,6 +54,7 @@ def test_a_stale_cached_archive_is_rebuilt_and_a_current_one_reused(tiny_mar, tm
 def test_the_ceiling_times_every_layout_and_names_the_best(tiny_mar, tmp_path):
     from hetserve.bench_harness import (
         CEILING_LAYOUTS,
+        ONE_SESSION_ALL_CORES_PINNED,
         SESSION_PER_CORE,
         in_process_ceiling,
         physical_cores,
@@ -71,6 +72,8 @@ def test_the_ceiling_times_every_layout_and_names_the_best(tiny_mar, tmp_path):
     assert (report["threads"], report["batch"]) == (cores, 4)  # the keys older reports had
     per_core = report["layouts"][SESSION_PER_CORE]
     assert (per_core["sessions"], per_core["threads_per_session"], per_core["pinned"]) == (cores, 1, True)
+    pinned = report["layouts"][ONE_SESSION_ALL_CORES_PINNED]
+    assert (pinned["sessions"], pinned["threads_per_session"], pinned["pinned"]) == (1, cores, True)
 
 
 def test_a_session_per_core_that_cannot_load_fails_loudly_rather_than_hanging(tmp_path):
