@@ -110,3 +110,41 @@ def test_an_explicit_ratio_is_served_as_asked_without_a_check(tiny_model_dir, tm
         assert {plan.name for plan in service.runtime.stages} == {"head", "tail"}
     finally:
         service.close()
+
+
+_ONE_CORE_LOAD = """
+import json, logging, os, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # a worker's share of one core
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+from handlers.service import InferenceService
+service = InferenceService.load(sys.argv[1], json.loads(sys.argv[2]))
+try:
+    print(json.dumps({"stages": sorted(p.name for p in service.runtime.stages),
+                      "executors": sorted(service.runtime.executors)}))
+finally:
+    service.close()
+"""
+
+
+@pytest.mark.parametrize("ratio", [None, 0.8])
+def test_a_one_core_worker_serves_the_whole_model_unless_a_ratio_is_asked(tiny_model_dir, tmp_path, ratio):
+    """TorchServe's launcher gives each of two workers on a 2-core box one core: the archive's
+    default split would run head and tail in turns on it, so the whole model is served (no
+    timing involved); an explicit ratio is still served as asked."""
+    import json
+    import subprocess
+    import sys
+
+    yaml = {"hetserve": {"compare_whole": True, "calibration_runs": 1, "state_dir": str(tmp_path),
+                         "ratio": ratio}}
+    done = subprocess.run([sys.executable, "-c", _ONE_CORE_LOAD, str(tiny_model_dir), json.dumps(yaml)],
+                          capture_output=True, text=True, timeout=120, check=True)
+    served = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(served["executors"]) == 1
+    if ratio is None:
+        assert served["stages"] == ["whole"]
+        assert "one core in this worker's share" in done.stderr
+        assert "layout check" not in done.stderr
+    else:
+        assert served["stages"] == ["head", "tail"]
+        assert "one core in this worker's share" not in done.stderr

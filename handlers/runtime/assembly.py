@@ -108,6 +108,13 @@ def build_runtime(
             log.warning("hetserve: GPU not usable (%s); serving on CPU core groups only", exc)
     elif wants_cuda and "cuda" in (config.head_devices, config.tail_devices):
         raise ConfigError(f"hetserve asks for CUDA but it is unavailable: {reason}")
+    if partitioned and config.ratio is None and len(probe().cores) < 2:
+        # One core (a worker's share when TorchServe runs one worker per core) is one group:
+        # head and tail would take turns on it, the whole model's work plus a hand-over.
+        log.info("hetserve: one core in this worker's share: serving the whole model (the "
+                 "archive's head/tail split needs two core groups on CPU)")
+        config = replace(config, ratio=1.0)
+        partitioned = False
     runtime = _build(manifest, model_dir, config, history, partitioned, use_cuda=False)
     if config.compare_whole and partitioned and config.ratio is None and not config.faults:
         runtime = _keep_faster_layout(runtime, manifest, model_dir, config, history)
