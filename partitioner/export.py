@@ -272,6 +272,12 @@ class FlatModule(torch.nn.Module):
         self.inner = loaded.module
         self._loaded = loaded
         self._names = names
+        # In eval mode like the module it wraps: the TorchScript exporter switches to eval
+        # for the trace and then restores the top module's mode recursively, so a wrapper
+        # left in training mode put the user's dropout/drop-path back on, and every later
+        # comparison with torch (the batch check, verification) compared against a random
+        # model (HF Swin's drop_path: 0.1-0.5% of its logits, refused as a bad export).
+        self.eval()
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         found = dict(flatten_outputs(self._loaded.call(args)))

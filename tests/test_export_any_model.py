@@ -214,3 +214,25 @@ def test_sdpa_whose_traced_layout_the_onnx_exporter_disputes_exports_with_torch_
         got = _run(model, {"x": x})["output_0"]
         want = torch_reference(loaded, ["output_0"])({"x": x})["output_0"]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()))
+
+
+class ValueBranchWithDropout(ValueBranch):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(super().forward(x))
+
+
+def test_the_torchscript_fallback_leaves_the_model_in_eval_mode():
+    """The tracer restores the training mode of the module it was given, recursively: given a
+    wrapper in training mode it turned the user's dropout back on, and verification then
+    compared the graph with a random model (how HF Swin was refused)."""
+    loaded = LoadedModel(source="test:dropout", module=ValueBranchWithDropout().eval(),
+                         example_inputs=(torch.randn(1, 4),), input_names=("input",))
+    model = export_onnx(loaded)
+    assert not any(m.training for m in loaded.module.modules())
+    x = np.random.default_rng(2).standard_normal((5, 4)).astype(np.float32)
+    want = torch_reference(loaded, ["output_0"])({"input": x})["output_0"]
+    np.testing.assert_allclose(_run(model, {"input": x})["output_0"], want, rtol=1e-5, atol=1e-6)
