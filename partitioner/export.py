@@ -272,6 +272,12 @@ class FlatModule(torch.nn.Module):
         self.inner = loaded.module
         self._loaded = loaded
         self._names = names
+        # In eval mode like the module it wraps: the TorchScript exporter switches to eval
+        # for the trace and then restores the top module's mode recursively, so a wrapper
+        # left in training mode put the user's dropout/drop-path back on, and every later
+        # comparison with torch (the batch check, verification) compared against a random
+        # model (HF Swin's drop_path: 0.1-0.5% of its logits, refused as a bad export).
+        self.eval()
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         found = dict(flatten_outputs(self._loaded.call(args)))
@@ -320,12 +326,39 @@ def _dims(dynamic: DynamicDims) -> dict[str, Any]:
     return out
 
 
+# torch.onnx's view errors: a `reshape` the trace lowered to a `view` (the layout allowed it)
+# no longer fits the layout the exporter's own fake run derives for the same tensor.
+_LAYOUT_MISMATCH = re.compile(r"Cannot view a tensor with shape|view size is not compatible")
+
+
 def _export_dynamo(module, inputs, input_names, output_names, opset, dynamic) -> onnx.ModelProto:
     dims = _dims(dynamic)
     specs = tuple(
         {0: dims[BATCH], **{a: dims[s] for a, s in dynamic.axes.get(name, {}).items()}}
         for name in input_names
     )
+    try:
+        return _to_onnx(module, inputs, input_names, output_names, opset, specs)
+    except Exception as exc:
+        if not _LAYOUT_MISMATCH.search(str(exc)):
+            raise
+        # torch.export traces scaled_dot_product_attention with the CPU flash kernel, whose
+        # output is laid out (batch, seq, heads, dim): `attn.transpose(1, 2).contiguous()` is
+        # then a no-op and the reshape after it becomes a view. torch.onnx's type-promotion
+        # pass re-runs the graph with SDPA's generic fake kernel, which returns the usual
+        # (batch, heads, seq, dim) layout, and that view no longer fits (pytorch issues
+        # 136543, 141107; seen on HF Swin and on a 2-head block with a float mask). Traced
+        # with the math backend, both runs agree. ONNX has no strides, so the graph computes
+        # the same thing; only a retry, so the models that convert directly keep their graphs
+        # (the math trace adds a couple of Reshapes to ViT's).
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        log.info("torch.onnx failed on a view (%s); retrying with SDPA's math backend", _summarize(exc))
+        with sdpa_kernel(SDPBackend.MATH):
+            return _to_onnx(module, inputs, input_names, output_names, opset, specs)
+
+
+def _to_onnx(module, inputs, input_names, output_names, opset, specs) -> onnx.ModelProto:
     with _quiet_exporter(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pytree deprecations, shared-Dim notices: noise here
         program = torch.onnx.export(

@@ -178,3 +178,61 @@ def test_a_declared_sequence_axis_stays_dynamic_and_an_onnx_file_brings_its_own(
     dims = resolve_dynamic(again, from_file, parse_declarations([], ["seq=32"]))
     assert dims.axes == {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}
     assert dims.sizes == {"seq": 32}
+
+
+class WindowAttention(nn.Module):
+    """Two-head attention with a learned float bias as the mask, as Swin's windows have: the
+    shape of block torch.onnx fails on with a dynamic batch ("Cannot view a tensor with shape
+    ...") when SDPA is traced with its CPU flash kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(32, 96)
+        self.bias = nn.Parameter(torch.randn(16, 16, 2))
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+        mask = self.bias.permute(2, 0, 1).unsqueeze(0)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.head(out.transpose(1, 2).contiguous().reshape(b, n, c))
+
+
+def test_sdpa_whose_traced_layout_the_onnx_exporter_disputes_exports_with_torch_export(caplog):
+    torch.manual_seed(0)
+    loaded = LoadedModel(source="test:window", module=WindowAttention().eval(),
+                         example_inputs=(torch.randn(1, 16, 32),), input_names=("x",))
+    with caplog.at_level(logging.INFO, logger="partitioner.export"):
+        model = export_onnx(loaded)
+    # the retry ran (torch 2.13 fails the direct conversion) and the TorchScript fallback did not
+    assert any("math backend" in r.getMessage() for r in caplog.records)
+    assert not any("TorchScript" in r.getMessage() for r in caplog.records)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).standard_normal((batch, 16, 32)).astype(np.float32)
+        got = _run(model, {"x": x})["output_0"]
+        want = torch_reference(loaded, ["output_0"])({"x": x})["output_0"]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()))
+
+
+class ValueBranchWithDropout(ValueBranch):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(super().forward(x))
+
+
+def test_the_torchscript_fallback_leaves_the_model_in_eval_mode():
+    """The tracer restores the training mode of the module it was given, recursively: given a
+    wrapper in training mode it turned the user's dropout back on, and verification then
+    compared the graph with a random model (how HF Swin was refused)."""
+    loaded = LoadedModel(source="test:dropout", module=ValueBranchWithDropout().eval(),
+                         example_inputs=(torch.randn(1, 4),), input_names=("input",))
+    model = export_onnx(loaded)
+    assert not any(m.training for m in loaded.module.modules())
+    x = np.random.default_rng(2).standard_normal((5, 4)).astype(np.float32)
+    want = torch_reference(loaded, ["output_0"])({"input": x})["output_0"]
+    np.testing.assert_allclose(_run(model, {"input": x})["output_0"], want, rtol=1e-5, atol=1e-6)

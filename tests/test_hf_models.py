@@ -108,16 +108,13 @@ def hf_store(tmp_path_factory) -> Path:
 
 
 # Known to be refused: hetserve's own checks stop them, with a message, before any archive.
-# xfail (not strict) so the day they pass, the suite says so.
-# Swin, checked 2026-12-01: the TorchScript graph differs from torch by the same amount at
-# batch 1, 2 (the traced one), 3 and 4 (max abs 2.6e-4..4.3e-4 on logits of scale 0.04..0.07),
-# so no batch size is frozen in it and tracing at the verification's batch would not help; the
-# exporter's own batch check lets it through only because its atol floor is 1e-3 absolute.
-KNOWN_REFUSED = {
-    "swin": "torch.export cannot convert Swin's strided view with a dynamic batch; the "
-    "TorchScript fallback's graph differs from torch by ~0.5% of the output scale, beyond "
-    "the verification tolerance, so hetserve refuses it",
-}
+# xfail (not strict) so the day they pass, the suite says so. None today. Swin was refused
+# until 2026-12-01 for two reasons, both fixed in partitioner/export.py: torch.onnx failed on
+# a view after SDPA (its fake layout differs from the trace's; now retried with SDPA's math
+# backend), and the TorchScript fallback's "0.5% difference" was torch's side: the trace left
+# the model in training mode, so the reference ran Swin's drop_path. Its graph now comes from
+# torch.export and equals torch to ~1e-8 (logits of scale 0.04-0.08) at batch 1-4.
+KNOWN_REFUSED: dict[str, str] = {}
 
 
 @pytest.fixture(scope="session")
