@@ -19,15 +19,16 @@ proposal can first be mapped to its canonical configuration (`canonical`: knobs 
 change what runs, such as maxBatchDelay at batchSize 1 or the grouping policy of a one-core
 worker, take one fixed value), so no trial re-measures a configuration under another name,
 and `search="local"` replaces TPE's random start-up by a coordinate search from the shipped
-default: each trial changes one knob of the best configuration so far, workers, then maxBatchDelay, then ratio first
-(`LOCAL_ORDER`). With 4-6 trials TPE has no model yet and samples at random; the default, which
-sits near the ceiling, is the better prior. `objective="goodput"` scores a trial by one
-closed-loop run at `concurrency` clients: 2xx/s x min(1, p99 target / p99), 0 when more than
-`max_error_rate` fail or nothing succeeds (`goodput_value`). The score degrades smoothly past the
-target instead of a 0/1 cliff: with 8 closed-loop clients a 2-core box sits at p99 270-600 ms,
-so a hard threshold let p99 noise of a few percent decide between a configuration's full
-throughput and 0. One measurement per trial, what a time-boxed comparison against a full grid can
-afford.
+default: each trial changes one knob of the best configuration so far, in `LOCAL_ORDER` (workers,
+maxBatchDelay, ratio, then the rest). With 4-6 trials TPE has no model yet and samples at
+random; the default, which sits near the ceiling, is the better prior.
+
+`objective="goodput"` scores a trial by one closed-loop run at `concurrency` clients:
+2xx/s x min(1, p99 target / p99), 0 when more than `max_error_rate` fail or nothing succeeds
+(`goodput_value`). The score degrades smoothly past the target instead of a 0/1 cliff: with 8
+closed-loop clients a 2-core box sits at p99 270-600 ms, so a hard threshold let p99 noise of a
+few percent decide between a configuration's full throughput and 0. One measurement per trial,
+what a time-boxed comparison against a full grid can afford.
 """
 
 from __future__ import annotations
