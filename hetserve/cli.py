@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=12, help="configurations to try")
     p.add_argument("--objective", choices=("max-rate", "p99", "goodput"), default="max-rate",
                    help="highest rate under --p99-ms, lowest p99 at --rate, or answers/s of a closed "
-                        "loop of --concurrency clients (0 if p99 > --p99-ms)")
+                        "loop of --concurrency clients x min(1, --p99-ms / p99); 0 if > 1%% fail)")
     p.add_argument("--search", choices=("tpe", "local"), default="tpe",
                    help="tpe (optuna), or local: one knob of the best at a time from the shipped "
                         "default (benchmarks/tuner_vs_grid.py; suits budgets of a few trials)")

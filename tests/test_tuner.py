@@ -87,6 +87,15 @@ def test_shipped_defaults_are_the_repository_configs():
     assert d["allocator"] == "default" and d["openmp"] == "gnu"  # --use-default-allocator --disable-iomp
 
 
+def test_shipped_workers_read_the_resolved_int_and_tolerate_auto():
+    # an archive holds minWorkers resolved to an int; an unresolved "auto" counts as 1, not an error
+    assert shipped_defaults({"minWorkers": 2}, 0.8, {})["workers"] == 2
+    assert shipped_defaults({"minWorkers": "2"}, 0.8, {})["workers"] == 2
+    assert shipped_defaults({"minWorkers": "auto"}, 0.8, {})["workers"] == 1
+    assert shipped_defaults({"minWorkers": " AUTO "}, 0.8, {})["workers"] == 1
+    assert shipped_defaults({}, 0.8, {})["workers"] == 1
+
+
 def test_space_scales_with_the_machine_and_offers_only_libraries_found():
     small = search_space(2, [0.5, 0.8], NO_LIBS)
     assert small["workers"] == (1, 2)
@@ -273,76 +282,151 @@ def test_local_search_changes_one_knob_of_the_best_and_never_repeats():
     canon = lambda p: canonical(p, SMALL, cores=2)  # noqa: E731
     base = {k: v[0] for k, v in SMALL.items()}
     first = propose_local(SMALL, [(base, 10.0)], canon)
-    assert first == {**base, "ratio": 1.0}  # ratio first; the other knobs as they were
+    assert first == {**base, "workers": 2}  # workers first; the other knobs as they were
     second = propose_local(SMALL, [(base, 10.0), (first, 20.0)], canon)
-    assert second == {**first, "workers": 2}  # from the new best
+    assert second == {**first, "maxBatchDelay": 20}  # from the new best: the gather before the cut
     worse = propose_local(SMALL, [(base, 10.0), (first, 5.0)], canon)
-    assert worse == {**base, "workers": 2}  # from the old best
+    assert worse == {**base, "maxBatchDelay": 20}  # from the old best
+    third = propose_local(SMALL, [(base, 10.0), (first, 20.0), (second, 30.0)], canon)
+    assert third == {**second, "workers": 1}  # each knob re-tried from the new best, in order
+    fourth = propose_local(SMALL, [(base, 10.0), (first, 20.0), (second, 30.0), (third, 25.0)], canon)
+    assert fourth == {**second, "ratio": 1.0}
     rows = [(p, 1.0) for p in grid_points(SMALL, 2)]
     assert propose_local(SMALL, rows, canon) is None
     assert propose_local(SMALL, [], canon) is None
 
 
-def synthetic_goodput(params) -> float:
-    """ResNet-18 on the 2-core box, shaped on the served rows the README measured (whole model on
-    one 2-core group 84.8 req/s, one group per core 82.4, two 1-core workers 65.3, head/tail
-    pipeline over two 1-core groups 55.8); batch of one 15% slower, a 20 ms gather 2% slower,
-    micro-batches of 2 help a pipeline 5%."""
-    layout = (params["workers"], params["ratio"] < 1.0, params["core_groups"])
-    base = 55.8 if layout[1] and params["workers"] == 1 else 65.3 if params["workers"] == 2 else (
-        84.8 if params["core_groups"] == "numa" else 82.4)
-    factor = 0.85 if params["batchSize"] == 1 else 1.0
-    factor *= 0.98 if params["maxBatchDelay"] == 20 and params["batchSize"] > 1 else 1.0
-    factor *= 1.05 if layout[1] and params["workers"] == 1 and params["micro_batch"] == 2 else 1.0
-    return base * factor
+# The 2026-12-01 grid (benchmarks/results/tuner_vs_grid.json, ResNet-18, 8 closed-loop clients,
+# 5 s points, load average ~2): (workers, core_groups, ratio, batchSize, maxBatchDelay, micro_batch)
+# -> (2xx/s, p99 ms of all requests). Copied here so a later run of the benchmark does not change
+# what this test checks.
+RECORDED_GRID = {
+    (1, "numa", 0.8, 4, 5, 0): (28.8, 338), (1, "numa", 1.0, 4, 5, 0): (29.6, 377),
+    (1, "numa", 0.8, 4, 20, 0): (27.2, 387), (1, "numa", 1.0, 4, 20, 0): (28.8, 596),
+    (1, "numa", 0.8, 1, 5, 0): (16.8, 538), (1, "numa", 1.0, 1, 5, 0): (28.4, 355),
+    (1, "numa", 0.8, 4, 5, 2): (31.2, 300), (1, "numa", 0.8, 4, 20, 2): (29.6, 385),
+    (1, "size:1", 1.0, 4, 5, 0): (29.6, 371), (1, "size:1", 1.0, 4, 20, 0): (30.4, 433),
+    (1, "size:1", 1.0, 1, 5, 0): (15.8, 591), (1, "size:1", 1.0, 4, 5, 2): (32.0, 323),
+    (1, "size:1", 1.0, 4, 20, 2): (22.4, 427), (2, "numa", 0.8, 4, 5, 0): (30.4, 481),
+    (2, "numa", 1.0, 4, 5, 0): (32.4, 528), (2, "numa", 0.8, 4, 20, 0): (35.2, 309),
+    (2, "numa", 1.0, 4, 20, 0): (32.8, 314), (2, "numa", 0.8, 1, 5, 0): (29.4, 375),
+    (2, "numa", 1.0, 1, 5, 0): (33.6, 273),
+}
+GRID_KNOBS = ("workers", "core_groups", "ratio", "batchSize", "maxBatchDelay", "micro_batch")
+OLD_LOCAL_ORDER = ("ratio", "workers", "core_groups", "batchSize", "maxBatchDelay", "micro_batch")
+
+
+def recorded(params) -> tuple[float, float]:
+    return RECORDED_GRID[tuple(params[k] for k in GRID_KNOBS)]
+
+
+def recorded_score(params) -> float:
+    return goodput_value(closed_result(*recorded(params)), Criteria(p99_ms=500))
 
 
 def noisy_prepare(seed: int, noise: float = 0.03):
+    """A server whose closed loop answers at the recorded rate and p99, the rate off by `noise`."""
     import random
 
     rng = random.Random(seed)
 
     @contextlib.contextmanager
     def prepare(params):
-        true = synthetic_goodput(params)
+        rate, p99 = recorded(params)
 
         def closed(clients):
-            served = true * (1 + rng.gauss(0, noise))
-            stats = LatencyStats(100, 1000 * clients / served, 1000 * clients / served, 1, 1, 1)
-            return LoadResult("closed", None, clients, None, 6.0, 1.0, 600, 600, 600, 600, served, served,
-                              0.0, stats, stats, {}, 0.1, 0.2, 0.0, 0.0, clients)
+            assert clients == 8
+            return closed_result(rate * (1 + rng.gauss(0, noise)), p99)
 
         yield TrialRunner(lambda rate: pytest.fail("the goodput objective runs no open loop"), closed)
     return prepare
 
 
-def test_local_search_finds_097_of_the_grid_best_with_a_quarter_of_its_trials():
-    """Ten noisy runs (3% per measurement, fixed seeds) on the synthetic surface: the pick's true
-    value is >= 0.97x the grid's true best every time, with len(grid) // 4 trials."""
+def test_recorded_grid_covers_the_compared_space():
     grid = grid_points(SMALL, cores=2)
-    best = max(synthetic_goodput(p) for p in grid)
+    assert {tuple(p[k] for k in GRID_KNOBS) for p in grid} == set(RECORDED_GRID)
+    best = max(grid, key=recorded_score)
+    assert (best["workers"], best["maxBatchDelay"]) == (2, 20)
+    # the hard threshold scored this 0; the smooth score keeps it a close runner-up
+    assert recorded_score({**best, "ratio": 1.0, "maxBatchDelay": 5}) == pytest.approx(32.4 * 500 / 528)
+
+
+@pytest.mark.parametrize("default_workers", [1, 2])  # the shipped default now, and with minWorkers auto on 2 cores
+def test_local_search_reaches_the_recorded_grid_best_with_a_quarter_of_its_trials(default_workers):
+    """The study (`run_study`, search="local", the goodput objective through `goodput_value`) on the
+    recorded grid, from the shipped default: without noise its pick is the grid's best (2 workers,
+    maxBatchDelay 20) with len(grid) // 4 trials; with 3% noise per measurement it is >= 0.97x the
+    best in most of 20 fixed-seed runs (noise can make a worse neighbour look best: no search of 4
+    single measurements is immune)."""
+    grid = grid_points(SMALL, cores=2)
+    best = max(recorded_score(p) for p in grid)
     budget = len(grid) // 4
     canon = lambda p: canonical(p, SMALL, cores=2)  # noqa: E731
-    defaults = {k: v[0] for k, v in SMALL.items()}
-    ratios = []
-    for seed in range(10):
+    defaults = canon({**{k: v[0] for k, v in SMALL.items()}, "workers": default_workers})
+
+    def pick(seed: int, noise: float) -> float:
         options = TuneOptions(trials=budget, objective="goodput", search="local", seed=seed)
-        study = run_study(SMALL, noisy_prepare(seed), options, defaults=defaults, log=lambda _: None, canon=canon)
+        study = run_study(SMALL, noisy_prepare(seed, noise), options, defaults=defaults, log=lambda _: None,
+                          canon=canon)
         measured = [t for t in study.trials if not t.user_attrs.get("repeat_of_measured")]
         assert len(measured) == budget and len({config_key(t.user_attrs["config"]) for t in measured}) == budget
-        ratios.append(synthetic_goodput(study.best_trial.user_attrs["config"]) / best)
-    assert min(ratios) >= 0.97, ratios
+        return recorded_score(study.best_trial.user_attrs["config"]) / best
+
+    assert pick(0, noise=0.0) == 1.0
+    ratios = [pick(seed, noise=0.03) for seed in range(20)]
+    assert sum(r >= 0.97 for r in ratios) >= 15, ratios
 
 
-def test_goodput_scores_zero_when_the_p99_misses():
-    stats = lambda p99: LatencyStats(100, p99 / 2, p99 / 2, p99, p99, p99)  # noqa: E731
-    ok = LoadResult("closed", None, 8, None, 6.0, 1.0, 300, 300, 300, 300, 50.0, 49.0, 0.0, stats(300), stats(300),
-                    {}, 0.1, 0.2, 0.0, 0.0, 8)
-    assert goodput_value(ok, Criteria(p99_ms=500)) == 49.0
-    assert goodput_value(ok, Criteria(p99_ms=200)) == 0.0
-    from dataclasses import replace
+def test_the_old_order_missed_the_recorded_grid_best():
+    """Why LOCAL_ORDER tries workers then maxBatchDelay before ratio: ratio first spends the
+    budget on a knob that moves the recorded grid by a few percent."""
+    canon = lambda p: canonical(p, SMALL, cores=2)  # noqa: E731
+    best = max(recorded_score(p) for p in grid_points(SMALL, cores=2))
 
-    assert goodput_value(replace(ok, error_rate=0.05), Criteria(p99_ms=500)) == 0.0
+    def pick(order, start, budget=4) -> float:
+        measured = [(start, recorded_score(start))]
+        while len(measured) < budget:
+            proposal = propose_local(SMALL, measured, canon, order=order)
+            measured.append((proposal, recorded_score(proposal)))
+        return recorded_score(max(measured, key=lambda m: m[1])[0]) / best
+
+    default = {k: v[0] for k, v in SMALL.items()}
+    assert pick(OLD_LOCAL_ORDER, default) < 0.97 and pick(OLD_LOCAL_ORDER, default, budget=5) < 0.97
+    from hetserve.tuner import LOCAL_ORDER
+
+    assert pick(LOCAL_ORDER, default) == 1.0
+    assert pick(LOCAL_ORDER, canon({**default, "workers": 2})) == 1.0
+
+
+def closed_result(goodput: float, p99_all: float, p99_ok: float | None = None, ok: int = 300,
+                  error_rate: float = 0.0) -> LoadResult:
+    stats = lambda p99: LatencyStats(ok, p99 / 2, p99 / 2, p99, p99, p99) if p99 is not None else LatencyStats(0, None, None, None, None, None)  # noqa: E731
+    return LoadResult("closed", None, 8, None, 6.0, 1.0, 300, 300, 300, ok, goodput + 1.0, goodput, error_rate,
+                      stats(p99_ok if p99_ok is not None else p99_all), stats(p99_all), {}, 0.1, 0.2, 0.0, 0.0, 8)
+
+
+def test_goodput_is_answers_per_second_scaled_down_smoothly_past_the_p99_budget():
+    budget = Criteria(p99_ms=500)
+    assert goodput_value(closed_result(49.0, 300), budget) == 49.0  # under the budget: the full rate
+    assert goodput_value(closed_result(49.0, 500), budget) == 49.0  # at it
+    # 1% over costs 1%, not everything (the 2026-12-01 grid scored 32.4/s at p99 528 ms as 0)
+    assert goodput_value(closed_result(32.4, 527.7), budget) == pytest.approx(32.4 * 500 / 527.7)
+    assert goodput_value(closed_result(40.0, 1000), budget) == pytest.approx(20.0)
+    # monotonic: a worse p99 never scores higher at the same rate
+    scores = [goodput_value(closed_result(40.0, p99), budget) for p99 in (400, 510, 600, 900, 5000)]
+    assert scores == sorted(scores, reverse=True) and scores[-1] > 0
+    # the p99 the criteria name: errors and timeouts included ("all") unless latency="ok"
+    slow_errors = closed_result(40.0, p99_all=1000, p99_ok=250)
+    assert goodput_value(slow_errors, budget) == pytest.approx(20.0)
+    assert goodput_value(slow_errors, Criteria(p99_ms=500, latency="ok")) == 40.0
+
+
+def test_goodput_is_zero_with_too_many_errors_or_no_answer():
+    budget = Criteria(p99_ms=500)
+    assert goodput_value(closed_result(49.0, 300, error_rate=0.05), budget) == 0.0
+    assert goodput_value(closed_result(49.0, 300, error_rate=0.01), budget) == 49.0  # at the limit
+    assert goodput_value(closed_result(0.0, 300, ok=0), budget) == 0.0
+    assert goodput_value(closed_result(0.0, None, ok=0), budget) == 0.0  # no latency at all
     with pytest.raises(ValueError, match="search"):
         TuneOptions(search="grid")
 

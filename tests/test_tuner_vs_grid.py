@@ -62,8 +62,42 @@ def test_pick_and_best_from_plain_rows():
     assert tvg.pick_and_best(rows, [{"config": row["params"], "value": 3.0}])["pick"]["value_in_grid"] == row["value"]
 
 
-def test_confirmed_ratio_is_a_ratio_of_means():
-    assert tvg.confirmed_ratio([9.0, 11.0], [10.0, 10.0]) == pytest.approx(1.0)
+def test_confirmed_ratio_is_a_ratio_of_medians():
+    # the 2026-12-01 rounds with a third: the pick's one p99 miss no longer sinks it
+    assert tvg.confirmed_ratio([0.0, 30.8, 31.5], [32.6, 32.0, 33.0]) == pytest.approx(30.8 / 32.6)
+    assert tvg.confirmed_ratio([9.0, 11.0, 30.0], [10.0, 10.0, 1.0]) == pytest.approx(11.0 / 10.0)
+    assert tvg.confirmed_ratio([9.0, 11.0], [10.0, 12.0]) == pytest.approx(10.0 / 11.0)  # even: middle pair
     assert tvg.confirmed_ratio([9.0], [10.0, 12.0]) == pytest.approx(9 / 11)
     assert tvg.confirmed_ratio([], [10.0]) is None
-    assert tvg.confirmed_ratio([1.0], [0.0]) is None
+    assert tvg.confirmed_ratio([1.0], []) is None
+    assert tvg.confirmed_ratio([1.0, 2.0, 3.0], [0.0, 0.0, 5.0]) is None  # best's median is 0
+
+
+def test_confirm_rounds_alternate_which_goes_first():
+    orders = [tvg.confirm_order(i) for i in range(4)]
+    assert orders == [("best", "pick"), ("pick", "best"), ("best", "pick"), ("pick", "best")]
+    firsts = [o[0] for o in orders[:3]]
+    assert firsts.count("best") == 2 and firsts.count("pick") == 1
+
+
+def test_headline_is_one_for_the_same_configuration_else_the_medians():
+    ratio, source = tvg.headline_ratio(True, 0.93, 0.9)  # noise between two measurements of one config
+    assert ratio == 1.0 and source.startswith("same configuration")
+    ratio, source = tvg.headline_ratio(False, 0.95, 0.5)
+    assert ratio == 0.95 and "median" in source
+    ratio, source = tvg.headline_ratio(False, None, 0.5)  # no rounds: the grid's values
+    assert ratio == 0.5 and source == "grid values"
+    assert tvg.headline_ratio(False, None, None) == (None, "grid values")
+
+
+def test_defaults_fit_the_time_budget_and_quick_stays_short(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(tvg, "run", lambda args: seen.setdefault("args", args))
+    tvg.main([])
+    full = seen.pop("args")
+    assert (full.duration, full.confirm_rounds, full.model) == (6.0, 3, "resnet18")
+    tvg.main(["--quick"])
+    quick = seen.pop("args")
+    assert quick.model == "resnet18-tiny" and quick.duration < full.duration and quick.confirm_rounds == 1
+    tvg.main(["--duration", "8", "--confirm-rounds", "5"])
+    assert (seen["args"].duration, seen["args"].confirm_rounds) == (8.0, 5)
