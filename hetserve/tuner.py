@@ -44,6 +44,7 @@ import yaml
 
 from handlers.artifact.contract import read_archive
 from handlers.artifact.manifest import Manifest
+from hetserve.auto_workers import workers_here
 from hetserve.knee import Criteria, offered_rate, sustains, sweep_rates
 from hetserve.loadgen import LoadResult
 
@@ -130,7 +131,7 @@ def shipped_defaults(model_config: Mapping[str, Any], default_ratio: float | Non
     allocator = next((a for a, flag in ALLOCATOR_FLAGS.items() if flag in args), "default")
     ratio = section.get("ratio") or default_ratio or WHOLE_MODEL
     return {
-        "workers": int(model_config.get("minWorkers") or 1),
+        "workers": workers_here(model_config.get("minWorkers")),
         "core_groups": section.get("core_groups") or "numa",
         "cpu_head_groups": int(section.get("cpu_head_groups") or 0),
         "spinning": bool(section.get("spinning") or False),

@@ -87,8 +87,14 @@ def package(
     from model_archiver.model_archiver_config import ModelArchiverConfig
     from model_archiver.model_packaging import generate_model_archive
 
+    from hetserve.auto_workers import PRODUCER_KEY, resolve_here
+
     for warning in response_size_warnings(stage_dir, config):
         print(f"warning: {warning}", file=sys.stderr)
+    # TorchServe parses the worker counts as integers: "auto" becomes this box's count here.
+    config, workers = resolve_here(config)
+    if workers is not None:
+        print(workers.note())
     export_path.mkdir(parents=True, exist_ok=True)
     target = export_path / f"{model_name}.mar"
     if target.exists() and not force:
@@ -99,7 +105,8 @@ def package(
         # The manifest vouches for every file of the archive, the code TorchServe imports first
         # and the config it reads included (issue 17, item 7).
         digest = cover_packaging_files(
-            stage_dir, stage_dir / "handlers" / HANDLER_ENTRY, config_path.read_bytes()
+            stage_dir, stage_dir / "handlers" / HANDLER_ENTRY, config_path.read_bytes(),
+            producer_facts={PRODUCER_KEY: workers.to_json()} if workers is not None else None,
         )
         archiver_config = ModelArchiverConfig(
             model_name=model_name,
@@ -121,13 +128,17 @@ def package(
     return target
 
 
-def cover_packaging_files(stage_dir: Path, entry_handler: Path, config_bytes: bytes) -> str:
-    """List the top-level entry handler and model-config.yaml in the stage directory's manifest;
-    returns the manifest's new SHA-256 ("" when the directory has no manifest)."""
+def cover_packaging_files(stage_dir: Path, entry_handler: Path, config_bytes: bytes,
+                          producer_facts: Mapping[str, Any] | None = None) -> str:
+    """List the top-level entry handler and model-config.yaml in the stage directory's manifest,
+    and add ``producer_facts`` (how the archive was made, e.g. derived worker counts) to its
+    ``producer``; returns the manifest's new SHA-256 ("" when the directory has no manifest)."""
     path = stage_dir / MANIFEST_NAME
     if not path.is_file():
         return ""
     data = json.loads(path.read_text())
+    if producer_facts:
+        data["producer"] = {**(data.get("producer") or {}), **producer_facts}
     handler = entry_handler.read_bytes()
     data["files"][HANDLER_ENTRY] = _entry(handler)
     data["files"][MODEL_CONFIG_FILE] = _entry(config_bytes)
