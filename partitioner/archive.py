@@ -182,7 +182,7 @@ def with_config(src_mar: Path, dst_mar: Path, overrides: Mapping[str, Any]) -> P
     with zipfile.ZipFile(src_mar) as src:
         merged = merge_config(yaml.safe_load(src.read(MODEL_CONFIG_FILE)) or {}, overrides)
         config_bytes = yaml.safe_dump(merged, sort_keys=False).encode()
-        manifest = json.loads(src.read(MANIFEST_NAME))
+        manifest = _forget_derived_workers(json.loads(src.read(MANIFEST_NAME)), overrides)
         if MODEL_CONFIG_FILE in manifest.get("files", {}):  # the manifest vouches for the config
             manifest["files"][MODEL_CONFIG_FILE] = _entry(config_bytes)
         replaced = {MODEL_CONFIG_FILE: config_bytes,
@@ -192,3 +192,18 @@ def with_config(src_mar: Path, dst_mar: Path, overrides: Mapping[str, Any]) -> P
             for item in src.infolist():
                 dst.writestr(item, replaced.get(item.filename) or src.read(item))
     return dst_mar
+
+
+def _forget_derived_workers(manifest: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A worker count set by ``overrides`` was asked for: the record of what ``auto`` derived
+    (hetserve.auto_workers) no longer covers that key, so tools do not take it for derived."""
+    from hetserve.auto_workers import PRODUCER_KEY, WORKER_KEYS
+
+    producer = manifest.get("producer") or {}
+    derived = producer.get(PRODUCER_KEY)
+    set_now = [k for k in WORKER_KEYS if k in overrides]
+    if not isinstance(derived, dict) or not set_now:
+        return manifest
+    keys = [k for k in derived.get("auto_keys", ()) if k not in set_now]
+    rest = {k: v for k, v in producer.items() if k != PRODUCER_KEY}
+    return {**manifest, "producer": {**rest, **({PRODUCER_KEY: {**derived, "auto_keys": keys}} if keys else {})}}
