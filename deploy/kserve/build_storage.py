@@ -49,6 +49,8 @@ def read_archive(mar: Path) -> tuple[dict, dict, dict]:
             hetserve_manifest = json.loads(archive.read("hetserve-manifest.json"))
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, yaml.YAMLError) as exc:
         raise LayoutError(f"{mar} is not a readable model archive: {exc}") from None
+    if not isinstance(hetserve_manifest, dict) or not isinstance(config, dict):
+        raise LayoutError(f"{mar}: hetserve-manifest.json and model-config.yaml must hold mappings")
     return manifest, config, hetserve_manifest
 
 
