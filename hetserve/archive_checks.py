@@ -21,8 +21,10 @@ MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
 # The keys TorchServe 0.12's frontend reads from model-config.yaml (archive.model.ModelConfig),
 # with the type it parses each as.
 _INT, _BOOL = "an integer >= 0", "true or false"
+# hetserve archive turns "auto" into this box's count (hetserve.auto_workers) before TorchServe reads it.
+_WORKERS = "an integer >= 0 or 'auto'"
 TORCHSERVE_KEYS: dict[str, str] = {
-    "minWorkers": _INT, "maxWorkers": _INT, "batchSize": _INT, "maxBatchDelay": _INT,
+    "minWorkers": _WORKERS, "maxWorkers": _WORKERS, "batchSize": _INT, "maxBatchDelay": _INT,
     "responseTimeout": _INT, "startupTimeout": _INT, "jobQueueSize": _INT, "parallelLevel": _INT,
     "sequenceMaxIdleMSec": _INT, "sequenceTimeoutMSec": _INT, "maxNumSequence": _INT,
     "maxSequenceJobQueueSize": _INT, "clientTimeoutInMills": _INT, "maxRetryTimeoutInSec": _INT,
@@ -122,8 +124,10 @@ def check_model_config(config: Mapping[str, Any]) -> None:
 
 
 def _check_type(key: str, value: Any, kind: str) -> None:
+    count = isinstance(value, int) and not isinstance(value, bool) and value >= 0
     ok = {
-        _INT: isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+        _INT: count,
+        _WORKERS: count or value == "auto",
         _BOOL: isinstance(value, bool),
         "a list of integers": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
         "a mapping": isinstance(value, Mapping),
@@ -131,7 +135,8 @@ def _check_type(key: str, value: Any, kind: str) -> None:
     if ok is None:  # "one of a, b"
         ok = str(value) in kind.removeprefix("one of ").split(", ")
     if not ok:
-        raise ArchiveInputError(f"model-config key {key!r} must be {kind}, got {value!r}")
+        hint = did_you_mean(value, ["auto"]) if kind == _WORKERS and isinstance(value, str) else ""
+        raise ArchiveInputError(f"model-config key {key!r} must be {kind}, got {value!r}{hint}")
 
 
 def check_extra_files(paths: Sequence[Path]) -> None:

@@ -49,6 +49,7 @@ import yaml
 
 from handlers.artifact.contract import read_archive
 from handlers.artifact.manifest import Manifest
+from hetserve.auto_workers import workers_here
 from hetserve.knee import Criteria, offered_rate, sustains, sweep_rates
 from hetserve.loadgen import LoadResult
 
@@ -142,7 +143,7 @@ def shipped_defaults(model_config: Mapping[str, Any], default_ratio: float | Non
     allocator = next((a for a, flag in ALLOCATOR_FLAGS.items() if flag in args), "default")
     ratio = section.get("ratio") or default_ratio or WHOLE_MODEL
     return {
-        "workers": _workers(model_config.get("minWorkers")),
+        "workers": workers_here(model_config.get("minWorkers")),
         "core_groups": section.get("core_groups") or "numa",
         "cpu_head_groups": int(section.get("cpu_head_groups") or 0),
         "spinning": bool(section.get("spinning") or False),
@@ -153,15 +154,6 @@ def shipped_defaults(model_config: Mapping[str, Any], default_ratio: float | Non
         "allocator": allocator,
         "openmp": "gnu" if "--disable-iomp" in args else "intel",
     }
-
-
-def _workers(value: Any) -> int:
-    """minWorkers as the archive holds it: an int, resolved at archive time. The literal "auto"
-    (an unresolved source config) is unknown here: 1, the count before auto existed, rather than
-    a second copy of the box-dependent resolution; the tuner's space still tries the others."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return 1
-    return int(value or 1)
 
 
 def with_defaults(space: Mapping[str, tuple], defaults: Mapping[str, Any]) -> dict[str, tuple]:

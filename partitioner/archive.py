@@ -87,8 +87,14 @@ def package(
     from model_archiver.model_archiver_config import ModelArchiverConfig
     from model_archiver.model_packaging import generate_model_archive
 
+    from hetserve.auto_workers import PRODUCER_KEY, resolve_here
+
     for warning in response_size_warnings(stage_dir, config):
         print(f"warning: {warning}", file=sys.stderr)
+    # TorchServe parses the worker counts as integers: "auto" becomes this box's count here.
+    config, workers = resolve_here(config)
+    if workers is not None:
+        print(workers.note())
     export_path.mkdir(parents=True, exist_ok=True)
     target = export_path / f"{model_name}.mar"
     if target.exists() and not force:
@@ -99,7 +105,8 @@ def package(
         # The manifest vouches for every file of the archive, the code TorchServe imports first
         # and the config it reads included (issue 17, item 7).
         digest = cover_packaging_files(
-            stage_dir, stage_dir / "handlers" / HANDLER_ENTRY, config_path.read_bytes()
+            stage_dir, stage_dir / "handlers" / HANDLER_ENTRY, config_path.read_bytes(),
+            producer_facts={PRODUCER_KEY: workers.to_json()} if workers is not None else None,
         )
         archiver_config = ModelArchiverConfig(
             model_name=model_name,
@@ -121,13 +128,17 @@ def package(
     return target
 
 
-def cover_packaging_files(stage_dir: Path, entry_handler: Path, config_bytes: bytes) -> str:
-    """List the top-level entry handler and model-config.yaml in the stage directory's manifest;
-    returns the manifest's new SHA-256 ("" when the directory has no manifest)."""
+def cover_packaging_files(stage_dir: Path, entry_handler: Path, config_bytes: bytes,
+                          producer_facts: Mapping[str, Any] | None = None) -> str:
+    """List the top-level entry handler and model-config.yaml in the stage directory's manifest,
+    and add ``producer_facts`` (how the archive was made, e.g. derived worker counts) to its
+    ``producer``; returns the manifest's new SHA-256 ("" when the directory has no manifest)."""
     path = stage_dir / MANIFEST_NAME
     if not path.is_file():
         return ""
     data = json.loads(path.read_text())
+    if producer_facts:
+        data["producer"] = {**(data.get("producer") or {}), **producer_facts}
     handler = entry_handler.read_bytes()
     data["files"][HANDLER_ENTRY] = _entry(handler)
     data["files"][MODEL_CONFIG_FILE] = _entry(config_bytes)
@@ -171,7 +182,7 @@ def with_config(src_mar: Path, dst_mar: Path, overrides: Mapping[str, Any]) -> P
     with zipfile.ZipFile(src_mar) as src:
         merged = merge_config(yaml.safe_load(src.read(MODEL_CONFIG_FILE)) or {}, overrides)
         config_bytes = yaml.safe_dump(merged, sort_keys=False).encode()
-        manifest = json.loads(src.read(MANIFEST_NAME))
+        manifest = _forget_derived_workers(json.loads(src.read(MANIFEST_NAME)), overrides)
         if MODEL_CONFIG_FILE in manifest.get("files", {}):  # the manifest vouches for the config
             manifest["files"][MODEL_CONFIG_FILE] = _entry(config_bytes)
         replaced = {MODEL_CONFIG_FILE: config_bytes,
@@ -181,3 +192,18 @@ def with_config(src_mar: Path, dst_mar: Path, overrides: Mapping[str, Any]) -> P
             for item in src.infolist():
                 dst.writestr(item, replaced.get(item.filename) or src.read(item))
     return dst_mar
+
+
+def _forget_derived_workers(manifest: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A worker count set by ``overrides`` was asked for: the record of what ``auto`` derived
+    (hetserve.auto_workers) no longer covers that key, so tools do not take it for derived."""
+    from hetserve.auto_workers import PRODUCER_KEY, WORKER_KEYS
+
+    producer = manifest.get("producer") or {}
+    derived = producer.get(PRODUCER_KEY)
+    set_now = [k for k in WORKER_KEYS if k in overrides]
+    if not isinstance(derived, dict) or not set_now:
+        return manifest
+    keys = [k for k in derived.get("auto_keys", ()) if k not in set_now]
+    rest = {k: v for k, v in producer.items() if k != PRODUCER_KEY}
+    return {**manifest, "producer": {**rest, **({PRODUCER_KEY: {**derived, "auto_keys": keys}} if keys else {})}}

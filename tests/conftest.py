@@ -1,9 +1,12 @@
 """Fixtures shared by the test modules: the small archive is built once per test run, and
 workers may keep their history under pytest's temp dir.
 
-``tiny_mar`` is zoo:resnet18-tiny cut at ratios 0.5 and 0.8 with the shipped model-config;
-``tiny_variant`` derives a copy with model-config overrides (``with_config``: only
-model-config.yaml changes, so no re-export and no re-cut); ``tiny_named`` does the same and
+``tiny_mar`` is zoo:resnet18-tiny cut at ratios 0.5 and 0.8 with the shipped model-config
+(``minWorkers``/``maxWorkers: auto``, so as many workers as this box's default; see
+test_auto_workers); ``tiny_variant`` derives a copy with model-config overrides
+(``with_config``: only model-config.yaml changes, so no re-export and no re-cut), pinned to one
+worker unless the overrides say otherwise: tests read one worker's pid, metrics and timeline,
+and one worker loads fastest; ``tiny_named`` does the same and
 also names the copy's model as ``hetserve archive --model-name`` would (responses carry that
 name); ``tiny_model_dir`` is the archive unpacked, for tests that load the service in process.
 Exporting and cutting the model is most of an archive's cost: tests that need resnet18-tiny
@@ -26,6 +29,7 @@ from typing import Any
 import pytest
 
 TINY_RATIOS = "0.5,0.8"
+ONE_WORKER = {"minWorkers": 1, "maxWorkers": 1}
 SHIPPED_BODY_LIMIT = 4 * 2**20  # the "sec" model's hetserve.limits.max_body_bytes
 # name -> model-config overrides of tiny_mar, served together by shipped_server
 SHIPPED_MODELS: dict[str, dict[str, Any]] = {
@@ -67,11 +71,12 @@ def tiny_mar(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_variant(tiny_mar) -> Callable[[Path, str, Mapping[str, Any]], Path]:
-    """(store, name, model-config overrides) -> store/name.mar, derived from the shared archive."""
+    """(store, name, model-config overrides) -> store/name.mar, derived from the shared archive,
+    one worker unless ``overrides`` sets minWorkers/maxWorkers."""
     from partitioner.archive import with_config
 
     def make(store: Path, name: str, overrides: Mapping[str, Any]) -> Path:
-        return with_config(tiny_mar, store / f"{name}.mar", overrides)
+        return with_config(tiny_mar, store / f"{name}.mar", {**ONE_WORKER, **overrides})
 
     return make
 

@@ -31,7 +31,10 @@ def archive(tmp_path: Path, *extra: str, model: str = MISSING_MODEL, name: str =
     ((), "_lead", "is not a TorchServe model name"),
     (("--set", "batchsize=8"), "m", "unknown model-config key 'batchsize' (did you mean 'batchSize'?)"),
     (("--set", "maxBatchDelay=fast"), "m", "maxBatchDelay must be a number of milliseconds >= 0, got 'fast'"),
-    (("--set", "minWorkers=-1"), "m", "'minWorkers' must be an integer >= 0"),
+    (("--set", "minWorkers=-1"), "m", "'minWorkers' must be an integer >= 0 or 'auto', got -1"),
+    (("--set", "maxWorkers=atuo"), "m", "'maxWorkers' must be an integer >= 0 or 'auto', got 'atuo' (did you mean 'auto'?)"),
+    (("--set", "minWorkers=AUTO"), "m", "got 'AUTO' (did you mean 'auto'?)"),
+    (("--set", "minWorkers=2.5"), "m", "'minWorkers' must be an integer >= 0 or 'auto', got 2.5"),
     (("--set", "useJobTicket=3"), "m", "'useJobTicket' must be true or false"),
     (("--set", "hetserve.typo=1"), "m", "unknown option 'hetserve.typo'"),
     (("--set", "hetserve.micro_bach=2"), "m", "unknown option 'hetserve.micro_bach' (did you mean 'micro_batch'?)"),
@@ -89,7 +92,7 @@ def test_every_torchserve_key_and_every_runtime_knob_is_accepted():
 
     from handlers.runtime.config import RuntimeConfig
 
-    samples = {"an integer >= 0": 1, "true or false": True, "a list of integers": [0],
+    samples = {"an integer >= 0": 1, "an integer >= 0 or 'auto'": "auto", "true or false": True, "a list of integers": [0],
                "a mapping": {}, "one of cpu, gpu, neuron": "cpu", "one of pp, tp, pptp, custom": "pp"}
     checks.check_model_config({key: samples[kind] for key, kind in checks.TORCHSERVE_KEYS.items()})
     defaults = RuntimeConfig()

@@ -334,6 +334,33 @@ def test_layout_refuses_several_workers_per_pod(archive, tmp_path):
     assert not (tmp_path / "out" / "model-store").exists()
 
 
+def test_layout_serves_one_worker_from_an_archive_whose_count_auto_derived(tiny_mar, tmp_path):
+    """tiny_mar is built with the shipped ``minWorkers/maxWorkers: auto``: whatever count that
+    gave on this box, the pod's snapshot asks for one worker, with a note when it was more."""
+    with zipfile.ZipFile(tiny_mar) as z:
+        config = yaml.safe_load(z.read("model-config.yaml"))
+    derived = (config["minWorkers"], config["maxWorkers"])
+    done = build_storage(tiny_mar, tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    if derived != (1, 1):
+        assert "derived on the archiving box" in done.stdout and "the snapshot asks for 1" in done.stdout
+        assert f"{derived[0]}/{derived[1]}" in done.stdout
+    else:
+        assert "note:" not in done.stdout
+    props = read_properties(tmp_path / "out" / "config" / "config.properties")
+    ((_, entry),) = json.loads(props["model_snapshot"])["models"]["tiny"].items()
+    assert (entry["minWorkers"], entry["maxWorkers"]) == (1, 1)
+    assert (tmp_path / "out" / "model-store" / "tiny.mar").read_bytes() == tiny_mar.read_bytes()
+
+
+def test_layout_refuses_a_count_set_after_auto_derived_one(tiny_mar, tmp_path):
+    """A count a variant sets (with_config) was asked for, even where ``auto`` set the other."""
+    variant = with_config(tiny_mar, tmp_path / "tiny.mar", {"maxWorkers": 3})
+    done = build_storage(variant, tmp_path / "out")
+    assert done.returncode == 2 and "one worker" in done.stderr, done.stderr
+    assert not (tmp_path / "out" / "model-store").exists()
+
+
 def test_layout_refuses_an_archive_that_is_not_hetserve(tmp_path):
     bogus = tmp_path / "other.mar"
     with zipfile.ZipFile(bogus, "w") as z:

@@ -43,7 +43,8 @@ def dirs(tmp_path_factory) -> dict[str, Path]:
 def store(dirs, tmp_path_factory) -> Path:
     store = tmp_path_factory.mktemp("store")
     common = ["--export-path", str(store), "--ratios", "0.5", "--cost", "flops", "--quiet",
-              "--set", "batchSize=4", "--set", "maxBatchDelay=300"]
+              "--set", "batchSize=4", "--set", "maxBatchDelay=300",
+              "--set", "minWorkers=1", "--set", "maxWorkers=1"]  # three models on one small box: a worker each
     assert main(["archive", "--model", f"hf:{dirs['vit']}", "--task", "image-classification",
                  "--model-name", "vit", "--top-k", "7", *common]) == 0
     assert main(["archive", "--model", f"hf:{dirs['bert']}", "--task", "text-classification",

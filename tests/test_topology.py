@@ -13,6 +13,7 @@ from handlers.hardware.topology import (
     CoreGroup,
     Topology,
     core_groups,
+    default_workers,
     format_cpu_list,
     ort_affinity_string,
     parse_cpu_list,
@@ -266,3 +267,48 @@ def test_real_machine_sanity() -> None:
     assert set(topo.cpus) <= allowed
     groups = plan_groups(topo, "numa", min_groups=2 if len(topo.cores) >= 2 else 1)
     assert sorted(c for g in groups for c in g.cpus) == sorted(topo.cpus)
+
+
+@pytest.mark.parametrize(("physical", "gpus", "workers"), [
+    (1, 0, 1),  # one core: a second worker would only share it
+    (2, 0, 2),  # at least two: one covers the other's gap between batches
+    (3, 0, 2),
+    (4, 0, 2),
+    (8, 0, 2),
+    (11, 0, 2),
+    (12, 0, 3),  # then about 4 cores a worker
+    (16, 0, 4),
+    (17, 0, 4),
+    (64, 0, 16),
+    (1, 1, 1),  # a GPU visible: one worker, as before
+    (16, 1, 1),
+    (64, 8, 1),
+])
+def test_default_workers_table(physical: int, gpus: int, workers: int) -> None:
+    assert default_workers(physical, gpus) == workers
+
+
+@pytest.mark.parametrize(("physical", "gpus"), [(0, 0), (-1, 0), (2, -1), (True, 0)])
+def test_default_workers_refuses_impossible_boxes(physical: int, gpus: int) -> None:
+    with pytest.raises(ValueError):
+        default_workers(physical, gpus)
+
+
+def test_default_workers_counts_physical_cores_of_the_probe(two_socket_smt: Path, tmp_path) -> None:
+    # 16 logical CPUs are 8 physical cores (SMT siblings do not count): 2 workers, not 4.
+    topo = probe(str(two_socket_smt), affinity=set(range(16)), cgroup_root=no_cgroup(tmp_path))
+    assert default_workers(len(topo.cores), gpus=0) == 2
+    # A cgroup quota of 1.5 CPUs leaves one core: one worker.
+    cgroup = tmp_path / "cg2"
+    cgroup.mkdir()
+    (cgroup / "cpu.max").write_text("150000 100000\n")
+    topo = probe(str(two_socket_smt), affinity=set(range(16)), cgroup_root=str(cgroup))
+    assert default_workers(len(topo.cores), gpus=0) == 1
+
+
+def test_default_workers_on_a_large_fake_box(tmp_path: Path) -> None:
+    sys_root = make_sys(tmp_path / "sys", sockets=2, cores_per_socket=16, smt=True, numa_nodes=2)
+    topo = probe(str(sys_root), affinity=set(range(64)), cgroup_root=no_cgroup(tmp_path))
+    assert len(topo.cores) == 32
+    assert default_workers(len(topo.cores), gpus=0) == 8
+    assert default_workers(len(topo.cores), gpus=2) == 1

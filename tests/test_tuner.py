@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from handlers.runtime.config import RuntimeConfig
+from hetserve.auto_workers import resolve
 from hetserve.knee import Criteria
 from hetserve.loadgen import LatencyStats, LoadResult
 from hetserve.tuner import (
@@ -74,7 +75,8 @@ def fake_prepare(calls: list):
 
 
 def shipped():
-    config = yaml.safe_load((REPO / "config" / "model-config.yaml").read_text())
+    # minWorkers: auto as it resolves on a 2-core box (2 workers), the size the spaces below use
+    config, _ = resolve(yaml.safe_load((REPO / "config" / "model-config.yaml").read_text()), 2, 0)
     props = dict(line.split("=", 1) for line in (REPO / "config" / "config.properties").read_text().splitlines()
                  if "=" in line and not line.startswith("#"))
     return shipped_defaults(config, 0.8, props)
@@ -82,17 +84,19 @@ def shipped():
 
 def test_shipped_defaults_are_the_repository_configs():
     d = shipped()
-    assert d["workers"] == 1 and d["batchSize"] == 4 and d["maxBatchDelay"] == 5
+    assert d["workers"] == 2 and d["batchSize"] == 4 and d["maxBatchDelay"] == 5
     assert d["core_groups"] == "numa" and d["ratio"] == 0.8 and d["spinning"] is False
     assert d["allocator"] == "default" and d["openmp"] == "gnu"  # --use-default-allocator --disable-iomp
 
 
-def test_shipped_workers_read_the_resolved_int_and_tolerate_auto():
-    # an archive holds minWorkers resolved to an int; an unresolved "auto" counts as 1, not an error
+def test_shipped_workers_read_the_resolved_int_and_derive_auto_on_this_box():
+    # an archive holds minWorkers resolved to an int; an unresolved "auto" means this box's count
+    from handlers.hardware.topology import default_workers
+    from hetserve.auto_workers import box
+
     assert shipped_defaults({"minWorkers": 2}, 0.8, {})["workers"] == 2
     assert shipped_defaults({"minWorkers": "2"}, 0.8, {})["workers"] == 2
-    assert shipped_defaults({"minWorkers": "auto"}, 0.8, {})["workers"] == 1
-    assert shipped_defaults({"minWorkers": " AUTO "}, 0.8, {})["workers"] == 1
+    assert shipped_defaults({"minWorkers": "auto"}, 0.8, {})["workers"] == default_workers(*box())
     assert shipped_defaults({}, 0.8, {})["workers"] == 1
 
 

@@ -37,8 +37,8 @@ class LayoutError(ValueError):
     """An archive or template that cannot be deployed as is; the message says why."""
 
 
-def read_archive(mar: Path) -> tuple[dict, dict]:
-    """(MAR-INF/MANIFEST.json, model-config.yaml) of a hetserve .mar."""
+def read_archive(mar: Path) -> tuple[dict, dict, dict]:
+    """(MAR-INF/MANIFEST.json, model-config.yaml, hetserve-manifest.json) of a hetserve .mar."""
     try:
         with zipfile.ZipFile(mar) as archive:
             names = set(archive.namelist())
@@ -46,22 +46,45 @@ def read_archive(mar: Path) -> tuple[dict, dict]:
                 raise LayoutError(f"{mar} is not a hetserve archive (no hetserve-manifest.json)")
             manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
             config = yaml.safe_load(archive.read("model-config.yaml")) or {}
+            hetserve_manifest = json.loads(archive.read("hetserve-manifest.json"))
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, yaml.YAMLError) as exc:
         raise LayoutError(f"{mar} is not a readable model archive: {exc}") from None
-    return manifest, config
+    if not isinstance(hetserve_manifest, dict) or not isinstance(config, dict):
+        raise LayoutError(f"{mar}: hetserve-manifest.json and model-config.yaml must hold mappings")
+    return manifest, config, hetserve_manifest
+
+
+def pod_workers_note(config: dict, hetserve_manifest: dict) -> str | None:
+    """None for an archive asking for one worker; a note when its larger count was derived by
+    ``minWorkers/maxWorkers: auto`` on the archiving box (the pod serves one instead); raises
+    LayoutError when somebody asked for more than one."""
+    workers = {key: config.get(key, 1) for key in ("minWorkers", "maxWorkers")}
+    over = sorted(key for key, value in workers.items() if value != 1)
+    if not over:
+        return None
+    # hetserve archive records what "auto" became (hetserve/auto_workers.py); a count changed
+    # since (with_config) no longer matches the record and counts as asked for.
+    derived = (hetserve_manifest.get("producer") or {}).get("workers") or {}
+    if derived.get("auto") and all(
+        key in derived.get("auto_keys", ()) and derived.get(key) == workers[key] for key in over
+    ):
+        return (
+            f"note: minWorkers/maxWorkers {workers['minWorkers']}/{workers['maxWorkers']} were derived "
+            f"on the archiving box ({derived.get('physical_cores')} physical cores, "
+            f"{derived.get('gpus')} GPUs); a KServe pod runs one worker: the snapshot asks for 1"
+        )
+    # A pod is the unit of scale: each worker's handler splits the whole pod's cores into
+    # core groups, so two workers in one pod would pin onto the same cores.
+    asked = (workers["minWorkers"], workers["maxWorkers"])
+    raise LayoutError(
+        f"the archive asks for minWorkers/maxWorkers {asked}; a KServe pod runs one worker. "
+        "Derive a variant with partitioner.archive.with_config(src, dst, "
+        "{'minWorkers': 1, 'maxWorkers': 1}) and scale with replicas instead"
+    )
 
 
 def snapshot(name: str, manifest: dict, config: dict) -> dict:
     """TorchServe's model_snapshot for one model, one worker, values from model-config.yaml."""
-    workers = (config.get("minWorkers", 1), config.get("maxWorkers", 1))
-    if workers != (1, 1):
-        # A pod is the unit of scale: each worker's handler splits the whole pod's cores into
-        # core groups, so two workers in one pod would pin onto the same cores.
-        raise LayoutError(
-            f"the archive asks for minWorkers/maxWorkers {workers}; a KServe pod runs one worker. "
-            "Derive a variant with partitioner.archive.with_config(src, dst, "
-            "{'minWorkers': 1, 'maxWorkers': 1}) and scale with replicas instead"
-        )
     version = str((manifest.get("model") or {}).get("modelVersion") or "1.0")
     entry = {
         "defaultVersion": True,
@@ -87,10 +110,13 @@ def render_config(template: str, model_snapshot: dict) -> str:
 
 
 def build(mar: Path, out: Path, name: str | None = None, template: Path = TEMPLATE) -> Path:
-    manifest, config = read_archive(mar)
+    manifest, config, hetserve_manifest = read_archive(mar)
     name = name or (manifest.get("model") or {}).get("modelName") or mar.stem
     if not _NAME.fullmatch(name):
         raise LayoutError(f"model name {name!r} must match {_NAME.pattern}")
+    note = pod_workers_note(config, hetserve_manifest)
+    if note:
+        print(note)
     rendered = render_config(template.read_text(), snapshot(name, manifest, config))
     (out / "config").mkdir(parents=True, exist_ok=True)
     (out / "model-store").mkdir(parents=True, exist_ok=True)

@@ -358,6 +358,24 @@ def _read_int(path: Path) -> int | None:
         return None
 
 
+def default_workers(physical_cores: int, gpus: int) -> int:
+    """TorchServe workers for a box with ``physical_cores`` usable cores and ``gpus`` visible GPUs.
+
+    TorchServe hands a worker one batch at a time, so one worker's cores idle between its batches
+    (11-15 ms a batch on 2 cores, benchmarks/results/breakdown.json); a second worker, given
+    its own cores by the CPU launcher, covers that gap. Beyond two, about 4 cores per worker: the
+    IPEX launcher's latency mode runs 4 cores an instance and ORT's intra-op scaling flattens at
+    serving batch sizes. With a GPU one worker, as before: its head's CUDA streams already overlap.
+    """
+    if isinstance(physical_cores, bool) or physical_cores < 1:
+        raise ValueError(f"physical_cores must be >= 1, got {physical_cores!r}")
+    if isinstance(gpus, bool) or gpus < 0:
+        raise ValueError(f"gpus must be >= 0, got {gpus!r}")
+    if gpus > 0 or physical_cores == 1:
+        return 1
+    return min(physical_cores, max(2, physical_cores // 4))
+
+
 def split_cpu_groups(
     groups: Sequence[CoreGroup], head_groups: int
 ) -> tuple[list[CoreGroup], list[CoreGroup]]:
