@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hetserve.auto_workers import workers_here
 from hetserve.loadgen import arrival_offsets, percentile
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
@@ -356,7 +357,7 @@ def check_rows(rows: Mapping[str, Mapping], history, p99_ms: float, topology=Non
         if not cfg or not points:
             continue
         section = cfg.get("hetserve") or {}
-        workers = int(cfg.get("minWorkers") or 1)
+        workers = workers_here(cfg.get("minWorkers"))
         layout = layout_for(section, _ratio_partitioned(section), worker_topology(workers, topology))
         n, delay = int(cfg.get("batchSize") or 1), float(cfg.get("maxBatchDelay") or 0)
         curve = curve_from_history(history, layout, max_batch=max(n, 1))
@@ -481,7 +482,9 @@ def advise_from_files(*, mar=None, history_path=None, state_dir=None, config: Ma
     else:
         partitioned = _ratio_partitioned(section) and any(
             history.is_calibrated("head", e) for e in _executors_in(history))
-    workers = int(config.get("minWorkers") or 1)
+    # --set first, then what the archive serves with (auto: this box's count)
+    asked = config.get("minWorkers", archive.model_config.get("minWorkers") if archive else None)
+    workers = workers_here(asked)
     layout = layout_for(section, partitioned, worker_topology(workers))
     sizes = tuple(batch_sizes or DEFAULT_BATCH_SIZES)
     curve = curve_from_history(history, layout, max_batch=max(sizes), overhead_s=overhead_ms / 1000.0)

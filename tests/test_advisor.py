@@ -269,3 +269,20 @@ def test_a_big_batch_inflated_by_contention_is_capped_by_running_its_halves():
     assert curve.compute(8) == pytest.approx(2 * 0.052)
     assert curve.compute(4) == pytest.approx(0.052)  # consistent entries are left alone
     assert all(curve.compute(b) <= curve.compute(b - 1) + curve.compute(1) + 1e-12 for b in range(2, 9))
+
+
+def test_advise_reads_minworkers_auto_as_this_boxs_worker_count(tmp_path):
+    """The shipped minWorkers is `auto`: the advice models worker 0's share of this box's
+    derived count (it crashed on int('auto'))."""
+    from handlers.hardware.topology import default_workers
+    from hetserve.auto_workers import box
+
+    workers = default_workers(*box())
+    layout = layout_for({"core_groups": "numa"}, False, worker_topology(workers))
+    runs = {("whole", e, b): s for e in layout.stages["whole"] for b, s in ((1, 0.018), (8, 0.074))}
+    history, out = tmp_path / "m-abc-perf.json", tmp_path / "advice.json"
+    write_history(history, runs)
+    code = main(["advise", "--history", str(history), "--rate", "5", "--set", "minWorkers=auto",
+                 "--set", "hetserve.ratio=1.0", "--set", "hetserve.core_groups=numa", "--out", str(out)])
+    assert code == 0
+    assert json.loads(out.read_text())["layout"] == {"whole": list(layout.stages["whole"])}

@@ -93,7 +93,7 @@ def _build(name: str, store: Path, scratch: Path) -> Built:
         except OffTargetError as exc:
             off_target = str(exc)
     config = model_config(None, {
-        "batchSize": 4, "maxBatchDelay": 20,
+        "batchSize": 4, "maxBatchDelay": 20, "minWorkers": 1, "maxWorkers": 1,  # CI time: one per model
         "hetserve": {"calibration_runs": 1, "ratio": RATIOS[-1]},
     })
     check_loads(stage_dir, config, result.manifest)
