@@ -226,11 +226,17 @@ def write_history(path, stage_runs):
     path.write_text(json.dumps(h.to_json()))
 
 
-def test_advise_command_reads_the_history_and_writes_the_advice(tmp_path, capsys):
-    layout = layout_for({"core_groups": "size:1"}, False, worker_topology(1))
+def whole_model_history(tmp_path, layout) -> tuple:
+    """(history file, advice file) for `layout`'s whole stage at batches 1 and 8."""
     runs = {("whole", e, b): s for e in layout.stages["whole"] for b, s in ((1, 0.018), (8, 0.074))}
     history, out = tmp_path / "m-abc-perf.json", tmp_path / "advice.json"
     write_history(history, runs)
+    return history, out
+
+
+def test_advise_command_reads_the_history_and_writes_the_advice(tmp_path, capsys):
+    layout = layout_for({"core_groups": "size:1"}, False, worker_topology(1))
+    history, out = whole_model_history(tmp_path, layout)
     code = main(["advise", "--history", str(history), "--rate", "5", "--rate", "100000",
                  "--set", "hetserve.ratio=1.0", "--set", "hetserve.core_groups=size:1", "--out", str(out)])
     assert code == 0
@@ -279,9 +285,7 @@ def test_advise_reads_minworkers_auto_as_this_boxs_worker_count(tmp_path):
 
     workers = default_workers(*box())
     layout = layout_for({"core_groups": "numa"}, False, worker_topology(workers))
-    runs = {("whole", e, b): s for e in layout.stages["whole"] for b, s in ((1, 0.018), (8, 0.074))}
-    history, out = tmp_path / "m-abc-perf.json", tmp_path / "advice.json"
-    write_history(history, runs)
+    history, out = whole_model_history(tmp_path, layout)
     code = main(["advise", "--history", str(history), "--rate", "5", "--set", "minWorkers=auto",
                  "--set", "hetserve.ratio=1.0", "--set", "hetserve.core_groups=numa", "--out", str(out)])
     assert code == 0

@@ -181,7 +181,7 @@ class Processors:
                     "processor; send tensors (JSON, .npy, .npz, raw)",
                 )
             try:
-                text = bytes(body).decode("utf-8")
+                text = body.decode("utf-8")
             except UnicodeDecodeError:
                 raise RequestError(BAD_REQUEST, "text/plain body is not valid UTF-8") from None
             return self._texts([text], answer, had_batch_dim=False)
