@@ -18,13 +18,14 @@ from handlers.artifact.state_dir import StateDirError, resolve_state_dir
 from handlers.runtime.config import ConfigError, RuntimeConfig
 from handlers.runtime.exploration import (
     DECAY_HALF_LIFE_S,
-    REPROBE_AFTER_S,
+    Reprobe,
     decayed_alpha,
     due_for_reprobe,
     mark_reprobes,
+    next_reprobe,
 )
 from handlers.runtime.perf_model import HISTORY_FORMAT, HISTORY_VERSION, PerfHistory
-from handlers.runtime.scheduler import ExecutorSpec, build_candidates, choose_executor
+from handlers.runtime.scheduler import Candidate, ExecutorSpec, build_candidates, choose_executor
 
 
 class FakeClock:
@@ -116,11 +117,38 @@ def test_an_observation_replaces_more_of_an_older_estimate():
     assert history.predict_run("tail", "cpu0", 1) < 0.0004
 
 
-def test_reprobe_policy_only_for_measured_pairs_unseen_for_a_while():
-    assert not due_for_reprobe(None, None, 100.0, 10.0)  # never measured: dmda calibrates it
-    assert not due_for_reprobe(95.0, None, 100.0, 10.0)
+def test_reprobe_policy_for_estimates_not_measured_here_for_a_while():
+    assert not due_for_reprobe(95.0, None, 100.0, 10.0)  # measured 5 s ago
     assert due_for_reprobe(80.0, None, 100.0, 10.0)
-    assert not due_for_reprobe(80.0, 95.0, 100.0, 10.0)  # re-probed recently
+    assert due_for_reprobe(None, None, 100.0, 10.0)  # loaded or scaled: never measured here
+    assert not due_for_reprobe(80.0, Reprobe(95.0, 10.0, 0.02), 100.0, 10.0)  # re-probed recently
+    assert due_for_reprobe(None, Reprobe(85.0, 10.0, 0.02), 100.0, 10.0)
+    assert not due_for_reprobe(None, Reprobe(85.0, 40.0, 0.02), 100.0, 10.0)  # a longer wait
+
+
+def test_a_reprobe_that_confirms_its_estimate_doubles_the_wait_up_to_the_cap():
+    first = next_reprobe(None, 0.020, 0.0, 10.0, 80.0)
+    assert first == Reprobe(0.0, 10.0, 0.020)
+    waits = [first.wait_s]
+    last = first
+    for t in range(1, 6):  # the estimate holds: each re-probe confirmed it
+        last = next_reprobe(last, 0.021, 100.0 * t, 10.0, 80.0)
+        waits.append(last.wait_s)
+    assert waits == [10.0, 20.0, 40.0, 80.0, 80.0, 80.0]
+    moved = next_reprobe(last, 0.007, 700.0, 10.0, 80.0)  # the last one moved it: back to 10 s
+    assert moved.wait_s == 10.0
+
+
+def test_mark_reprobes_marks_at_most_one_due_estimate_and_never_an_uncalibrated_one():
+    cands = [Candidate("cpu0", 0.0, None), Candidate("cpu1", 0.0, 0.02), Candidate("cpu2", 0.0, 0.02)]
+    reprobed: dict = {}
+    out = mark_reprobes("tail", 4, cands, {}.get, reprobed, 100.0)
+    assert [c.run_s for c in out] == [None, None, 0.02]
+    assert set(reprobed) == {("tail", "cpu1", 4)}
+    out = mark_reprobes("tail", 4, cands, {}.get, reprobed, 101.0)  # cpu1 waits; cpu2's turn
+    assert [c.run_s for c in out] == [None, 0.02, None]
+    fresh = {("tail", "cpu1", 4): 100.0, ("tail", "cpu2", 4): 100.0}.get
+    assert mark_reprobes("tail", 4, cands[1:], fresh, {}, 105.0) == cands[1:]
 
 
 def test_an_inflated_estimate_does_not_starve_an_executor():
@@ -128,7 +156,7 @@ def test_an_inflated_estimate_does_not_starve_an_executor():
     as the issue measured); re-probes bring it back within a few periods."""
     clock = FakeClock()
     history = PerfHistory(alpha=0.3, clock=clock)
-    history.observe_run("tail", "cpu0", 1, 0.0003)
+    history.observe_run("tail", "cpu0", 1, 0.0004)
     history.observe_run("tail", "cpu1", 1, 0.020)  # one bad run, never repeated
     specs = [ExecutorSpec("cpu0", "cpu"), ExecutorSpec("cpu1", "cpu")]
     reprobed: dict = {}
@@ -136,12 +164,12 @@ def test_an_inflated_estimate_does_not_starve_an_executor():
     for _ in range(700):
         clock.now += 0.1  # 70 s of placements
         cands = build_candidates(history, "tail", 1, 0, "cpu", specs, {})
-        cands = mark_reprobes("tail", cands, history.last_observed, reprobed, clock.now)
+        cands = mark_reprobes("tail", 1, cands, history.confirmed_at, reprobed, clock.now)
         choice = choose_executor(clock.now, cands).executor
         placed[choice] += 1
-        history.observe_run("tail", choice, 1, 0.0003)
-    assert 70 / REPROBE_AFTER_S - 1 <= placed["cpu1"] <= 70 / REPROBE_AFTER_S + 1, placed
+        history.observe_run("tail", choice, 1, 0.0003 if choice == "cpu1" else 0.0004)
     assert history.predict_run("tail", "cpu1", 1) < 2 * 0.0003
+    assert placed["cpu1"] > 150, placed  # corrected within 5 periods, then chosen: it is faster
 
 
 # ---- item 2: state_dir ------------------------------------------------------------------------

@@ -234,26 +234,30 @@ def test_from_json_rejects_bad_entries() -> None:
         PerfHistory.from_json(data)
 
 
-def test_last_observed_is_the_newest_stamp_of_the_pair_after_observe_merge_and_load(tmp_path: Path) -> None:
+def test_confirmed_at_is_this_process_s_last_measurement_of_the_bucket(tmp_path: Path) -> None:
+    """Stamped per (stage, executor, bucket) as observations land; never saved, merged or
+    loaded: an estimate from a file is unconfirmed until this process measures it."""
     clock = FakeClock()
     h = PerfHistory(alpha=0.4, clock=clock)
-    assert h.last_observed("tail", "cpu0") is None
+    assert h.confirmed_at(("tail", "cpu0", 1)) is None
     h.observe_run("tail", "cpu0", 1, 0.01)
     clock.advance(5)
-    h.observe_run("tail", "cpu0", 8, 0.05)  # another bucket, later
+    h.observe_run("tail", "cpu0", 7, 0.05)  # bucket 8, later: bucket 1's stamp stays
+    assert h.confirmed_at(("tail", "cpu0", 1)) == 1000.0
+    assert h.confirmed_at(("tail", "cpu0", 8)) == 1005.0
+    assert h.confirmed_at(("tail", "cpu0", 4)) is None  # predicted by scaling, never measured
+    assert h.predict_run("tail", "cpu0", 4) is not None
     clock.advance(5)
-    h.observe_run("tail", "cpu1", 1, 0.01)
-    assert h.last_observed("tail", "cpu0") == 1005.0 and h.last_observed("tail", "cpu1") == 1010.0
-    clock.advance(5)
-    h.observe_run("tail", "cpu0", 1, 0.02)  # the older bucket again: the pair's newest moves
-    assert h.last_observed("tail", "cpu0") == 1015.0
+    h.observe_run("tail", "cpu0", 1, 0.02)
+    assert h.confirmed_at(("tail", "cpu0", 1)) == 1010.0
     other = PerfHistory(alpha=0.4, clock=FakeClock(2000.0))
     other.observe_run("tail", "cpu1", 2, 0.01)
     merged = h.merge(other)
-    assert merged.last_observed("tail", "cpu1") == 2000.0 and merged.last_observed("tail", "cpu0") == 1015.0
+    assert merged.run_entry("tail", "cpu1", 2) is not None
+    assert merged.confirmed_at(("tail", "cpu1", 2)) is None and merged.confirmed_at(("tail", "cpu0", 1)) is None
     path = tmp_path / "history.json"
-    merged.save(path)
-    loaded = PerfHistory.load(path, alpha=0.4, clock=FakeClock(3000.0))
-    for pair in (("tail", "cpu0"), ("tail", "cpu1")):
-        newest = max(e["updated"] for e in loaded.to_json()["runs"] if (e["stage"], e["executor"]) == pair)
-        assert loaded.last_observed(*pair) == newest
+    h.save(path)
+    assert "confirmed" not in path.read_text()
+    loaded = PerfHistory.load(path, alpha=0.4, clock=FakeClock(1011.0))
+    assert loaded.predict_run("tail", "cpu0", 8) == pytest.approx(0.05)
+    assert all(loaded.confirmed_at(("tail", "cpu0", b)) is None for b in (1, 8))

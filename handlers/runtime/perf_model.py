@@ -4,6 +4,12 @@ Like StarPU's history-based models, run times are kept per (stage, executor, bat
 bucket) as an exponentially weighted moving average, and each link's transfer cost as an
 EWMA fit of ``latency + bytes / bandwidth``. The history is saved to a JSON file shared by the
 worker processes of one model, so a restarted worker starts calibrated.
+
+Each run estimate also has a *confirmation* stamp: when this process last measured that
+(stage, executor, bucket). It is never saved or merged, so an estimate loaded from a file, or
+scaled from another bucket, is unconfirmed until this process runs it: the re-probe policy
+(``handlers.runtime.exploration``) re-measures it instead of trusting it for ever, and that
+first run here replaces a loaded estimate rather than averaging with it.
 """
 
 from __future__ import annotations
@@ -111,10 +117,10 @@ class PerfHistory:
         self._fits: dict[str, tuple[float, float]] = {}
         # Latest bucket list per (stage, executor): unseen buckets are scaled from these.
         self._buckets: dict[tuple[str, str], tuple[int, ...]] = {}
-        # Newest ``updated`` per (stage, executor), kept as observations land: the re-probe check
-        # reads it for every candidate of every placement (measured: 42% of a decision when it
-        # was recomputed over the buckets each time).
-        self._last_seen: dict[tuple[str, str], float] = {}
+        # When this process last measured each (stage, executor, bucket), kept as observations
+        # land: the re-probe check reads it for every candidate of every placement (a stamp
+        # recomputed per decision once cost 42% of one). Loaded and merged entries have none.
+        self._confirmed: dict[RunKey, float] = {}
         self._lock = threading.Lock()
 
     # ---- observations -------------------------------------------------------------------
@@ -125,14 +131,18 @@ class PerfHistory:
         now = self.clock()
         pair = (stage, executor)
         with self._lock:
-            self._last_seen[pair] = max(now, self._last_seen.get(pair, -math.inf))
             old = self._runs.get(key)
+            ours = key in self._confirmed
+            self._confirmed[key] = now
             if old is None:
                 self._runs[key] = RunEntry(seconds, 1, now)
                 self._buckets[pair] = tuple(sorted((*self._buckets.get(pair, ()), key[2])))
             else:
-                # An old estimate gives way faster: a stale or inflated one cannot linger.
-                alpha = decayed_alpha(self.alpha, now - old.updated)
+                # An old estimate gives way faster: a stale or inflated one cannot linger. One
+                # loaded from a file was measured by another process, under other conditions:
+                # the first run here replaces it (a 2 s poison is gone at once, not after
+                # seven re-probes), and later runs average as usual.
+                alpha = decayed_alpha(self.alpha, now - old.updated) if ours else 1.0
                 mean = old.mean_s + alpha * (seconds - old.mean_s)
                 self._runs[key] = RunEntry(mean, old.count + 1, now)
 
@@ -182,9 +192,10 @@ class PerfHistory:
     def is_calibrated(self, stage: str, executor: str) -> bool:
         return bool(self._buckets.get((stage, executor)))
 
-    def last_observed(self, stage: str, executor: str) -> float | None:
-        """When ``stage`` last ran on ``executor`` (any batch bucket); None if never."""
-        return self._last_seen.get((stage, executor))
+    def confirmed_at(self, key: RunKey) -> float | None:
+        """When this process last measured ``(stage, executor, bucket)``; None if it has not:
+        never run, known only from a saved history, or predicted by scaling another bucket."""
+        return self._confirmed.get(key)
 
     def run_entry(self, stage: str, executor: str, batch: int) -> RunEntry | None:
         return self._runs.get((stage, executor, batch_bucket(batch)))
@@ -196,7 +207,7 @@ class PerfHistory:
 
     def merge(self, other: PerfHistory) -> PerfHistory:
         """A new history with every entry of both; for a key in both, the newer ``updated``
-        wins (on a tie, ``self``'s)."""
+        wins (on a tie, ``self``'s). Nothing in it is confirmed: it is what gets saved."""
         merged = PerfHistory(self.alpha, self.clock)
         with self._lock:
             runs, links = dict(self._runs), dict(self._links)
@@ -290,16 +301,15 @@ class PerfHistory:
 
     def _set(self, runs: dict[RunKey, RunEntry], links: dict[str, LinkEntry]) -> None:
         # Only for histories nobody reads yet (merge and load results): readers take no lock.
+        # Their entries come from files or other histories: none is confirmed in this process.
         buckets: dict[tuple[str, str], list[int]] = {}
-        last_seen: dict[tuple[str, str], float] = {}
-        for (stage, executor, bucket), entry in runs.items():
+        for stage, executor, bucket in runs:
             buckets.setdefault((stage, executor), []).append(bucket)
-            last_seen[(stage, executor)] = max(entry.updated, last_seen.get((stage, executor), -math.inf))
         with self._lock:
             self._runs, self._links = runs, links
             self._fits = {k: (e.latency_s, e.per_byte_s) for k, e in links.items()}
             self._buckets = {pair: tuple(sorted(b)) for pair, b in buckets.items()}
-            self._last_seen = last_seen
+            self._confirmed = {}
 
 
 def _read_history(path: Path, alpha: float, clock: Callable[[], float]) -> PerfHistory | None:

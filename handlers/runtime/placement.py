@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from handlers.runtime.exploration import REPROBE_AFTER_S, mark_reprobes
+from handlers.runtime.exploration import REPROBE_AFTER_S, Reprobe, RunKey, mark_reprobes
+from handlers.runtime.perf_model import batch_bucket
 from handlers.runtime.scheduler import (
+    Candidate,
     ExecutorClock,
     ExecutorSpec,
     Placement,
@@ -40,11 +42,11 @@ class Placer:
         self.free_times = ExecutorClock(clock=clock)
         # None: never re-probe (a history without observation stamps, e.g. the simulator's noise)
         self.reprobe_after_s = reprobe_after_s
-        self.reprobed: dict[tuple[str, str], float] = {}
+        self.reprobed: dict[RunKey, Reprobe] = {}
         # A PerfHistory stamps its observations on its own clock; a bare predictor (the
         # simulator's noisy one) has no stamps, and then nothing is re-probed.
-        self._last_observed: Callable[[str, str], float | None] | None = getattr(
-            history, "last_observed", None
+        self._confirmed_at: Callable[[RunKey], float | None] | None = getattr(
+            history, "confirmed_at", None
         )
         self._history_clock: Callable[[], float] | None = getattr(history, "clock", None)
 
@@ -62,15 +64,15 @@ class Placer:
         )
         nbytes = sum(int(v.nbytes) for v in feeds.values())
         free_at = {spec.name: self.free_times.free_at(spec.name) for spec in specs}
-        candidates = build_candidates(
+        candidates: Sequence[Candidate] = build_candidates(
             self.history, stage, batch, nbytes, data_device, specs, free_at
         )
-        if self.reprobe_after_s is not None and self._last_observed and self._history_clock:
-            # A pair unmeasured for a while gets one run as if uncalibrated: re-measured, not
-            # starved by one inflated estimate.
+        if self.reprobe_after_s is not None and self._confirmed_at and self._history_clock:
+            # An estimate for this batch size not measured here for a while gets one run as if
+            # uncalibrated: re-measured, not starved by one inflated estimate.
             candidates = mark_reprobes(
-                stage, candidates, self._last_observed, self.reprobed, self._history_clock(),
-                self.reprobe_after_s,
+                stage, batch_bucket(batch), candidates, self._confirmed_at, self.reprobed,
+                self._history_clock(), self.reprobe_after_s,
             )
         placement = choose_executor(self.clock(), candidates)
         self.free_times.reserve(placement.executor, placement.start, placement.end)
