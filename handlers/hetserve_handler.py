@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from handlers.connection_guard import ConnectionGuard, hold_seconds
+from handlers.frontend_limits import read_frontend_max_response_size
 from handlers.observability.metrics import emit_runtime_metrics
 from handlers.observability.tracing import HOST, Span
 from handlers.protocol.kserve_v2 import ENVELOPE_STATUS, envelope_error
@@ -43,7 +44,9 @@ class HetServeHandler:
         version = ((context.manifest or {}).get("model") or {}).get("modelVersion", "1.0")
         try:
             self.service = InferenceService.load(
-                model_dir, context.model_yaml_config, version, served_name=context.model_name
+                model_dir, context.model_yaml_config, version, served_name=context.model_name,
+                # TorchServe does not pass its max_response_size: read its config file instead.
+                frontend_limit=read_frontend_max_response_size(),
             )
         except Exception as exc:  # noqa: BLE001 - re-raised as the one type TorchServe reports
             # TorchServe only reports RuntimeError/MemoryError as a load failure; anything else

@@ -22,6 +22,7 @@ from handlers.artifact.archive_digest import check_archive_digest
 from handlers.artifact.history_key import history_key
 from handlers.artifact.manifest import MANIFEST_NAME, Manifest, TensorSpec, load_verified_manifest
 from handlers.errors import RequestError, http_error
+from handlers.frontend_limits import FrontendLimit
 from handlers.observability.tracing import HOST, Recorder, Span, span_file_from_env
 from handlers.processors import Processors
 from handlers.protocol.codecs import (
@@ -32,7 +33,12 @@ from handlers.protocol.codecs import (
     encode_response,
 )
 from handlers.protocol.dynamic_dims import DynamicDims, check_dynamic_dims
-from handlers.protocol.response_size import body_size, min_response_bytes, too_large_message
+from handlers.protocol.response_size import (
+    ResponseLimit,
+    body_size,
+    min_response_bytes,
+    too_large_message,
+)
 from handlers.runtime.assembly import build_runtime
 from handlers.runtime.config import RuntimeConfig
 from handlers.runtime.flow import MicroBatchOutcome, Runtime, RuntimeStats
@@ -71,6 +77,7 @@ class InferenceService:
         model_version: str = "1.0",
         processors: Processors | None = None,
         served_name: str | None = None,
+        response_limit: ResponseLimit | None = None,
     ) -> None:
         self.manifest = manifest
         # KServe v2 answers carry the name the model is served under, which an operator may have
@@ -79,6 +86,7 @@ class InferenceService:
         self.processors = processors
         self.runtime = runtime
         self.config = config
+        self.response_limit = response_limit or ResponseLimit(config.limits.max_response_bytes)
         self.state_path = state_path
         self.model_version = model_version
         if state_path is not None:  # periodic saves run on the supervisor, off the request path
@@ -107,7 +115,9 @@ class InferenceService:
         model_yaml: Mapping[str, Any] | None = None,
         model_version: str = "1.0",
         served_name: str | None = None,
+        frontend_limit: FrontendLimit | None = None,
     ) -> InferenceService:
+        """``frontend_limit``: TorchServe's max_response_size, when the adapter could read it."""
         model_dir = Path(model_dir)
         check_archive_digest(model_dir)  # the operator's pin, before anything else is read
         config = RuntimeConfig.from_model_yaml(model_yaml)
@@ -118,7 +128,14 @@ class InferenceService:
         history = PerfHistory.load(state_path, alpha=config.ewma_alpha)
         runtime = build_runtime(manifest, model_dir, config, history)
         processors = Processors.load(config.processors, model_dir, manifest)
-        service = cls(manifest, runtime, config, state_path, model_version, processors, served_name)
+        limits = ((model_yaml or {}).get("hetserve") or {}).get("limits") or {}
+        response_limit = ResponseLimit(
+            config.limits.max_response_bytes, "max_response_bytes" in limits, frontend_limit
+        )
+        log.info("hetserve: %s", response_limit.log_line())
+        service = cls(
+            manifest, runtime, config, state_path, model_version, processors, served_name, response_limit
+        )
         service.save_history()
         service.trace_into(span_file_from_env())  # HETSERVE_TRACE_DIR: benchmarks only
         return service
@@ -156,15 +173,24 @@ class InferenceService:
 
     def _refuse_oversized(self, index: int, request: DecodedRequest, replies: list[Reply | None]) -> bool:
         """A 413 now for a request whose answer cannot fit; it leaves the batch, the rest runs."""
-        limit = self.config.limits.max_response_bytes
+        limit = self.response_limit
         least = min_response_bytes(
             self.manifest.outputs, request.format, request.batch, request.output_names,
             binary=request.binary_outputs.any,
         )
-        if least <= limit:
+        if least <= limit.bytes:
             return False
-        replies[index] = _error_reply(RequestError(413, too_large_message(least, limit, True)), request.format)
+        names = self._answered(request)
+        binary = min_response_bytes(self.manifest.outputs, "raw", request.batch, names) if names else None
+        message = too_large_message(least, limit, True, request.format, binary, len(names))
+        replies[index] = _error_reply(RequestError(413, message), request.format)
         return True
+
+    def _answered(self, request: DecodedRequest) -> list[str]:
+        """The outputs a request's answer carries; [] when they are binary already (a v2
+        request that asked for binary outputs): no smaller encoding to name then."""
+        names = list(request.output_names or [s.name for s in self.manifest.outputs])
+        return [] if all(request.binary_outputs.wants(n) for n in names) else names
 
     def _decode(self, request: RawRequest) -> DecodedRequest:
         if self.processors is not None:
@@ -227,13 +253,18 @@ class InferenceService:
                     RequestError(500, "internal error encoding the response"), request.format
                 )
                 continue
-            size, limit = body_size(encoded.body), self.config.limits.max_response_bytes
-            if size > limit:  # TorchServe would kill the worker for it: a 413 instead
-                too_large = RequestError(413, too_large_message(size, limit, False))
-                replies[index] = _error_reply(too_large, request.format)
+            size = body_size(encoded.body)
+            if size > self.response_limit.bytes:  # TorchServe would kill the worker: a 413 instead
+                replies[index] = _error_reply(self._too_large(size, mine, request), request.format)
                 continue
             replies[index] = _reply(200, encoded, extra={BATCH_HEADER: str(len(group))})
         self._trace("encode", started, samples)
+
+    def _too_large(self, size: int, outputs: Mapping[str, Any], request: DecodedRequest) -> RequestError:
+        names = self._answered(request)
+        binary = sum(int(getattr(outputs.get(name), "nbytes", 0)) for name in names) if names else None
+        message = too_large_message(size, self.response_limit, False, request.format, binary, len(names))
+        return RequestError(413, message)
 
     # -- performance history persistence --
     def save_history(self) -> None:
