@@ -26,7 +26,7 @@ from handlers.runtime.scheduler import Candidate
 
 RunKey = tuple[str, str, int]  # (stage, executor, batch bucket), as in perf_model
 
-# One half-life per re-probe period: each re-probe of a stale pair moves its estimate about
+# One half-life per re-probe period: each re-probe of a stale estimate moves it about
 # two thirds of the way to the fresh measurement (alpha 0.3), so 20 ms against 0.3 ms real
 # is within 2x after four re-probes.
 DECAY_HALF_LIFE_S = 10.0
