@@ -52,6 +52,7 @@ from handlers.artifact.manifest import Manifest
 from hetserve.auto_workers import workers_here
 from hetserve.knee import Criteria, offered_rate, sustains, sweep_rates
 from hetserve.loadgen import LoadResult
+from hetserve.properties import merge_properties, read_properties
 
 # model-config.yaml keys (top level or hetserve.*) and the launcher's, per knob
 MODEL_KNOBS = ("workers", "batchSize", "maxBatchDelay", "ratio", "core_groups", "cpu_head_groups",
@@ -183,20 +184,6 @@ def trial_settings(params: Mapping[str, Any]) -> Settings:
     return Settings(overrides, {"cpu_launcher_args": launcher_args(params["allocator"], params["openmp"])})
 
 
-def apply_properties(text: str, overrides: Mapping[str, str]) -> str:
-    """`text` (a config.properties) with each key's live line replaced; new keys appended."""
-    lines, seen = [], set()
-    for line in text.splitlines():
-        key = line.split("=", 1)[0].strip()
-        if key in overrides and not line.lstrip().startswith("#"):
-            lines.append(f"{key}={overrides[key]}")
-            seen.add(key)
-        else:
-            lines.append(line)
-    lines += [f"{k}={v}" for k, v in overrides.items() if k not in seen]
-    return "\n".join(lines) + "\n"
-
-
 def write_winner(out_dir: Path, model_config: Mapping[str, Any], params: Mapping[str, Any],
                  base_properties: Path) -> tuple[Path, Path]:
     """model-config.yaml (the archive's, with the winning knobs) and config.properties."""
@@ -209,7 +196,7 @@ def write_winner(out_dir: Path, model_config: Mapping[str, Any], params: Mapping
                            + yaml.safe_dump(merge_config(model_config, settings.model_overrides), sort_keys=False))
     props_path = out_dir / "config.properties"
     props_path.write_text("# written by hetserve tune: config/config.properties with the best launcher settings\n"
-                          + apply_properties(base_properties.read_text(), settings.properties))
+                          + merge_properties(base_properties.read_text(), settings.properties))
     return config_path, props_path
 
 
@@ -740,9 +727,7 @@ def tune_archive(mar: Path, out: Path, options: TuneOptions, work: Path, harness
     libraries = find_libraries({**os.environ, "VIRTUAL_ENV": os.environ.get("VIRTUAL_ENV") or sys.prefix})
     for note in libraries.notes:
         log(f"note: {note}")
-    props = dict(line.split("=", 1) for line in base_properties.read_text().splitlines()
-                 if "=" in line and not line.lstrip().startswith("#"))
-    defaults = shipped_defaults(archive.model_config, archive.manifest.default_ratio, props)
+    defaults = shipped_defaults(archive.model_config, archive.manifest.default_ratio, read_properties(base_properties))
     ratios = [p.ratio for p in archive.manifest.partitions]
     space = with_defaults(search_space(physical_cores(), ratios, libraries), defaults)
     for knob, value in (fixed or {}).items():
