@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from handlers.hardware.topology import default_workers
+from handlers.hardware.topology import default_workers, usable_cores
 
 AUTO = "auto"
 WORKER_KEYS = ("minWorkers", "maxWorkers")
@@ -81,9 +81,7 @@ def visible_gpus() -> int:
 
 def box() -> tuple[int, int]:
     """(usable physical cores, visible GPUs) of this machine."""
-    from handlers.hardware.topology import probe
-
-    return len(probe().cores), visible_gpus()
+    return usable_cores(), visible_gpus()
 
 
 def resolve_here(config: Mapping[str, Any]) -> tuple[dict[str, Any], WorkerChoice | None]:

@@ -47,8 +47,10 @@ from typing import Any
 
 import yaml
 
-from handlers.artifact.contract import read_archive
+from handlers.artifact.contract import WHOLE_MODEL, read_archive, serves_split
 from handlers.artifact.manifest import Manifest
+from handlers.hardware.topology import Core, Topology, plan_groups, usable_cores, worker_core_count
+from handlers.runtime.config import RuntimeConfig
 from hetserve.auto_workers import workers_here
 from hetserve.knee import Criteria, offered_rate, sustains, sweep_rates
 from hetserve.loadgen import LoadResult
@@ -60,7 +62,6 @@ MODEL_KNOBS = ("workers", "batchSize", "maxBatchDelay", "ratio", "core_groups", 
 SERVER_KNOBS = ("allocator", "openmp")
 ALLOCATOR_FLAGS = {"default": "--use-default-allocator", "jemalloc": "--enable-jemalloc",
                    "tcmalloc": "--enable-tcmalloc"}
-WHOLE_MODEL = 1.0
 OBJECTIVES = ("max-rate", "p99", "goodput")
 # the local search's knob order: processes first, then how long a worker waits to fill a batch,
 # then what runs (whole model or split) and the executors, then the rest; a knob the space fixes is
@@ -139,16 +140,16 @@ def search_space(cores: int, ratios: Sequence[float], libraries: Libraries,
 def shipped_defaults(model_config: Mapping[str, Any], default_ratio: float | None,
                      properties: Mapping[str, str]) -> dict[str, Any]:
     """The knobs as the archive and config/config.properties ship them: the tuner's trial 0."""
-    section = model_config.get("hetserve") or {}
+    config = RuntimeConfig.from_model_yaml(model_config)
     args = properties.get("cpu_launcher_args", "").split()
     allocator = next((a for a, flag in ALLOCATOR_FLAGS.items() if flag in args), "default")
-    ratio = section.get("ratio") or default_ratio or WHOLE_MODEL
+    ratio = config.ratio if config.ratio is not None else default_ratio or WHOLE_MODEL
     return {
         "workers": workers_here(model_config.get("minWorkers")),
-        "core_groups": section.get("core_groups") or "numa",
-        "cpu_head_groups": int(section.get("cpu_head_groups") or 0),
-        "spinning": bool(section.get("spinning") or False),
-        "micro_batch": int(section.get("micro_batch") or 0),
+        "core_groups": config.core_groups,
+        "cpu_head_groups": config.cpu_head_groups,
+        "spinning": config.spinning,
+        "micro_batch": config.micro_batch,
         "batchSize": int(model_config.get("batchSize") or 1),
         "maxBatchDelay": int(model_config.get("maxBatchDelay") or 0),
         "ratio": float(ratio),
@@ -203,29 +204,25 @@ def write_winner(out_dir: Path, model_config: Mapping[str, Any], params: Mapping
 # ---------------------------------------------------------------------------- canonical configurations
 
 
+def even_topology(cores: int, nodes: int = 1) -> Topology:
+    """A box of `cores` cores spread evenly over `nodes` NUMA nodes, one socket each."""
+    node_of = [i for i in range(min(nodes, cores)) for _ in range(cores // nodes + (i < cores % nodes))]
+    return Topology(tuple(Core(cpu, (cpu,), cpu, node, node) for cpu, node in enumerate(node_of)))
+
+
 def group_sizes(policy: str, worker_cores: int, nodes: int = 1, min_groups: int = 1) -> tuple[int, ...]:
-    """Cores per core group one worker gets: `handlers.hardware.topology.plan_groups` on a worker
-    of `worker_cores` cores spread evenly over `nodes` NUMA nodes (sockets = nodes here)."""
-    per_node = [worker_cores // nodes + (i < worker_cores % nodes) for i in range(min(nodes, worker_cores))]
-    if policy in ("numa", "socket"):
-        sizes = list(per_node)
-    elif policy.startswith("size:"):
-        k = int(policy.split(":", 1)[1])
-        sizes = [min(k, n - start) for n in per_node for start in range(0, n, k)]
-    else:
-        raise ValueError(f"unknown core group policy {policy!r}")
-    while len(sizes) < min_groups and any(s > 1 for s in sizes):
-        largest = max(s for s in sizes if s > 1)  # split the largest, as plan_groups does
-        sizes.remove(largest)
-        sizes += [(largest + 1) // 2, largest // 2]
-    return tuple(sorted(sizes, reverse=True))
+    """Cores per core group one worker gets: the runtime's `plan_groups` on a worker of
+    `worker_cores` cores spread evenly over `nodes` NUMA nodes (sockets = nodes here)."""
+    # More groups than cores cannot be had; asking for them would only log plan_groups' warning.
+    groups = plan_groups(even_topology(worker_cores, nodes), policy, min_groups=min(min_groups, worker_cores))
+    return tuple(sorted((len(g.cpus) for g in groups), reverse=True))
 
 
 def executor_layout(params: Mapping[str, Any], cores: int, nodes: int = 1) -> tuple[int, ...]:
-    """The core groups each worker runs (CPU only): the launcher gives each of W workers cores/W
-    cores, and a split model (ratio < 1) needs two groups, so the runtime splits one if it can."""
-    worker_cores = max(1, cores // int(params["workers"]))
-    split = float(params["ratio"]) < WHOLE_MODEL
+    """The core groups each worker runs (CPU only): the launcher's share of the cores per worker,
+    and a split model (ratio < 1) needs two groups, so the runtime splits one if it can."""
+    worker_cores = worker_core_count(cores, int(params["workers"]))
+    split = serves_split(float(params["ratio"]), None)
     return group_sizes(str(params["core_groups"]), worker_cores, nodes, min_groups=2 if split else 1)
 
 
@@ -255,7 +252,7 @@ def canonical(params: Mapping[str, Any], space: Mapping[str, tuple], cores: int,
                                 if executor_layout({**p, "core_groups": c}, cores, nodes) == layout)
         if len(layout) == 1:
             p["micro_batch"] = _first(space.get("micro_batch", (0,)), 0)
-        if len(layout) == 1 or float(p["ratio"]) >= WHOLE_MODEL:
+        if len(layout) == 1 or not serves_split(float(p["ratio"]), None):
             p["cpu_head_groups"] = _first(space.get("cpu_head_groups", (0,)), 0)
     if int(p.get("batchSize", 0)) == 1:
         p["maxBatchDelay"] = _first(space.get("maxBatchDelay", (0,)), 0)
@@ -709,12 +706,6 @@ class LiveHarness:
             raise TrialFailed(f"registering {mar_name} failed: {resp.status} {resp.body[:500]!r}")
 
 
-def physical_cores() -> int:
-    from handlers.hardware.topology import probe
-
-    return len(probe().cores)
-
-
 def tune_archive(mar: Path, out: Path, options: TuneOptions, work: Path, harness_options: Mapping[str, Any],
                  fixed: Mapping[str, Any] | None = None, base_properties: Path | None = None,
                  log: Callable[[str], None] = print) -> dict:
@@ -729,7 +720,7 @@ def tune_archive(mar: Path, out: Path, options: TuneOptions, work: Path, harness
         log(f"note: {note}")
     defaults = shipped_defaults(archive.model_config, archive.manifest.default_ratio, read_properties(base_properties))
     ratios = [p.ratio for p in archive.manifest.partitions]
-    space = with_defaults(search_space(physical_cores(), ratios, libraries), defaults)
+    space = with_defaults(search_space(usable_cores(), ratios, libraries), defaults)
     for knob, value in (fixed or {}).items():
         if knob not in space:
             raise ValueError(f"--fix {knob}: unknown knob; knobs: {', '.join(space)}")
