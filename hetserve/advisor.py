@@ -30,8 +30,8 @@ from pathlib import Path
 from handlers.artifact.contract import cpu_layout, serves_split
 from handlers.hardware.topology import probe, worker_share
 from handlers.runtime.config import RuntimeConfig
-from hetserve.auto_workers import workers_here
 from hetserve.loadgen import arrival_offsets, percentile
+from partitioner.auto_workers import workers_here
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 DEFAULT_DELAYS_MS = (0, 1, 2, 5, 10, 20, 50, 100)

@@ -20,9 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hetserve.defaults import CONFIG_PROPERTIES, default_file
-from hetserve.defaults import LOG_CONFIG as _LOG_CONFIG_NAME
 from hetserve.properties import merge_properties
+from partitioner.defaults import CONFIG_PROPERTIES, default_file
+from partitioner.defaults import LOG_CONFIG as _LOG_CONFIG_NAME
 
 REPO = Path(__file__).resolve().parent.parent  # the clone, when run from one (tests scan it)
 BASE_CONFIG = default_file(CONFIG_PROPERTIES)

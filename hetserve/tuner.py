@@ -51,10 +51,10 @@ from handlers.artifact.contract import WHOLE_MODEL, read_archive, serves_split
 from handlers.artifact.manifest import Manifest
 from handlers.hardware.topology import Core, Topology, plan_groups, usable_cores, worker_core_count
 from handlers.runtime.config import RuntimeConfig
-from hetserve.auto_workers import workers_here
 from hetserve.knee import Criteria, offered_rate, sustains, sweep_rates
 from hetserve.loadgen import LoadResult
 from hetserve.properties import merge_properties, read_properties
+from partitioner.auto_workers import workers_here
 
 # model-config.yaml keys (top level or hetserve.*) and the launcher's, per knob
 MODEL_KNOBS = ("workers", "batchSize", "maxBatchDelay", "ratio", "core_groups", "cpu_head_groups",

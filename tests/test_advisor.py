@@ -289,7 +289,7 @@ def test_advise_reads_minworkers_auto_as_this_boxs_worker_count(tmp_path):
     """The shipped minWorkers is `auto`: the advice models worker 0's share of this box's
     derived count (it crashed on int('auto'))."""
     from handlers.hardware.topology import default_workers
-    from hetserve.auto_workers import box
+    from partitioner.auto_workers import box
 
     workers = default_workers(*box())
     layout = layout_for(RuntimeConfig(), False, worker_share(probe(), workers))

@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 from handlers.runtime.config import RuntimeConfig
-from hetserve.auto_workers import resolve
 from hetserve.knee import Criteria
 from hetserve.loadgen import LatencyStats, LoadResult
 from hetserve.properties import merge_properties, read_properties
@@ -41,6 +40,7 @@ from hetserve.tuner import (
     with_defaults,
     write_winner,
 )
+from partitioner.auto_workers import resolve
 
 REPO = Path(__file__).resolve().parent.parent
 NO_LIBS = Libraries((), False)
@@ -91,7 +91,7 @@ def test_shipped_defaults_are_the_repository_configs():
 def test_shipped_workers_read_the_resolved_int_and_derive_auto_on_this_box():
     # an archive holds minWorkers resolved to an int; an unresolved "auto" means this box's count
     from handlers.hardware.topology import default_workers
-    from hetserve.auto_workers import box
+    from partitioner.auto_workers import box
 
     assert shipped_defaults({"minWorkers": 2}, 0.8, {})["workers"] == 2
     assert shipped_defaults({"minWorkers": "2"}, 0.8, {})["workers"] == 2

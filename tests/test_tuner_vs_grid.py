@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hetserve.auto_workers import resolve
 from hetserve.properties import read_properties
 from hetserve.tuner import canonical, config_key, grid_points, shipped_defaults
+from partitioner.auto_workers import resolve
 
 REPO = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("tuner_vs_grid", REPO / "benchmarks" / "tuner_vs_grid.py")
