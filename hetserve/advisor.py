@@ -431,12 +431,6 @@ def batch_choice(rows: Mapping[str, Mapping], checked: Mapping[str, dict]) -> li
 # ---------------------------------------------------------------------------- files (CLI side)
 
 
-def default_state_dir() -> Path:
-    from handlers.artifact.contract import state_dir
-
-    return state_dir()
-
-
 def history_for_mar(mar, state_dir=None):
     """(history path, Archive) for a .mar: the state file the runtime serving it writes (an
     explicit ``state_dir`` first, then the archive's own hetserve.state_dir, then the default)."""
