@@ -1,7 +1,7 @@
 """Build step only: copy the editable defaults in config/ into the wheel as hetserve/shipped/.
 
 Everything else about the package is declared in pyproject.toml. config/ stays the one source
-people edit; hetserve.defaults finds the copy through importlib.resources once installed.
+people edit; partitioner.defaults finds the copy through importlib.resources once installed.
 """
 
 import shutil

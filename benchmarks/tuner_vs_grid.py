@@ -159,10 +159,12 @@ def numa_nodes() -> int:
 
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     from handlers.artifact.contract import read_archive
+    from handlers.hardware.topology import usable_cores
     from hetserve.bench_harness import hetserve_archive
     from hetserve.machine import machine_info, run_record
+    from hetserve.properties import read_properties
     from hetserve.tsprocess import BASE_CONFIG
-    from hetserve.tuner import LiveHarness, physical_cores, run_study, shipped_defaults
+    from hetserve.tuner import LiveHarness, run_study, shipped_defaults
 
     started, load_start = time.monotonic(), os.getloadavg()
     record = run_record()
@@ -170,13 +172,11 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     mar = hetserve_archive(args.store, args.model, f"zoo:{args.model}", "--ratios", str(args.ratio),
                            "--allow-off-target")  # ResNet-18's coarse graph may miss 0.8 by > 0.03
     archive = read_archive(mar)
-    props = dict(line.split("=", 1) for line in BASE_CONFIG.read_text().splitlines()
-                 if "=" in line and not line.lstrip().startswith("#"))
-    defaults = shipped_defaults(archive.model_config, archive.manifest.default_ratio, props)
+    defaults = shipped_defaults(archive.model_config, archive.manifest.default_ratio, read_properties(BASE_CONFIG))
     split = min((p.ratio for p in archive.manifest.partitions if p.ratio < 1.0),
                 key=lambda r: abs(r - args.ratio))
     space = comparison_space(defaults, split, args.quick)
-    cores, nodes = physical_cores(), numa_nodes()
+    cores, nodes = usable_cores(), numa_nodes()
     grid = grid_points(space, cores, nodes)
     budget = max(1, int(len(grid) * GOAL_TRIALS))
     criteria = Criteria(p99_ms=args.p99_ms)

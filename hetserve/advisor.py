@@ -27,8 +27,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hetserve.auto_workers import workers_here
+from handlers.artifact.contract import cpu_layout, serves_split
+from handlers.hardware.topology import probe, worker_share
+from handlers.runtime.config import RuntimeConfig
 from hetserve.loadgen import arrival_offsets, percentile
+from partitioner.auto_workers import workers_here
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 DEFAULT_DELAYS_MS = (0, 1, 2, 5, 10, 20, 50, 100)
@@ -291,23 +294,20 @@ def curve_from_history(history, layout: Layout, max_batch: int = 64, overhead_s:
     return ServiceCurve(tuple(enumerate(times))[1:], overhead_s, transfer_per_sample_s)
 
 
-def layout_for(hetserve_section: Mapping, partitioned: bool, topology) -> Layout:
+def layout_for(config: RuntimeConfig, partitioned: bool, topology) -> Layout:
     """The executors one CPU-only worker builds for a config (the archive contract's layout)."""
-    from handlers.artifact.contract import cpu_layout
-
-    micro = int(hetserve_section.get("micro_batch") or 0)
-    return Layout(cpu_layout(hetserve_section, partitioned, topology), micro)
+    return Layout(cpu_layout(config, partitioned, topology), config.micro_batch)
 
 
-def worker_topology(workers: int, topology=None):
-    """The cores worker 0 gets when the launcher splits them over `workers` instances."""
-    from dataclasses import replace
-
-    from handlers.hardware.topology import probe
-
-    topo = topology or probe()
-    share = max(1, len(topo.cores) // max(1, workers))
-    return replace(topo, cores=topo.cores[:share])
+def served_split(config: RuntimeConfig, history, archive=None) -> bool:
+    """Whether the worker a history comes from ran head + tail: the archive contract's rule
+    when the archive is known; without it, a ratio left to the archive counts as split when the
+    history timed a head stage."""
+    if archive is not None:
+        return serves_split(config.ratio, archive.manifest.default_ratio)
+    if config.ratio is None:
+        return any(history.is_calibrated("head", e) for e in _executors_in(history))
+    return serves_split(config.ratio, None)
 
 
 # ---------------------------------------------------------------------------- against measurements
@@ -331,11 +331,6 @@ def fit_overhead(curve: ServiceCurve, rate: float, batch_size: int, max_delay_ms
     return (lo + hi) / 2
 
 
-def _ratio_partitioned(section: Mapping) -> bool:
-    ratio = section.get("ratio")
-    return ratio is None or float(ratio) < 1.0  # None: the archive's default cut
-
-
 def _rel(pred: float | None, measured: float | None) -> float | None:
     if pred is None or not measured:
         return None
@@ -352,13 +347,14 @@ def check_rows(rows: Mapping[str, Mapping], history, p99_ms: float, topology=Non
     latency at each row's lowest rate, and every other point is then a genuine prediction.
     """
     prepared = {}
+    box = topology or probe()
     for name, row in rows.items():
         cfg, points = row.get("config"), row.get("points")
         if not cfg or not points:
             continue
-        section = cfg.get("hetserve") or {}
+        config = RuntimeConfig.from_model_yaml(cfg)
         workers = workers_here(cfg.get("minWorkers"))
-        layout = layout_for(section, _ratio_partitioned(section), worker_topology(workers, topology))
+        layout = layout_for(config, served_split(config, history), worker_share(box, workers))
         n, delay = int(cfg.get("batchSize") or 1), float(cfg.get("maxBatchDelay") or 0)
         curve = curve_from_history(history, layout, max_batch=max(n, 1))
         ordered = sorted(points, key=lambda p: p["target_rate"])
@@ -435,12 +431,6 @@ def batch_choice(rows: Mapping[str, Mapping], checked: Mapping[str, dict]) -> li
 # ---------------------------------------------------------------------------- files (CLI side)
 
 
-def default_state_dir() -> Path:
-    from handlers.artifact.contract import state_dir
-
-    return state_dir()
-
-
 def history_for_mar(mar, state_dir=None):
     """(history path, Archive) for a .mar: the state file the runtime serving it writes (an
     explicit ``state_dir`` first, then the archive's own hetserve.state_dir, then the default)."""
@@ -472,20 +462,15 @@ def advise_from_files(*, mar=None, history_path=None, state_dir=None, config: Ma
                       arrival: str = "poisson", overhead_ms: float = 0.0, batch_sizes=None,
                       delays_ms=None) -> dict:
     config = dict(config or {})
-    section = dict(config.get("hetserve") or {})
+    knobs = RuntimeConfig.from_model_yaml(config)
     archive = None
     if mar is not None:
         history_path, archive = history_for_mar(mar, state_dir)
     history = load_history(history_path)
-    if archive is not None and section.get("ratio") is None:
-        partitioned = archive.partitioned
-    else:
-        partitioned = _ratio_partitioned(section) and any(
-            history.is_calibrated("head", e) for e in _executors_in(history))
     # --set first, then what the archive serves with (auto: this box's count)
     asked = config.get("minWorkers", archive.model_config.get("minWorkers") if archive else None)
     workers = workers_here(asked)
-    layout = layout_for(section, partitioned, worker_topology(workers))
+    layout = layout_for(knobs, served_split(knobs, history, archive), worker_share(probe(), workers))
     sizes = tuple(batch_sizes or DEFAULT_BATCH_SIZES)
     curve = curve_from_history(history, layout, max_batch=max(sizes), overhead_s=overhead_ms / 1000.0)
     advice = [recommend(curve, r, batch_sizes=sizes, delays_ms=tuple(delays_ms or DEFAULT_DELAYS_MS),

@@ -21,7 +21,7 @@ MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
 # The keys TorchServe 0.12's frontend reads from model-config.yaml (archive.model.ModelConfig),
 # with the type it parses each as.
 _INT, _BOOL = "an integer >= 0", "true or false"
-# hetserve archive turns "auto" into this box's count (hetserve.auto_workers) before TorchServe reads it.
+# hetserve archive turns "auto" into this box's count (partitioner.auto_workers) before TorchServe reads it.
 _WORKERS = "an integer >= 0 or 'auto'"
 TORCHSERVE_KEYS: dict[str, str] = {
     "minWorkers": _WORKERS, "maxWorkers": _WORKERS, "batchSize": _INT, "maxBatchDelay": _INT,

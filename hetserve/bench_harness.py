@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+# the benchmarks size their rows by the topology's one count of usable cores
+from handlers.hardware.topology import usable_cores as physical_cores
 from hetserve.bench import point_runner
 from hetserve.knee import Criteria, Sweep, sweep_rates
 from hetserve.loadgen import Target, run_closed_loop
@@ -49,12 +51,6 @@ CPU_ROWS: dict[str, dict[str, Any]] = {
 }
 JVM_WARMUP_CLIENTS = 16
 REQUEST_TIMEOUT_S = 10.0
-
-
-def physical_cores() -> int:
-    from handlers.hardware.topology import probe
-
-    return len(probe().cores)
 
 
 def fill(value: Any, cores: int) -> Any:

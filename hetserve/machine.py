@@ -25,7 +25,7 @@ def _first(path: str, prefix: str) -> str | None:
 
 
 def machine_info() -> dict[str, Any]:
-    from handlers.hardware.topology import probe
+    from handlers.hardware.topology import usable_cores
 
     mem_kb = _first("/proc/meminfo", "MemTotal")
     versions = {}
@@ -38,7 +38,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": _first("/proc/cpuinfo", "model name") or "unknown",
         "logical_cpus": os.cpu_count(),
         "affinity_cpus": len(os.sched_getaffinity(0)),
-        "physical_cores_usable": len(probe().cores),
+        "physical_cores_usable": usable_cores(),
         "ram_gib": round(int(mem_kb.split()[0]) / 2**20, 1) if mem_kb else None,
         "load_average": os.getloadavg(),
         "python": platform.python_version(),

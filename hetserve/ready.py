@@ -16,14 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-
-def read_properties(path: Path) -> dict[str, str]:
-    pairs = {}
-    for line in path.read_text().splitlines():
-        if "=" in line and not line.lstrip().startswith("#"):
-            key, value = line.split("=", 1)
-            pairs[key.strip()] = value.strip()
-    return pairs
+from hetserve.properties import read_properties
 
 
 def not_ready(config: Path, timeout: float = 3.0) -> list[str]:

@@ -20,8 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hetserve.defaults import CONFIG_PROPERTIES, default_file
-from hetserve.defaults import LOG_CONFIG as _LOG_CONFIG_NAME
+from hetserve.properties import merge_properties
+from partitioner.defaults import CONFIG_PROPERTIES, default_file
+from partitioner.defaults import LOG_CONFIG as _LOG_CONFIG_NAME
 
 REPO = Path(__file__).resolve().parent.parent  # the clone, when run from one (tests scan it)
 BASE_CONFIG = default_file(CONFIG_PROPERTIES)
@@ -135,7 +136,6 @@ def _cmdline(proc) -> list[str]:
 
 def write_config(workdir: Path, model_store: Path, ports: dict[str, int], overrides: dict[str, str],
                  base_config: Path = BASE_CONFIG) -> Path:
-    lines = []
     replaced = {
         "inference_address": f"http://127.0.0.1:{ports['inference']}",
         "management_address": f"http://127.0.0.1:{ports['management']}",
@@ -145,17 +145,8 @@ def write_config(workdir: Path, model_store: Path, ports: dict[str, int], overri
         "model_store": str(model_store),
         **overrides,
     }
-    seen = set()
-    for line in base_config.read_text().splitlines():
-        key = line.split("=", 1)[0].strip()
-        if key in replaced and not line.lstrip().startswith("#"):
-            lines.append(f"{key}={replaced[key]}")
-            seen.add(key)
-        else:
-            lines.append(line)
-    lines += [f"{k}={v}" for k, v in replaced.items() if k not in seen]
     path = workdir / "config.properties"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(merge_properties(base_config.read_text(), replaced))
     return path
 
 

@@ -42,7 +42,7 @@ def copy_runtime(dest: Path) -> None:
 
 def model_config(base: Path | None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The archive's model-config.yaml: the project's defaults, then the caller's overrides."""
-    from hetserve.defaults import MODEL_CONFIG, default_file
+    from partitioner.defaults import MODEL_CONFIG, default_file
 
     path = base if base is not None else default_file(MODEL_CONFIG)
     if not path.is_file():
@@ -87,7 +87,7 @@ def package(
     from model_archiver.model_archiver_config import ModelArchiverConfig
     from model_archiver.model_packaging import generate_model_archive
 
-    from hetserve.auto_workers import PRODUCER_KEY, resolve_here
+    from partitioner.auto_workers import PRODUCER_KEY, resolve_here
 
     for warning in response_size_warnings(stage_dir, config):
         print(f"warning: {warning}", file=sys.stderr)
@@ -196,8 +196,8 @@ def with_config(src_mar: Path, dst_mar: Path, overrides: Mapping[str, Any]) -> P
 
 def _forget_derived_workers(manifest: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """A worker count set by ``overrides`` was asked for: the record of what ``auto`` derived
-    (hetserve.auto_workers) no longer covers that key, so tools do not take it for derived."""
-    from hetserve.auto_workers import PRODUCER_KEY, WORKER_KEYS
+    (partitioner.auto_workers) no longer covers that key, so tools do not take it for derived."""
+    from partitioner.auto_workers import PRODUCER_KEY, WORKER_KEYS
 
     producer = manifest.get("producer") or {}
     derived = producer.get(PRODUCER_KEY)

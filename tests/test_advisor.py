@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from handlers.hardware.topology import Core, Topology
+from handlers.hardware.topology import Core, Topology, probe, worker_share
+from handlers.runtime.config import RuntimeConfig
 from handlers.runtime.perf_model import PerfHistory
 from hetserve.advisor import (
     Layout,
@@ -23,8 +24,8 @@ from hetserve.advisor import (
     paper_latency,
     predict_knee,
     recommend,
+    served_split,
     simulate,
-    worker_topology,
 )
 from hetserve.cli import main
 
@@ -171,13 +172,20 @@ def test_history_without_the_stage_says_so():
 
 def test_layout_follows_the_runtime_config():
     two = topo(2)
-    assert layout_for({"core_groups": "size:1"}, False, two).stages == {"whole": ("cpu0", "cpu1")}
-    assert layout_for({"core_groups": "numa"}, False, two).stages == {"whole": ("cpu0-1",)}
-    split = layout_for({"core_groups": "size:1", "cpu_head_groups": 1, "micro_batch": 2}, True, two)
+    assert layout_for(RuntimeConfig(core_groups="size:1"), False, two).stages == {"whole": ("cpu0", "cpu1")}
+    assert layout_for(RuntimeConfig(core_groups="numa"), False, two).stages == {"whole": ("cpu0-1",)}
+    split = layout_for(RuntimeConfig(core_groups="size:1", cpu_head_groups=1, micro_batch=2), True, two)
     assert split.stages == {"head": ("cpu0",), "tail": ("cpu1",)} and split.micro_batch == 2
     # a partitioned model needs two groups even under "numa" on one node
-    assert layout_for({}, True, two).stages == {"head": ("cpu0", "cpu1"), "tail": ("cpu0", "cpu1")}
-    assert worker_topology(2, topo(4)).cpus == (0, 1)
+    assert layout_for(RuntimeConfig(), True, two).stages == {"head": ("cpu0", "cpu1"), "tail": ("cpu0", "cpu1")}
+
+
+def test_a_history_without_its_archive_says_whether_the_model_was_split():
+    whole = history_with({("whole", "cpu0", 1): 0.01})
+    split = history_with({("head", "cpu0", 1): 0.01, ("tail", "cpu0", 1): 0.01})
+    # a ratio left to the archive: the history shows what ran; an explicit one decides alone
+    assert not served_split(RuntimeConfig(), whole) and served_split(RuntimeConfig(), split)
+    assert not served_split(RuntimeConfig(ratio=1.0), split) and served_split(RuntimeConfig(ratio=0.5), whole)
 
 
 def point(rate: float, mean_ms: float, p99_ms: float) -> dict:
@@ -235,7 +243,7 @@ def whole_model_history(tmp_path, layout) -> tuple:
 
 
 def test_advise_command_reads_the_history_and_writes_the_advice(tmp_path, capsys):
-    layout = layout_for({"core_groups": "size:1"}, False, worker_topology(1))
+    layout = layout_for(RuntimeConfig(core_groups="size:1"), False, worker_share(probe(), 1))
     history, out = whole_model_history(tmp_path, layout)
     code = main(["advise", "--history", str(history), "--rate", "5", "--rate", "100000",
                  "--set", "hetserve.ratio=1.0", "--set", "hetserve.core_groups=size:1", "--out", str(out)])
@@ -250,7 +258,7 @@ def test_advise_command_reads_the_history_and_writes_the_advice(tmp_path, capsys
 def test_check_command_matches_each_model_to_its_history(tmp_path, capsys):
     state = tmp_path / "state"
     state.mkdir()
-    layout = layout_for({"core_groups": "size:1"}, False, worker_topology(1))
+    layout = layout_for(RuntimeConfig(core_groups="size:1"), False, worker_share(probe(), 1))
     write_history(state / "m-abc-perf.json",
                   {("whole", e, b): s for e in layout.stages["whole"] for b, s in ((1, 0.018), (8, 0.074))})
     cfg = {"batchSize": 8, "maxBatchDelay": 10, "minWorkers": 1, "hetserve": {"ratio": 1.0, "core_groups": "size:1"}}
@@ -281,10 +289,10 @@ def test_advise_reads_minworkers_auto_as_this_boxs_worker_count(tmp_path):
     """The shipped minWorkers is `auto`: the advice models worker 0's share of this box's
     derived count (it crashed on int('auto'))."""
     from handlers.hardware.topology import default_workers
-    from hetserve.auto_workers import box
+    from partitioner.auto_workers import box
 
     workers = default_workers(*box())
-    layout = layout_for({"core_groups": "numa"}, False, worker_topology(workers))
+    layout = layout_for(RuntimeConfig(), False, worker_share(probe(), workers))
     history, out = whole_model_history(tmp_path, layout)
     code = main(["advise", "--history", str(history), "--rate", "5", "--set", "minWorkers=auto",
                  "--set", "hetserve.ratio=1.0", "--set", "hetserve.core_groups=numa", "--out", str(out)])

@@ -18,8 +18,8 @@ import yaml
 
 from handlers.artifact.manifest import MANIFEST_NAME
 from handlers.hardware.topology import default_workers, parse_cpu_list, probe
-from hetserve.auto_workers import PRODUCER_KEY, resolve, visible_gpus, workers_here
 from hetserve.tsprocess import start_torchserve
+from partitioner.auto_workers import PRODUCER_KEY, resolve, visible_gpus, workers_here
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = yaml.safe_load((REPO / "config" / "model-config.yaml").read_text())

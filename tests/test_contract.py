@@ -7,18 +7,25 @@ import zipfile
 
 import pytest
 
-from handlers.artifact.contract import cpu_layout, histories_of, read_archive, state_file
+from handlers.artifact.contract import (
+    cpu_layout,
+    histories_of,
+    read_archive,
+    serves_split,
+    state_file,
+)
 from handlers.artifact.history_key import history_key
 from handlers.artifact.manifest import (
     MANIFEST_NAME,
     FileEntry,
     Manifest,
     ManifestError,
+    Partition,
     TensorSpec,
     write_manifest,
 )
 from handlers.hardware.topology import Core, Topology
-from handlers.runtime.config import RuntimeConfig
+from handlers.runtime.config import ConfigError, RuntimeConfig
 
 
 def _model_dir(tmp_path, config_text="hetserve:\n  micro_batch: 2\n"):
@@ -48,7 +55,8 @@ def test_a_model_directory_and_its_mar_read_the_same(tmp_path):
     from_dir, from_mar = read_archive(folder), read_archive(mar)
     assert from_dir == from_mar
     assert from_mar.manifest.inputs[0].sample_shape == (3,)
-    assert from_mar.hetserve_section == {"micro_batch": 2} and not from_mar.partitioned
+    assert from_mar.config == RuntimeConfig.from_model_yaml({"hetserve": {"micro_batch": 2}})
+    assert not from_mar.partitioned
     digest = hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()
     assert from_mar.manifest_digest == digest
 
@@ -84,6 +92,25 @@ def test_anything_but_a_hetserve_archive_is_refused_with_the_reason(tmp_path):
 
 def test_the_cpu_layout_groups_cores_as_the_runtime_does():
     two = Topology(tuple(Core(cpu=i, siblings=(i,), core_id=i, socket=0, numa=0) for i in range(2)))
-    assert cpu_layout({"core_groups": "size:1"}, False, two) == {"whole": ("cpu0", "cpu1")}
-    split = cpu_layout({"core_groups": "size:1", "cpu_head_groups": 1}, True, two)
+    assert cpu_layout(RuntimeConfig(core_groups="size:1"), False, two) == {"whole": ("cpu0", "cpu1")}
+    split = cpu_layout(RuntimeConfig(core_groups="size:1", cpu_head_groups=1), True, two)
     assert split == {"head": ("cpu0",), "tail": ("cpu1",)}
+
+
+def test_an_archives_hetserve_section_is_read_by_the_runtimes_validator(tmp_path):
+    # the offline tools refuse what a worker would refuse, naming the knob, instead of defaults
+    archive = read_archive(_model_dir(tmp_path, "hetserve:\n  core_group: size:1\n"))
+    with pytest.raises(ConfigError, match="core_group"):
+        archive.state_path()
+
+
+def test_split_or_whole_is_the_rule_the_manifest_serves_by():
+    cut = Partition(ratio=0.5, achieved_ratio=0.5, method="metis", head="h.onnx", tail="t.onnx",
+                    cut_tensors=(), cut_bytes_per_sample=0, head_cost=1.0, tail_cost=1.0, max_abs_err=0.0)
+    for default in (None, 0.5, 1.0):
+        manifest = Manifest("m", (), (), "whole.onnx", (cut,), {}, default_ratio=default)
+        for ratio in (None, 0.3, 0.5, 0.99, 1.0, 1.5):
+            if ratio is None and default is None:
+                continue
+            served = manifest.partition_for(ratio) is not None
+            assert serves_split(ratio, default) == served, (ratio, default)

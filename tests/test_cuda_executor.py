@@ -24,7 +24,7 @@ from handlers.executors.cuda import (
     OrtCudaSession,
     StagingQueue,
     StagingSlot,
-    _Ticket,
+    StagingTicket,
     cuda_available,
     cuda_unavailable_reason,
     is_out_of_memory,
@@ -263,7 +263,7 @@ def test_staging_queue_is_fifo_and_fences_reuse():
     queue = StagingQueue(slots, lambda t: staged.append((t.stage, t.slot.index)), fences.append)
 
     def ticket(name):
-        return _Ticket(name, 1, True, {}, {}, Future())
+        return StagingTicket(name, 1, True, {}, {}, Future())
 
     t1, t2, t3, t4 = (ticket(n) for n in ("t1", "t2", "t3", "t4"))
     for t in (t1, t2, t3, t4):

@@ -36,6 +36,7 @@ from handlers.artifact.manifest import TensorSpec
 from handlers.protocol.codecs import decode_request, encode_error, encode_response
 from handlers.protocol.kserve_v2 import ENVELOPE_MESSAGE, ENVELOPE_STATUS, FORMAT_V2, envelope_error
 from handlers.protocol.validation import RequestError, RequestLimits
+from hetserve.properties import read_properties
 from hetserve.tsprocess import start_torchserve
 from partitioner.archive import with_config
 
@@ -131,16 +132,6 @@ def build_sdk(value, type_name: str, path: str, sdk):
 
 def inference_service(document: dict, sdk):
     return build_sdk(document, "V1beta1InferenceService", "InferenceService", sdk)
-
-
-def read_properties(path: Path) -> dict[str, str]:
-    """config.properties as Java and kserve_wrapper's parse_config read it (first '=' splits, no comments)."""
-    pairs = {}
-    for line in path.read_text().splitlines():
-        if "=" in line and not line.lstrip().startswith("#"):
-            key, value = line.split("=", 1)
-            pairs[key.strip()] = value.strip()
-    return pairs
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.stem)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from handlers.hardware.topology import (
     MIXED,
+    Core,
     CoreGroup,
     Topology,
     core_groups,
@@ -20,6 +22,8 @@ from handlers.hardware.topology import (
     plan_groups,
     probe,
     read_cpu_quota,
+    worker_core_count,
+    worker_share,
 )
 
 
@@ -312,3 +316,36 @@ def test_default_workers_on_a_large_fake_box(tmp_path: Path) -> None:
     assert len(topo.cores) == 32
     assert default_workers(len(topo.cores), gpus=0) == 8
     assert default_workers(len(topo.cores), gpus=2) == 1
+
+
+def test_a_worker_gets_the_launchers_share_of_the_cores() -> None:
+    # torch.backends.xeon.run_cpu --ninstances W gives each instance cores // W, at least one
+    assert [worker_core_count(5, w) for w in (1, 2, 3, 8)] == [5, 2, 1, 1]
+    box = Topology(tuple(Core(cpu=i, siblings=(i,), core_id=i, socket=0, numa=0) for i in range(4)))
+    assert worker_share(box, 2).cpus == (0, 1)
+    assert worker_share(box, 1) == box
+
+
+def test_a_load_reads_the_cores_once_and_picks_its_partition_once(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """The runtime's assembly works the partition and the cores out once per load: a ratio
+    that is not archived logs its "nearest partition" line once, and /sys is read once even
+    when the load also times the whole model against the split (compare_whole)."""
+    import handlers.runtime.assembly as assembly
+    from handlers.artifact.manifest import load_verified_manifest
+    from handlers.runtime.config import RuntimeConfig
+    from handlers.runtime.perf_model import PerfHistory
+
+    probes = []
+    monkeypatch.setattr(assembly, "probe", lambda: probes.append(1) or probe())  # counts, then the real probe
+    manifest = load_verified_manifest(tiny_model_dir)
+    base = RuntimeConfig(core_groups="size:1", calibration_runs=1, head_devices="cpu", tail_devices="cpu",
+                         state_dir=str(tmp_path))
+    for config in (replace(base, ratio=0.7), replace(base, compare_whole=True)):
+        probes.clear()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="handlers.artifact.manifest"):
+            runtime = assembly.build_runtime(manifest, tiny_model_dir, config, PerfHistory())
+        runtime.close()
+        assert len(probes) == 1, config
+        nearest = [r for r in caplog.records if "nearest partition" in r.getMessage()]
+        assert len(nearest) == (1 if config.ratio == 0.7 else 0)

@@ -12,16 +12,15 @@ import pytest
 import yaml
 
 from handlers.runtime.config import RuntimeConfig
-from hetserve.auto_workers import resolve
 from hetserve.knee import Criteria
 from hetserve.loadgen import LatencyStats, LoadResult
+from hetserve.properties import merge_properties, read_properties
 from hetserve.tuner import (
     Libraries,
     LiveHarness,
     TrialFailed,
     TrialRunner,
     TuneOptions,
-    apply_properties,
     canonical,
     config_key,
     find_libraries,
@@ -41,6 +40,7 @@ from hetserve.tuner import (
     with_defaults,
     write_winner,
 )
+from partitioner.auto_workers import resolve
 
 REPO = Path(__file__).resolve().parent.parent
 NO_LIBS = Libraries((), False)
@@ -77,8 +77,7 @@ def fake_prepare(calls: list):
 def shipped():
     # minWorkers: auto as it resolves on a 2-core box (2 workers), the size the spaces below use
     config, _ = resolve(yaml.safe_load((REPO / "config" / "model-config.yaml").read_text()), 2, 0)
-    props = dict(line.split("=", 1) for line in (REPO / "config" / "config.properties").read_text().splitlines()
-                 if "=" in line and not line.startswith("#"))
+    props = read_properties(REPO / "config" / "config.properties")
     return shipped_defaults(config, 0.8, props)
 
 
@@ -92,7 +91,7 @@ def test_shipped_defaults_are_the_repository_configs():
 def test_shipped_workers_read_the_resolved_int_and_derive_auto_on_this_box():
     # an archive holds minWorkers resolved to an int; an unresolved "auto" means this box's count
     from handlers.hardware.topology import default_workers
-    from hetserve.auto_workers import box
+    from partitioner.auto_workers import box
 
     assert shipped_defaults({"minWorkers": 2}, 0.8, {})["workers"] == 2
     assert shipped_defaults({"minWorkers": "2"}, 0.8, {})["workers"] == 2
@@ -162,7 +161,7 @@ def test_winner_files_keep_the_secure_config_and_change_only_tuned_keys(tmp_path
     assert "cpu_launcher_args=--enable-jemalloc --disable-iomp" in props
     assert props.count("cpu_launcher_args=") == 1
     assert "disable_token_authorization=false" in props and "enable_model_api=false" in props
-    assert apply_properties("a=1\n# a=2\n", {"a": "3", "b": "4"}) == "a=3\n# a=2\nb=4\n"
+    assert merge_properties("a=1\n# a=2\n", {"a": "3", "b": "4"}) == "a=3\n# a=2\nb=4\n"
 
 
 def test_a_trial_that_cannot_reach_the_share_of_the_best_is_pruned_after_one_point():

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hetserve.auto_workers import resolve
+from hetserve.properties import read_properties
 from hetserve.tuner import canonical, config_key, grid_points, shipped_defaults
+from partitioner.auto_workers import resolve
 
 REPO = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("tuner_vs_grid", REPO / "benchmarks" / "tuner_vs_grid.py")
@@ -21,8 +22,7 @@ spec.loader.exec_module(tvg)
 def defaults(ratio=0.79):
     # minWorkers: auto as it resolves on the 2-core box the grids below are sized for (2 workers)
     config, _ = resolve(yaml.safe_load((REPO / "config" / "model-config.yaml").read_text()), 2, 0)
-    props = dict(line.split("=", 1) for line in (REPO / "config" / "config.properties").read_text().splitlines()
-                 if "=" in line and not line.startswith("#"))
+    props = read_properties(REPO / "config" / "config.properties")
     return shipped_defaults(config, ratio, props)
 
 

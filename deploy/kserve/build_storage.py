@@ -62,7 +62,7 @@ def pod_workers_note(config: dict, hetserve_manifest: dict) -> str | None:
     over = sorted(key for key, value in workers.items() if value != 1)
     if not over:
         return None
-    # hetserve archive records what "auto" became (hetserve/auto_workers.py); a count changed
+    # hetserve archive records what "auto" became (partitioner/auto_workers.py); a count changed
     # since (with_config) no longer matches the record and counts as asked for.
     derived = (hetserve_manifest.get("producer") or {}).get("workers") or {}
     if derived.get("auto") and all(

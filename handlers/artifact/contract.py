@@ -5,12 +5,15 @@ The runtime and every offline tool (CLI, tuner, advisor, benchmarks) go through 
 re-deriving file names, JSON fields or grouping rules by hand:
 
 * ``read_archive``: a ``.mar`` or a model directory -> ``Archive`` (the typed ``Manifest``, the
-  digest the state file is named after, model-config.yaml). It parses and checks the manifest;
-  the serving path additionally verifies every file's hash (``load_verified_manifest``).
+  digest the state file is named after, model-config.yaml and its ``hetserve:`` section as the
+  runtime's own validated ``RuntimeConfig``). It parses and checks the manifest; the serving path
+  additionally verifies every file's hash (``load_verified_manifest``).
 * ``state_file``: the one naming rule for the performance history,
   ``<state dir>/<model>-<first 12 hex of the manifest's SHA-256>-perf.json``, with the state
   dir resolved as the runtime does (explicit, then ``HETSERVE_STATE_DIR``, then
-  ``~/.cache/hetserve``).
+  ``~/.cache/hetserve``); it lives in ``handlers.artifact.state_dir``, re-exported here.
+* ``serves_split``: whether a worker serves head + tail or the whole model, for tools that have
+  a ratio but no resolved partition.
 * ``cpu_layout``: the executors that may run each stage in one CPU-only worker, computed with
   the runtime's own grouping (``plan_groups`` + ``split_cpu_groups``).
 """
@@ -21,19 +24,28 @@ import hashlib
 import json
 import os
 import zipfile
-from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from handlers.artifact.history_key import history_key
 from handlers.artifact.manifest import MANIFEST_NAME, Manifest, ManifestError
-from handlers.artifact.state_dir import STATE_DIR_ENV, resolve_state_dir
-from handlers.hardware.topology import plan_groups, split_cpu_groups
+from handlers.artifact.state_dir import (
+    HISTORY_SUFFIX,
+    STATE_DIR_ENV,
+    histories_of,
+    state_dir,
+    state_file,
+)
+from handlers.hardware.topology import Topology, plan_groups, split_cpu_groups
+from handlers.runtime.config import RuntimeConfig
 
 MODEL_CONFIG_FILE = "model-config.yaml"
-HISTORY_SUFFIX = "-perf.json"
-__all__ = ["STATE_DIR_ENV", "Archive", "read_archive", "state_dir", "state_file", "histories_of"]
+# A ratio at or above this serves the whole model (RuntimeConfig.ratio, Manifest.partition_for).
+WHOLE_MODEL = 1.0
+__all__ = ["HISTORY_SUFFIX", "STATE_DIR_ENV", "WHOLE_MODEL", "Archive", "cpu_layout", "histories_of",
+           "read_archive", "serves_split", "state_dir", "state_file"]
 
 
 @dataclass(frozen=True)
@@ -42,24 +54,24 @@ class Archive:
     manifest_digest: str  # SHA-256 of hetserve-manifest.json as stored: names the state file
     model_config: dict[str, Any] = field(default_factory=dict)  # model-config.yaml ({} if none)
 
-    @property
-    def hetserve_section(self) -> dict[str, Any]:
-        return dict(self.model_config.get("hetserve") or {})
+    @cached_property
+    def config(self) -> RuntimeConfig:
+        """The ``hetserve:`` section as the runtime reads it (``ConfigError`` names a bad knob)."""
+        return RuntimeConfig.from_model_yaml(self.model_config)
 
     @property
     def partitioned(self) -> bool:
-        return bool(self.manifest.partitions)
+        """Whether a worker serving this archive as configured runs head + tail."""
+        return serves_split(self.config.ratio, self.manifest.default_ratio)
 
     def state_path(self, state_dir: str | os.PathLike[str] | None = None) -> Path:
         """Where a worker serving this archive keeps its history: ``state_dir`` if given, else
         the archive's own ``hetserve.state_dir``, else the environment's or the default."""
-        section = self.hetserve_section
-        configured = state_dir or section.get("state_dir")
-        key = history_key(
-            self.manifest, section.get("ratio"), section.get("core_groups") or "numa",
-            int(section.get("cpu_head_groups") or 0),
+        config = self.config
+        key = history_key(self.manifest, config.ratio, config.core_groups, config.cpu_head_groups)
+        return state_file(
+            self.manifest.model_name, self.manifest_digest, state_dir or config.state_dir, key
         )
-        return state_file(self.manifest.model_name, self.manifest_digest, configured, key)
 
 
 def read_archive(source: str | os.PathLike[str]) -> Archive:
@@ -87,48 +99,22 @@ def read_archive(source: str | os.PathLike[str]) -> Archive:
     return Archive(manifest, hashlib.sha256(raw).hexdigest(), _parse_config(config_text))
 
 
-def state_dir(
-    configured: str | os.PathLike[str] | None = None,
-    model_dir: str | os.PathLike[str] | None = None,
-) -> Path:
-    """The directory for performance histories, resolved and checked as the runtime does it
-    (``handlers.artifact.state_dir``: expanded, absolute, outside the model, allowed root)."""
-    return resolve_state_dir(
-        None if configured is None else os.fspath(configured), model_dir or Path.cwd()
-    )
-
-
-def state_file(
-    model_name: str,
-    manifest_digest: str,
-    configured_dir: str | os.PathLike[str] | None = None,
-    key: str = "",
-    model_dir: str | os.PathLike[str] | None = None,
-) -> Path:
-    """``<model>-<12 hex of the manifest digest>[-<history key>]-perf.json`` in the state dir;
-    the key names the served stages and core-group shape (``handlers.artifact.history_key``)."""
-    suffix = f"-{key}" if key else ""
-    return state_dir(configured_dir, model_dir) / (
-        f"{model_name}-{manifest_digest[:12]}{suffix}{HISTORY_SUFFIX}"
-    )
-
-
-def histories_of(model_name: str, configured_dir: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Every history file of ``model_name`` (any manifest), oldest first."""
-    found = state_dir(configured_dir).glob(f"{model_name}-*{HISTORY_SUFFIX}")
-    return sorted(found, key=lambda p: p.stat().st_mtime)
+def serves_split(ratio: float | None, default_ratio: float | None) -> bool:
+    """Head + tail (else the whole model): the configured ``ratio``, or the archive's
+    ``default_ratio`` when it is None, below 1.0 (the rule ``Manifest.partition_for`` applies)."""
+    effective = default_ratio if ratio is None else ratio
+    return effective is not None and effective < WHOLE_MODEL
 
 
 def cpu_layout(
-    hetserve_section: Mapping[str, Any], partitioned: bool, topology: Any
+    config: RuntimeConfig, partitioned: bool, topology: Topology
 ) -> dict[str, tuple[str, ...]]:
     """Stage -> the executors that may run it in one CPU-only worker on ``topology``:
     {"whole": ...} or {"head": ..., "tail": ...}, named as the runtime names its groups."""
-    policy = hetserve_section.get("core_groups") or "numa"
-    groups = plan_groups(topology, policy, min_groups=2 if partitioned else 1)
+    groups = plan_groups(topology, config.core_groups, min_groups=2 if partitioned else 1)
     if not partitioned:
         return {"whole": tuple(g.name for g in groups)}
-    head, tail = split_cpu_groups(groups, int(hetserve_section.get("cpu_head_groups") or 0))
+    head, tail = split_cpu_groups(groups, config.cpu_head_groups)
     return {"head": tuple(g.name for g in head), "tail": tuple(g.name for g in tail)}
 
 

@@ -72,3 +72,38 @@ def resolve_state_dir(
             "in TorchServe's environment"
         )
     return resolved
+
+
+HISTORY_SUFFIX = "-perf.json"
+
+
+def state_dir(
+    configured: str | os.PathLike[str] | None = None,
+    model_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """The directory for performance histories, resolved and checked as a worker does it; the
+    current directory stands in for the model directory of an offline tool."""
+    return resolve_state_dir(
+        None if configured is None else os.fspath(configured), model_dir or Path.cwd()
+    )
+
+
+def state_file(
+    model_name: str,
+    manifest_digest: str,
+    configured_dir: str | os.PathLike[str] | None = None,
+    key: str = "",
+    model_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """``<model>-<12 hex of the manifest digest>[-<history key>]-perf.json`` in the state dir;
+    the key names the served stages and core-group shape (``handlers.artifact.history_key``)."""
+    suffix = f"-{key}" if key else ""
+    return state_dir(configured_dir, model_dir) / (
+        f"{model_name}-{manifest_digest[:12]}{suffix}{HISTORY_SUFFIX}"
+    )
+
+
+def histories_of(model_name: str, configured_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Every history file of ``model_name`` (any manifest), oldest first."""
+    found = state_dir(configured_dir).glob(f"{model_name}-*{HISTORY_SUFFIX}")
+    return sorted(found, key=lambda p: p.stat().st_mtime)

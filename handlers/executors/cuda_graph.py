@@ -16,7 +16,8 @@ there, so a graph session needs
 * capture with no other CUDA work in the process: ORT captures in the global mode, where another
   thread's allocation breaks the capture, so executors capture at load, one at a time.
 
-The executor (``handlers.executors.cuda``) does the device calls; these functions decide.
+The executor (``handlers.executors.cuda``) and its graph session (``cuda_session.CudaGraphSession``)
+do the device calls; these functions decide.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,23 @@ def probe(
     if quota is not None:
         cores = _apply_quota(cores, quota)
     return Topology(cores=tuple(sorted(cores, key=lambda c: c.cpu)), quota_cpus=quota)
+
+
+def usable_cores() -> int:
+    """Physical cores this process may use (affinity, online CPUs and cgroup quota applied):
+    the one count the CLI, the tuner and the worker-count default size things by."""
+    return len(probe().cores)
+
+
+def worker_core_count(cores: int, workers: int) -> int:
+    """Cores each of ``workers`` TorchServe workers gets from ``cores``: the CPU launcher
+    (torch.backends.xeon.run_cpu, ``--ninstances``) gives every instance cores // workers."""
+    return max(1, cores // max(1, workers))
+
+
+def worker_share(topology: Topology, workers: int) -> Topology:
+    """The cores worker 0 gets when the launcher splits ``topology`` over ``workers`` instances."""
+    return replace(topology, cores=topology.cores[: worker_core_count(len(topology.cores), workers)])
 
 
 def read_cpu_quota(cgroup_root: str = "/sys/fs/cgroup") -> float | None:

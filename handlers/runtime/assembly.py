@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from handlers.artifact.manifest import Manifest, TensorSpec, random_batch
+from handlers.artifact.manifest import Manifest, Partition, TensorSpec, random_batch
 from handlers.errors import ExecutorLoadError
 from handlers.executors.base import Executor, StageOutputs
 from handlers.executors.cpu import CpuExecutor
 from handlers.executors.cuda import cuda_unavailable_reason
-from handlers.hardware.topology import plan_groups, probe, split_cpu_groups
+from handlers.hardware.topology import Topology, plan_groups, probe, split_cpu_groups
 from handlers.runtime.config import ConfigError, RuntimeConfig
 from handlers.runtime.flow import Runtime, StagePlan
 from handlers.runtime.layout_choice import WHOLE, choose, time_alternating
@@ -39,12 +39,12 @@ log = logging.getLogger(__name__)
 
 def stage_plans(
     manifest: Manifest,
-    config: RuntimeConfig,
+    partition: Partition | None,
     head_executors: Sequence[str],
     tail_executors: Sequence[str],
 ) -> tuple[list[StagePlan], dict[str, str]]:
-    """The stages to run and, per stage, the archive file it loads."""
-    partition = manifest.partition_for(config.ratio)
+    """The stages to run and, per stage, the archive file it loads (``partition``: the served
+    cut, None for the whole model)."""
     inputs = tuple(s.name for s in manifest.inputs)
     outputs = tuple(s.name for s in manifest.outputs)
     if partition is None:
@@ -97,27 +97,30 @@ def choose_layout(
 def build_runtime(
     manifest: Manifest, model_dir: Path, config: RuntimeConfig, history: PerfHistory
 ) -> Runtime:
-    partitioned = manifest.partition_for(config.ratio) is not None
+    # Worked out once per load: the partition (partition_for may log a "nearest partition" line)
+    # and the cores (read from /sys).
+    partition = manifest.partition_for(config.ratio)
+    topology = probe()
     wants_cuda = not (config.head_devices == "cpu" and config.tail_devices == "cpu")
     if wants_cuda and (reason := cuda_unavailable_reason()) is None:
         try:
-            return _build(manifest, model_dir, config, history, partitioned, use_cuda=True)
+            return _build(manifest, model_dir, config, history, partition, topology, use_cuda=True)
         except ExecutorLoadError as exc:
             if "cuda" in (config.head_devices, config.tail_devices):
                 raise
             log.warning("hetserve: GPU not usable (%s); serving on CPU core groups only", exc)
     elif wants_cuda and "cuda" in (config.head_devices, config.tail_devices):
         raise ConfigError(f"hetserve asks for CUDA but it is unavailable: {reason}")
-    if partitioned and config.ratio is None and len(probe().cores) < 2:
+    if partition is not None and config.ratio is None and len(topology.cores) < 2:
         # One core (a worker's share when TorchServe runs one worker per core) is one group:
         # head and tail would take turns on it, the whole model's work plus a hand-over.
         log.info("hetserve: one core in this worker's share: serving the whole model (the "
                  "archive's head/tail split needs two core groups on CPU)")
         config = replace(config, ratio=1.0)
-        partitioned = False
-    runtime = _build(manifest, model_dir, config, history, partitioned, use_cuda=False)
-    if config.compare_whole and partitioned and config.ratio is None and not config.faults:
-        runtime = _keep_faster_layout(runtime, manifest, model_dir, config, history)
+        partition = None
+    runtime = _build(manifest, model_dir, config, history, partition, topology, use_cuda=False)
+    if config.compare_whole and partition is not None and config.ratio is None and not config.faults:
+        runtime = _keep_faster_layout(runtime, manifest, model_dir, config, history, topology)
     return runtime
 
 
@@ -126,14 +129,19 @@ LAYOUT_CHECK_ROUNDS = 5
 
 
 def _keep_faster_layout(
-    runtime: Runtime, manifest: Manifest, model_dir: Path, config: RuntimeConfig, history: PerfHistory
+    runtime: Runtime,
+    manifest: Manifest,
+    model_dir: Path,
+    config: RuntimeConfig,
+    history: PerfHistory,
+    topology: Topology,
 ) -> Runtime:
     """The split layout or the whole model on one group of every core, whichever ran a
     batchSize batch faster (handlers.runtime.layout_choice); the other is closed."""
-    cores = len(probe().cores)
+    cores = len(topology.cores)
     whole_config = replace(config, ratio=1.0, core_groups=f"size:{cores}", cpu_head_groups=0, micro_batch=0)
     try:
-        whole = _build(manifest, model_dir, whole_config, history, False, use_cuda=False)
+        whole = _build(manifest, model_dir, whole_config, history, None, topology, use_cuda=False)
     except Exception:
         runtime.close()
         raise
@@ -157,10 +165,11 @@ def _build(
     model_dir: Path,
     config: RuntimeConfig,
     history: PerfHistory,
-    partitioned: bool,
+    partition: Partition | None,
+    topology: Topology,
     use_cuda: bool,
 ) -> Runtime:
-    topology = probe()
+    partitioned = partition is not None
     if use_cuda and len(topology.cores) >= 4:
         # One core stays with the threads that drive the GPU and talk to TorchServe.
         topology = replace(topology, cores=topology.cores[1:])
@@ -173,7 +182,7 @@ def _build(
     layout = choose_layout(
         partitioned, cuda_names, [g.name for g in head_groups], [g.name for g in tail_groups], config
     )
-    plans, files = stage_plans(manifest, config, layout.head, layout.tail)
+    plans, files = stage_plans(manifest, partition, layout.head, layout.tail)
     log.info(
         "hetserve: %s; head on %s, tail on %s",
         topology.describe(), list(layout.head), list(layout.tail) if partitioned else "-",
@@ -187,7 +196,7 @@ def _build(
         from handlers.executors.cuda import CudaExecutor
 
         # Cut tensors stay on the GPU when a GPU tail may consume them without a copy.
-        keep = _device_outputs(manifest, config) if set(cuda_names) & set(layout.tail) else ()
+        keep = _device_outputs(manifest, partition) if set(cuda_names) & set(layout.tail) else ()
         for i, name in enumerate(cuda_names):
             executors.append(CudaExecutor(
                 stages_for(name), config.cuda_device, i, device_outputs=keep,
@@ -216,7 +225,7 @@ def _build(
             max_backoff_s=config.probe_backoff_max_s,
             clock=time.perf_counter,
         ),
-        probe_feeds=probe_feeds(plans, manifest, config),
+        probe_feeds=probe_feeds(plans, manifest, partition),
     )
     # The executors report into the runtime's history from here on; nothing has run on them yet.
     for executor in executors:
@@ -224,7 +233,7 @@ def _build(
         executor.transfer_observer = runtime.observe_transfer
     runtime.start()
     try:
-        calibrate(StageRunner.of(runtime, config), runtime.history, manifest, config)
+        calibrate(StageRunner.of(runtime, config), runtime.history, manifest, config, partition)
     except Exception:
         runtime.close()
         raise
@@ -263,8 +272,7 @@ def _start_all(executors: Sequence[Executor]) -> None:
         raise
 
 
-def _device_outputs(manifest: Manifest, config: RuntimeConfig) -> tuple[str, ...]:
-    partition = manifest.partition_for(config.ratio)
+def _device_outputs(manifest: Manifest, partition: Partition | None) -> tuple[str, ...]:
     outputs = {s.name for s in manifest.outputs}
     return tuple(t.name for t in partition.cut_tensors if t.name not in outputs) if partition else ()
 
@@ -300,13 +308,14 @@ def calibrate(
     history: PerfHistory,
     manifest: Manifest,
     config: RuntimeConfig,
+    partition: Partition | None,
     batches: Sequence[int] = (1, 4),
 ) -> None:
     """Warm every (stage, executor) pair and seed the history where it has nothing yet.
 
     Pairs the persisted history already knows (a restarted worker) get one short run.
     """
-    specs = _stage_input_specs(manifest, config)
+    specs = _stage_input_specs(manifest, partition)
     rng = np.random.default_rng(0)
     pairs = [(plan.name, name) for plan in runner.stages for name in plan.candidates]
     known = [pair for pair in pairs if history.is_calibrated(*pair)]
@@ -390,18 +399,17 @@ def warm_every_size(
 
 
 def probe_feeds(
-    plans: Sequence[StagePlan], manifest: Manifest, config: RuntimeConfig
+    plans: Sequence[StagePlan], manifest: Manifest, partition: Partition | None
 ) -> Callable[[str], dict[str, np.ndarray]]:
     """Batch-1 random feeds per stage, made once: what re-probes a quarantined executor."""
-    specs = _stage_input_specs(manifest, config)
+    specs = _stage_input_specs(manifest, partition)
     rng = np.random.default_rng(1)
     feeds = {p.name: {n: random_batch(specs[n], 1, rng) for n in p.inputs} for p in plans}
     return feeds.__getitem__
 
 
-def _stage_input_specs(manifest: Manifest, config: RuntimeConfig) -> dict[str, TensorSpec]:
+def _stage_input_specs(manifest: Manifest, partition: Partition | None) -> dict[str, TensorSpec]:
     specs = {s.name: s for s in manifest.inputs}
-    partition = manifest.partition_for(config.ratio)
     if partition is not None:
         specs.update({s.name: s for s in partition.cut_tensors})
     return specs

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from handlers.artifact.contract import state_file
+from handlers.artifact.state_dir import state_file
 from handlers.executors.cuda_graph import FIXED_BATCH_NEEDED
 from handlers.processors.config import ProcessorConfigError, ProcessorsConfig
 from handlers.protocol.validation import RequestLimits

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 16's GPU runs, in device calls that fit its budget: 15 minutes of device time for the
-# whole issue (machine starts, idle time and reruns included), 10 minutes a command, 64 MiB
-# carried a call. Here first: bash scripts/gpu_bundle.sh; bash scripts/gpu_bundle_java.sh
+# GPU ceilings, CUDA graphs, stock ORT and a shared GPU (issue 16), in device calls that fit its
+# budget: 15 minutes of device time for the whole issue (machine starts, idle time and reruns
+# included), 10 minutes a command, 64 MiB carried a call. Here first: bash scripts/gpu_bundle.sh; bash scripts/gpu_bundle_java.sh
 # Then on the GPU machine, one call per phase, most important first:
 #   phase 1, carry [".gpu"]      gpu_check (CUDA-graph tests included); GoogLeNet cut at $RATIO;
 #                                host time per batch with hetserve.cuda_graph off/on (picks the
@@ -21,7 +21,7 @@
 # machine's start, so a failed phase 1 or 2 can be rerun in part), so a call ends inside its
 # budget with what it measured in $OUT. The estimates are guesses until a GPU run times them
 # (the "took" lines in $OUT/phase*.log say).
-# Usage: bash scripts/gpu_issue16.sh PHASE   (results in $OUT, or benchmarks/results)
+# Usage: bash scripts/gpu_ceiling_runs.sh PHASE   (results in $OUT, or benchmarks/results)
 #   MODEL=googlenet RATIO=0.8 DUTY=0.5 WORKERS=4 GRAPH=auto|0|1 BUDGET=300 DRY_RUN=1 (print only)
 #   DEVICE=cpu runs every step on the CPU (a smoke test of the script, not a figure).
 set -uo pipefail
@@ -40,7 +40,7 @@ case "$phase" in 1) budget=330 ;; 2) budget=270 ;; *) budget=180 ;; esac
 budget="${BUDGET:-$budget}"
 dry="${DRY_RUN:-0}"
 work=/tmp/hetserve-gpu
-[[ "$device" == cpu ]] && work=/tmp/hetserve-gpu16-cpu
+[[ "$device" == cpu ]] && work=/tmp/hetserve-gpu-ceiling-cpu
 mkdir -p "$work"
 log="$out/phase$phase.log"
 started=$SECONDS

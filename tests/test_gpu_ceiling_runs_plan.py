@@ -1,4 +1,4 @@
-"""scripts/gpu_issue16.sh's plan, read through its dry run: the steps of each phase in order of
+"""scripts/gpu_ceiling_runs.sh's plan, read through its dry run: the steps of each phase in order of
 importance, and a step left out when the phase's budget cannot hold its estimate."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "scripts" / "gpu_issue16.sh"
+SCRIPT = REPO / "scripts" / "gpu_ceiling_runs.sh"
 
 
 def plan(tmp_path: Path, phase: str, **env: str) -> tuple[int, list[str]]:

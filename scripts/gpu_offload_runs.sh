@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU runs issue 6 still needs, in calls that fit the device tool (10 minutes a command,
-# 64 MiB carried a call, 30 minutes of device time a session). Here first:
+# GPU offload runs (issue 6): timelines, the offload bound, 4-worker in-process sweeps and real
+# TorchServe rows, in calls that fit the device tool (10 minutes a command, 64 MiB carried a
+# call, 30 minutes of device time a session). Here first:
 #   bash scripts/gpu_bundle.sh; bash scripts/gpu_bundle_java.sh
 # Then on the GPU machine, one call per phase, in this order (most important first):
 #   phase 1, carry [".gpu"]:     gpu_check (timeline test, padded-copy mends) + timelines of
@@ -12,7 +13,7 @@
 # Phases 3-4 reuse the ORT that an earlier call unpacked into /tmp/site (both bundles together
 # pass 64 MiB), so they must follow it while the machine is still warm (30 s). Mind the margin:
 # .gpu (60.5 MB) plus the tracked tree (2.7 MB on 2026-11-25) must stay under 64 MiB (67.1 MB).
-# Usage: bash scripts/gpu_issue6.sh PHASE  (results go to $OUT, or benchmarks/results)
+# Usage: bash scripts/gpu_offload_runs.sh PHASE  (results go to $OUT, or benchmarks/results)
 set -uo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"

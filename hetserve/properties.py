@@ -1,0 +1,45 @@
+"""TorchServe's ``config.properties``, read and rewritten in one place.
+
+The rules are those of the readers that matter here, Java's Properties and KServe's
+``kserve_wrapper`` (its ``parse_config``): a ``#`` line is a comment, the first ``=`` splits key
+from value, both stripped. Rewriting keeps every other line (comments included) as it was, so a
+derived file diffs against the shipped one line by line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+
+def _live_key(line: str) -> str | None:
+    """The key a line sets; None for a comment or a line without ``=``."""
+    if "=" not in line or line.lstrip().startswith("#"):
+        return None
+    return line.split("=", 1)[0].strip()
+
+
+def parse_properties(text: str) -> dict[str, str]:
+    pairs = {}
+    for line in text.splitlines():
+        if (key := _live_key(line)) is not None:
+            pairs[key] = line.split("=", 1)[1].strip()
+    return pairs
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    return parse_properties(Path(path).read_text())
+
+
+def merge_properties(text: str, overrides: Mapping[str, str]) -> str:
+    """``text`` with each overridden key's live line replaced in place; keys it lacks appended."""
+    lines, seen = [], set()
+    for line in text.splitlines():
+        key = _live_key(line)
+        if key is not None and key in overrides:
+            lines.append(f"{key}={overrides[key]}")
+            seen.add(key)
+        else:
+            lines.append(line)
+    lines += [f"{k}={v}" for k, v in overrides.items() if k not in seen]
+    return "\n".join(lines) + "\n"
