@@ -90,13 +90,18 @@ def load_hf_dir(spec: str, task: str | None, max_length: int | None = None) -> L
         if task == "image-classification"
         else transformers.AutoModelForSequenceClassification
     )
+    _check_weights(spec, directory)
+    from safetensors import SafetensorError
+
     try:
         model = auto.from_pretrained(
             str(directory), local_files_only=True, use_safetensors=True,
             trust_remote_code=False, attn_implementation="eager",
         ).eval()
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"{spec!r}: transformers could not build a {task} model: {exc}") from None
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        raise ModelLoadError(
+            f"{spec!r}: transformers could not build a {task} model: {_one_line(exc)}"
+        ) from None
     config = model.config
     processors: dict[str, Any] = {"labels": _labels_config(config)}
     files = {LABELS_FILE: _labels_file(config)}
@@ -119,6 +124,28 @@ def load_hf_dir(spec: str, task: str | None, max_length: int | None = None) -> L
         source=spec, module=_WRAPPERS[len(names)](model, names).eval(), example_inputs=example,
         input_names=names, output_names=("logits",), processors=processors, files=files,
     )
+
+
+def _check_weights(spec: str, directory: Path) -> None:
+    """Each .safetensors file's header read before transformers sees it: one line per bad file."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as weights:
+                problem = "" if weights.keys() else "it holds no tensors"
+        except (SafetensorError, OSError) as exc:
+            problem = _one_line(exc)
+        if problem:
+            raise ModelLoadError(
+                f"{spec!r}: {path.name} is not a readable safetensors file ({problem}); "
+                "re-save the model with save_pretrained(DIR, safe_serialization=True)"
+            )
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _labels_config(config) -> dict[str, Any]:

@@ -979,3 +979,20 @@ def test_each_body_format_is_one_codec_and_the_first_match_wins():
     # Errors answer in the codec's own form.
     assert json.loads(v2.error(RequestError(400, "bad")).body) == {"error": "bad"}
     assert json.loads(plain.error(RequestError(400, "bad")).body)["type"] == "BadRequest"
+
+
+@pytest.mark.parametrize(("first", "second"), [("x.npy", "x.npy"), ("x", "x.npy")])
+def test_npz_with_an_input_given_twice_is_a_400_naming_it(first, second):
+    """numpy would read one of the two silently; the v2 path already refuses a name twice."""
+    import warnings
+    import zipfile
+
+    x = image()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile: "Duplicate name"
+        archive.writestr(first, npy_bytes(x))
+        archive.writestr(second, npy_bytes(x * 2))
+    err = refused(400, "input 'x' is given twice in the .npz", f"members '{first}' and '{second}'",
+                  body=buffer.getvalue(), content_type="application/x-npz")
+    assert err.request_format == "npz"

@@ -24,6 +24,14 @@ from handlers.processors.image import decode_image
 from hetserve.cli import main
 from hetserve.tsprocess import start_torchserve
 from tests.hf_fixtures import EXPRESSIONS, bomb_png, jpeg, write_bert_dir, write_vit_dir
+from tests.photos import (
+    elongated_png,
+    encoded,
+    grey,
+    sample_photo,
+    sixteen_bit_png,
+    stored_sideways,
+)
 
 pytestmark = pytest.mark.server
 pytest.importorskip("transformers")
@@ -210,6 +218,30 @@ def test_bad_images_fail_alone_inside_a_mixed_batch(server, vit_reference):
             assert words in resp.json()["message"], (name, resp.body)
 
 
+def test_vit_sees_phone_photos_as_people_do(server, vit_reference):
+    """A photo taken upright but stored sideways (EXIF Orientation 6, as phones write it) is
+    classified upright; a 16-bit greyscale PNG answers as the same picture in 8 bits."""
+    from PIL import Image, ImageOps
+
+    def served(data: bytes) -> np.ndarray:
+        resp = server.request("POST", "/predictions/vit", data, {"X-Hetserve-Raw": "1"})
+        assert resp.status == 200, resp.body
+        return np.asarray(resp.json()["outputs"]["logits"], np.float32)
+
+    upright = sample_photo("astronaut").resize((120, 80))
+    phone = stored_sideways(upright, 6, "JPEG")
+    with Image.open(io.BytesIO(phone)) as image:
+        shown, sideways = encoded(ImageOps.exif_transpose(image), "PNG"), encoded(image.convert("RGB"), "PNG")
+    got, want, ignored = served(phone), vit_reference(shown), vit_reference(sideways)
+    # The tiny random ViT barely tells pictures apart: sideways moves its logits by ~0.03,
+    # resampling the upright picture another way by ~1e-4.
+    assert np.abs(got - want).max() < 0.002, (got, want)
+    assert np.abs(ignored - want).max() > 0.02, "the test photo must look different sideways"
+    pixels8 = grey(90, 70, seed=5)
+    np.testing.assert_allclose(served(sixteen_bit_png(pixels8)), vit_reference(encoded(Image.fromarray(pixels8), "PNG")),
+                               atol=1e-4)
+
+
 def test_bert_answers_text(server, bert_reference):
     labels = ("negative", "neutral", "positive")
     resp = server.predict("bert", SENTENCES[0].encode(), "text/plain")
@@ -235,6 +267,10 @@ def test_bert_concurrent_texts_and_bad_ones(server, bert_reference):
         (SENTENCES[2].encode(), "text/plain", 200, None),
         (jpeg(seed=3), "image/jpeg", 415, "no images"),
         (b"\xff\xfe bad utf8", "text/plain", 400, "UTF-8"),
+        (b'{"text": "a\\ud800b"}', "application/json", 400, "text 0 is not valid Unicode: character 1 is a lone surrogate"),
+        # 6.4 MB: 64 texts of 100k characters, refused by their count before any is tokenized
+        (json.dumps({"text": ["good movie " * 9090 + "fun"] * 64}).encode(), "application/json", 413,
+         "64 texts hold 6399552 characters, over the limit of 1000000 per request"),
     ]
     with ThreadPoolExecutor(len(cases)) as pool:
         responses = list(pool.map(lambda c: server.predict("bert", c[0], c[1]), cases))
@@ -269,18 +305,42 @@ def test_bert_takes_npz_and_v2_bytes(server, bert_reference):
     np.testing.assert_allclose(np.asarray(out["data"]).reshape(2, 3), bert_reference(SENTENCES[:2]), atol=1e-4)
 
 
-def test_resnet_answers_curl_upload_with_top5_names(server, store, tmp_path):
+@pytest.fixture(scope="module")
+def resnet_session(store, tmp_path_factory):
+    """ONNX Runtime on the resnet archive's whole model."""
     import onnxruntime as ort
 
+    unpacked = tmp_path_factory.mktemp("resnet")
     with zipfile.ZipFile(store / "resnet.mar") as z:
-        z.extractall(tmp_path)
-    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+        z.extractall(unpacked)
+    return ort.InferenceSession(str(unpacked / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_resnet_answers_curl_upload_with_top5_names(server, store, resnet_session):
+    session = resnet_session
     config = ImageConfig.from_mapping(archive_config(store, "resnet")["image"])
     data = jpeg(100, 130, seed=31)
     resp = put_image(server, "resnet", data)
     assert resp.status == 200, resp.body
     body = resp.json()
     want = softmax(session.run(None, {"image": decode_image(data, config)[None]})[0][0])
+    top5 = np.argsort(-want)[:5]
+    assert list(body) == [RESNET_LABELS[i] for i in top5]
+    np.testing.assert_allclose(list(body.values()), want[top5], atol=1e-4)
+
+
+def test_resnet_crops_an_elongated_image_before_resizing_it(server, store, resnet_session):
+    """A 1x40000 PNG (a few hundred bytes): resized whole to a 72 shortest edge it would be
+    72x2880000 pixels; the answer is the model's on the solid colour the crop sees."""
+    session = resnet_session
+    config = ImageConfig.from_mapping(archive_config(store, "resnet")["image"])
+    colour = np.array([200, 60, 20], np.float32)
+    pixels = (colour / 255 - np.array(config.mean, np.float32)) / np.array(config.std, np.float32)
+    want = softmax(session.run(None, {"image": np.broadcast_to(pixels[None, :, None, None], (1, 3, 64, 64))
+                                      .astype(np.float32)})[0][0])
+    resp = put_image(server, "resnet", elongated_png(1, 40_000, (200, 60, 20)))
+    assert resp.status == 200, resp.body
+    body = resp.json()
     top5 = np.argsort(-want)[:5]
     assert list(body) == [RESNET_LABELS[i] for i in top5]
     np.testing.assert_allclose(list(body.values()), want[top5], atol=1e-4)

@@ -348,3 +348,17 @@ def test_the_early_response_size_bound_stays_a_lower_bound_for_binary_answers():
     encoded = encode_response({"h": np.zeros((1, 1000), np.float16)}, request, half, model_name="m")
     bound = min_response_bytes(half, "kservev2", 1, binary=request.binary_outputs.any)
     assert bound <= len(encoded.body) < min_response_bytes(half, "kservev2", 1)
+
+
+def test_a_negative_dimension_never_reaches_a_reshape():
+    """[-1, -1] claims one element (the product is 1), which the blob's size would agree with;
+    every route checks shapes first, and the blob reader refuses them on its own as well."""
+    from handlers.protocol.v2_binary import tensor_from_blob
+
+    blob = memoryview(np.zeros(1, np.float32).tobytes())
+    with pytest.raises(RequestError) as info:
+        tensor_from_blob("x", blob, np.dtype(np.float32), [-1, -1])
+    assert info.value.status == 400 and "negative dimension" in info.value.message
+    x = image()
+    refused(400, "'shape' must be a list of non-negative integers (at most 32), got [-1, 3, 8, 8]",
+            *binary_body([{**image_entry(x), "shape": [-1, 3, 8, 8]}], [x.tobytes()]))

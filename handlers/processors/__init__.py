@@ -41,7 +41,7 @@ from handlers.protocol.codecs import (
     on_kserve_route,
     split_v2_binary,
 )
-from handlers.protocol.kserve_v2 import FORMAT_V2, MAX_RANK, V2_BINARY_HEADER, is_v2_document
+from handlers.protocol.kserve_v2 import FORMAT_V2, V2_BINARY_HEADER, check_v2_shape, is_v2_document
 from handlers.protocol.npz_codec import FORMAT_NPZ, NPZ_CONTENT_TYPE
 from handlers.protocol.v2_binary import (
     NO_BINARY,
@@ -294,8 +294,11 @@ class Processors:
                 raise RequestError(BAD_REQUEST, "BYTES input: 'data' must be a non-empty list")
             if isinstance(data[0], list):
                 data = [x for row in data for x in (row if isinstance(row, list) else [row])]
-            if not isinstance(shape, list) or not all(type(d) is int for d in shape) or int(np.prod(shape)) != len(data):
-                raise RequestError(BAD_REQUEST, f"BYTES input: 'shape' must hold {len(data)} elements")
+            shape = check_v2_shape(str(entry.get("name")), shape)
+            if math.prod(shape) != len(data):
+                raise RequestError(
+                    BAD_REQUEST, f"BYTES input: 'shape' {shape} must hold its {len(data)} elements"
+                )
             if len(data) > limits.max_batch_per_request:
                 raise RequestError(
                     PAYLOAD_TOO_LARGE,
@@ -319,13 +322,7 @@ class Processors:
         limits: RequestLimits,
         binary: BinaryOutputs,
     ) -> DecodedRequest:
-        shape = entry.get("shape")
-        if (
-            not isinstance(shape, list)
-            or not 0 < len(shape) <= MAX_RANK
-            or not all(type(d) is int and d >= 0 for d in shape)
-        ):
-            raise RequestError(BAD_REQUEST, f"input {entry['name']!r}: 'shape' must be a list of non-negative integers")
+        shape = check_v2_shape(entry["name"], entry.get("shape"))
         count = math.prod(shape)  # Python ints: a huge claim is refused by bytes_elements, not wrapped
         if count == 0:
             raise RequestError(BAD_REQUEST, f"input {entry['name']!r}: BYTES input holds no elements")

@@ -12,6 +12,7 @@ so their SHA-256 is checked before anything reads them. Standard library only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -24,6 +25,9 @@ ACTIVATION_CHOICES = ("softmax", "sigmoid", "none")
 TOKEN_FIELDS = ("ids", "attention_mask", "type_ids")
 # Model input name -> tokenizer field, used when the text processor names no inputs.
 DEFAULT_TOKEN_INPUTS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+# The longest edge ``size`` or ``crop`` may ask for: well above any vision model's input
+# (detection models resize to ~1333), far below what would let one request allocate gigabytes.
+MAX_IMAGE_EDGE = 8192
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -42,10 +46,17 @@ def _positive_int(kind: str, knob: str, value: Any) -> int:
     return value
 
 
+def _edge(kind: str, knob: str, value: Any) -> int:
+    edge = _positive_int(kind, knob, value)
+    if edge > MAX_IMAGE_EDGE:
+        raise _fail(kind, knob, f"asks for an edge of {edge} pixels; at most {MAX_IMAGE_EDGE}")
+    return edge
+
+
 def _hw(kind: str, knob: str, value: Any) -> tuple[int, int]:
-    """An int (square, or shortest edge for ``size``) or [height, width]."""
+    """An int (square, or shortest edge for ``size``) or [height, width], each edge bounded."""
     if isinstance(value, list | tuple) and len(value) == 2:
-        return (_positive_int(kind, knob, value[0]), _positive_int(kind, knob, value[1]))
+        return (_edge(kind, knob, value[0]), _edge(kind, knob, value[1]))
     raise _fail(kind, knob, f"must be an integer or [height, width], got {value!r}")
 
 
@@ -63,6 +74,9 @@ def _floats(kind: str, knob: str, value: Any, count: int) -> tuple[float, ...]:
         or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
     ):
         raise _fail(kind, knob, f"must be a list of {count} numbers, got {value!r}")
+    # Every answer would be NaN (and labels not even valid JSON): refuse it when archiving.
+    if not all(math.isfinite(v) for v in value):
+        raise _fail(kind, knob, f"must hold finite numbers, got {list(value)!r}")
     return tuple(float(v) for v in value)
 
 
@@ -74,7 +88,8 @@ def _file(kind: str, knob: str, value: Any) -> str:
 
 @dataclass(frozen=True)
 class ImageConfig:
-    """Pillow decode -> resize -> center crop -> rescale -> normalise -> layout."""
+    """Pillow decode (EXIF-upright, 8 bits) -> resize -> center crop -> rescale -> normalise ->
+    layout; image.py documents each step."""
 
     input: str | None = None  # model input it fills; None: the model's only input
     # int: the shortest edge is resized to it, aspect kept; [h, w]: resized to exactly that
@@ -91,6 +106,9 @@ class ImageConfig:
     # a 50 KB PNG can claim gigapixels (decompression bomb).
     max_pixels: int = 40_000_000
     formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
+    # Decode JPEGs at the smallest DCT scale (and reduce other formats) that still leaves twice
+    # the resize target; false: decode and resample every image at full size.
+    fast_decode: bool = True
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ImageConfig:
@@ -101,11 +119,11 @@ class ImageConfig:
             out["input"] = str(values["input"])
         if "size" in values:
             size = values["size"]
-            out["size"] = _positive_int(kind, "size", size) if isinstance(size, int) else _hw(kind, "size", size)
+            out["size"] = _edge(kind, "size", size) if isinstance(size, int) else _hw(kind, "size", size)
         if "crop" in values:
             crop = values["crop"]
             out["crop"] = None if crop is None else (
-                (_positive_int(kind, "crop", crop),) * 2 if isinstance(crop, int) else _hw(kind, "crop", crop)
+                (_edge(kind, "crop", crop),) * 2 if isinstance(crop, int) else _hw(kind, "crop", crop)
             )
         if "resample" in values:
             out["resample"] = _choice(kind, "resample", values["resample"], RESAMPLE_CHOICES)
@@ -115,8 +133,8 @@ class ImageConfig:
             out["layout"] = _choice(kind, "layout", values["layout"], LAYOUT_CHOICES)
         if "rescale" in values:
             value = values["rescale"]
-            if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-                raise _fail(kind, "rescale", f"must be a number > 0, got {value!r}")
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise _fail(kind, "rescale", f"must be a finite number > 0, got {value!r}")
             out["rescale"] = float(value)
         channels = 1 if out.get("channels", cls.channels) == "L" else 3
         for knob in ("mean", "std"):
@@ -125,7 +143,11 @@ class ImageConfig:
             elif channels == 1:
                 out[knob] = (0.0,) if knob == "mean" else (1.0,)
         if any(s <= 0 for s in out.get("std", cls.std)):
-            raise _fail(kind, "std", "must be > 0")
+            raise _fail(kind, "std", f"must hold numbers > 0 (it divides), got {list(out['std'])!r}")
+        if "fast_decode" in values:
+            if not isinstance(values["fast_decode"], bool):
+                raise _fail(kind, "fast_decode", f"must be true or false, got {values['fast_decode']!r}")
+            out["fast_decode"] = values["fast_decode"]
         for knob in ("max_bytes", "max_pixels"):
             if knob in values:
                 out[knob] = _positive_int(kind, knob, values[knob])
@@ -139,6 +161,10 @@ class ImageConfig:
         return config
 
     def check_crop_fits(self) -> None:
+        hw = self.output_hw
+        if hw is not None and hw[0] * hw[1] > self.max_pixels:
+            raise _fail("image", "crop" if self.crop else "size",
+                        f"{list(hw)} makes images over max_pixels ({self.max_pixels})")
         if self.crop is None:
             return
         smallest = (self.size, self.size) if isinstance(self.size, int) else self.size
@@ -170,6 +196,9 @@ class TextConfig:
     inputs: Mapping[str, str] = field(default_factory=dict)
     max_texts: int = 64  # strings in one request
     max_chars: int = 100_000  # characters in one string, checked before tokenizing
+    # characters in all of one request's strings, checked before tokenizing: bounds the work
+    # of texts whose head cannot decide their length (very long tokens)
+    max_request_chars: int = 1_000_000
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> TextConfig:
@@ -178,7 +207,7 @@ class TextConfig:
         out: dict[str, Any] = {}
         if "tokenizer" in values:
             out["tokenizer"] = _file(kind, "tokenizer", values["tokenizer"])
-        for knob in ("max_length", "max_texts", "max_chars"):
+        for knob in ("max_length", "max_texts", "max_chars", "max_request_chars"):
             if knob in values:
                 out[knob] = _positive_int(kind, knob, values[knob])
         if "truncation" in values:

@@ -4,6 +4,14 @@
 request of a batch to the batch's longest sequence, so they share one run. A model exported
 with a fixed sequence length gets every sequence padded to exactly that length instead.
 Over-long text is refused with a 413 naming its length unless the archive declares truncation.
+
+Work is bounded before it is done: the number of texts, each text's characters and the
+request's total characters are checked before anything is tokenized, and text that is not
+valid Unicode (a lone surrogate, which JSON's ``\ud800`` escapes can carry) is a 400 naming
+it. A text longer than ``PREFIX_CHARS_PER_TOKEN`` characters per allowed token is tokenized on
+its head first: when the head alone is well over the token limit, the text is refused (no
+truncation) or cut to that head (truncation: its first tokens are the whole text's), so a
+100k-character text costs what a few thousand do.
 """
 
 from __future__ import annotations
@@ -20,6 +28,14 @@ from .config import DEFAULT_TOKEN_INPUTS, ProcessorConfigError, TextConfig
 
 if TYPE_CHECKING:
     from handlers.artifact.manifest import TensorSpec
+
+# Natural language runs 3-6 characters per token; a head this long per allowed token is far
+# past the limit for any real text, yet cheap to tokenize.
+PREFIX_CHARS_PER_TOKEN = 16
+# Tokens past the limit a head must reach before its count decides: only the last few tokens
+# of a head can differ from the whole text's (the cut splits a word).
+PREFIX_MARGIN = 16
+_SPACES = (" ", "\n", "\t")
 
 
 class TextProcessor:
@@ -43,7 +59,11 @@ class TextProcessor:
         self.fixed_length = next(iter(fixed)) if len(fixed) == 1 and None not in fixed else None
         self.limit = min(config.max_length, self.fixed_length or config.max_length)
         self.tokenizer.no_padding()
+        # Counts a head's tokens untruncated, without special tokens.
+        self.counter = self.tokenizer
         if config.truncation:
+            self.counter = Tokenizer.from_str(self.tokenizer.to_str())
+            self.counter.no_truncation()
             self.tokenizer.enable_truncation(self.limit)
         else:
             self.tokenizer.no_truncation()
@@ -60,22 +80,8 @@ class TextProcessor:
 
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """One request's strings -> arrays (len(texts), length) in the specs' dtypes."""
-        if not texts:
-            raise RequestError(BAD_REQUEST, "no text to classify (an empty list)")
-        if len(texts) > self.config.max_texts:
-            raise RequestError(
-                PAYLOAD_TOO_LARGE,
-                f"{len(texts)} texts in one request exceed the limit of {self.config.max_texts}",
-            )
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise RequestError(BAD_REQUEST, f"text {i} is {type(text).__name__}, not a string")
-            if len(text) > self.config.max_chars:
-                raise RequestError(
-                    PAYLOAD_TOO_LARGE,
-                    f"text {i} has {len(text)} characters, over the limit of {self.config.max_chars}",
-                )
-        encodings = self.tokenizer.encode_batch(list(texts))
+        self._check(texts)
+        encodings = self.tokenizer.encode_batch([self._bounded(i, t) for i, t in enumerate(texts)])
         for i, encoding in enumerate(encodings):
             if len(encoding.ids) > self.limit:
                 raise RequestError(
@@ -95,6 +101,52 @@ class TextProcessor:
             out[name] = _padded(fields[source], length, pad, np.dtype(self.specs[name].dtype))
         return out
 
+    def _check(self, texts: Sequence[str]) -> None:
+        """Counts, types, sizes and Unicode: everything that needs no tokenizer, cheapest first."""
+        config = self.config
+        if not texts:
+            raise RequestError(BAD_REQUEST, "no text to classify (an empty list)")
+        if len(texts) > config.max_texts:
+            raise RequestError(
+                PAYLOAD_TOO_LARGE,
+                f"{len(texts)} texts in one request exceed the limit of {config.max_texts}",
+            )
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise RequestError(BAD_REQUEST, f"text {i} is {type(text).__name__}, not a string")
+            if len(text) > config.max_chars:
+                raise RequestError(
+                    PAYLOAD_TOO_LARGE,
+                    f"text {i} has {len(text)} characters, over the limit of {config.max_chars}",
+                )
+        total = sum(len(t) for t in texts)
+        if total > config.max_request_chars:
+            raise RequestError(
+                PAYLOAD_TOO_LARGE,
+                f"the request's {len(texts)} texts hold {total} characters, over the limit of "
+                f"{config.max_request_chars} per request (hetserve.processors.text.max_request_chars)",
+            )
+        for i, text in enumerate(texts):
+            _check_unicode(i, text)
+
+    def _bounded(self, index: int, text: str) -> str:
+        """``text``, or its head when the head alone decides the answer (see the module doc)."""
+        window = self.limit * PREFIX_CHARS_PER_TOKEN
+        if len(text) <= window:
+            return text
+        head = _head(text, window)
+        count = len(self.counter.encode(head, add_special_tokens=False).ids)
+        if count < self.limit + PREFIX_MARGIN:
+            return text  # long tokens: only the whole text can tell
+        if not self.config.truncation:
+            raise RequestError(
+                PAYLOAD_TOO_LARGE,
+                f"text {index} is over {self.limit} tokens long (its first {len(head)} of "
+                f"{len(text)} characters alone are {count} tokens), over this model's limit of "
+                f"{self.limit} tokens (truncation is off for this archive)",
+            )
+        return head
+
     def pad_to(self, arrays: Mapping[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
         """``arrays`` (from ``encode``) padded on the right to ``length`` tokens."""
         out = {}
@@ -106,6 +158,26 @@ class TextProcessor:
             pad = self.pad_id if self.sources.get(name) == "ids" else 0
             out[name] = np.pad(array, ((0, 0), (0, missing)), constant_values=pad)
         return out
+
+
+def _check_unicode(index: int, text: str) -> None:
+    """Refuse lone surrogates (tokenizers would raise a TypeError: a 500)."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(
+            BAD_REQUEST,
+            f"text {index} is not valid Unicode: character {exc.start} is a lone surrogate "
+            f"(U+{ord(text[exc.start]):04X}); send UTF-8 text",
+        ) from None
+
+
+def _head(text: str, chars: int) -> str:
+    """The first ``chars`` characters of ``text``, cut at a space in their second half if any."""
+    cut = max(text.rfind(space, chars // 2, chars) for space in _SPACES)
+    return text[: cut if cut > 0 else chars]
 
 
 def _padded(rows: Sequence[Sequence[int]], length: int, pad: int, dtype: np.dtype) -> np.ndarray:

@@ -194,6 +194,22 @@ def check_entries(entries: list[Any]) -> list[str]:
     return names
 
 
+def check_v2_shape(name: str, shape: Any) -> list[int]:
+    """A v2 input's ``shape``: a list of at most MAX_RANK non-negative integers (no -1: a
+    request's shape is its data's, never a pattern)."""
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_RANK
+        or not all(type(d) is int and d >= 0 for d in shape)
+    ):
+        raise RequestError(
+            BAD_REQUEST,
+            f"input {quoted(name)}: 'shape' must be a list of non-negative integers (at most "
+            f"{MAX_RANK}), got {quoted(shape)}",
+        )
+    return shape
+
+
 def _tensor(
     entry: dict[str, Any],
     spec: TensorSpec,
@@ -215,15 +231,7 @@ def _tensor(
         )
     source = np.dtype(V2_TO_NUMPY[datatype])
     check_cast(name, source, np.dtype(spec.dtype))
-    shape = entry.get("shape")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_RANK
-        or not all(type(d) is int and d >= 0 for d in shape)
-    ):
-        raise RequestError(
-            BAD_REQUEST, f"input {name!r}: 'shape' must be a list of non-negative integers"
-        )
+    shape = check_v2_shape(name, entry.get("shape"))
     count = math.prod(shape)
     check_element_budget(name, count, budget)
     if binary_size(entry) is not None:

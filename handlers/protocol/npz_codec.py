@@ -24,6 +24,7 @@ from .validation import (
     check_element_budget,
     check_names,
     clip,
+    quoted,
     validate_inputs,
 )
 
@@ -65,6 +66,7 @@ def _decode(
             f".npz unpacks to {total} bytes, over the limit of {limits.max_body_bytes}",
         )
     names = [m.filename.removesuffix(".npy") for m in members]
+    _check_unique(names, members)
     check_names(names, inputs, " (name each .npz member after a model input)")
     specs = {spec.name: spec for spec in inputs}
     budget = limits.max_elements
@@ -84,6 +86,19 @@ def _decode(
     except Exception as exc:  # noqa: BLE001 - numpy's failures on hostile members have no closed list
         raise RequestError(BAD_REQUEST, f"an .npz member is not a valid .npy array: {clip(str(exc))}") from None
     return validate_inputs(arrays, inputs, limits)
+
+
+def _check_unique(names: list[str], members: list[zipfile.ZipInfo]) -> None:
+    """A zip may hold one name twice (or ``x`` and ``x.npy``); numpy would read one silently."""
+    seen: dict[str, str] = {}
+    for name, member in zip(names, members, strict=True):
+        if name in seen:
+            raise RequestError(
+                BAD_REQUEST,
+                f"input {quoted(name)} is given twice in the .npz (members {quoted(seen[name])} and "
+                f"{quoted(member.filename)}); send each input once",
+            )
+        seen[name] = member.filename
 
 
 def encode_npz(outputs: Mapping[str, np.ndarray], had_batch_dim: bool) -> EncodedResponse:

@@ -101,6 +101,8 @@ def binary_size(entry: Mapping[str, Any]) -> int | None:
 
 def tensor_from_blob(name: str, blob: memoryview, dtype: np.dtype, shape: list[int]) -> np.ndarray:
     """A numeric blob as a read-only little-endian view, after checking its size against the shape."""
+    if any(d < 0 for d in shape):  # callers check shapes; a negative one must never reshape
+        raise RequestError(BAD_REQUEST, f"input {name!r}: shape {clip(str(shape))} has a negative dimension")
     count = 1
     for d in shape:
         count *= d
