@@ -485,7 +485,10 @@ def advise_from_files(*, mar=None, history_path=None, state_dir=None, config: Ma
     # --set first, then what the archive serves with (auto: this box's count)
     asked = config.get("minWorkers", archive.model_config.get("minWorkers") if archive else None)
     workers = workers_here(asked)
-    layout = layout_for(section, partitioned, worker_topology(workers))
+    topology = worker_topology(workers)
+    if partitioned and section.get("ratio") is None and len(topology.cores) < 2:
+        partitioned = False  # as the runtime does: a one-core share serves the whole model (assembly.py)
+    layout = layout_for(section, partitioned, topology)
     sizes = tuple(batch_sizes or DEFAULT_BATCH_SIZES)
     curve = curve_from_history(history, layout, max_batch=max(sizes), overhead_s=overhead_ms / 1000.0)
     advice = [recommend(curve, r, batch_sizes=sizes, delays_ms=tuple(delays_ms or DEFAULT_DELAYS_MS),
