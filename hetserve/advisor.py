@@ -299,12 +299,12 @@ def layout_for(config: RuntimeConfig, partitioned: bool, topology) -> Layout:
     return Layout(cpu_layout(config, partitioned, topology), config.micro_batch)
 
 
-def served_split(config: RuntimeConfig, history, archive=None) -> bool:
+def served_split(config: RuntimeConfig, history, archive=None, cpu_cores: int | None = None) -> bool:
     """Whether the worker a history comes from ran head + tail: the archive contract's rule
-    when the archive is known; without it, a ratio left to the archive counts as split when the
-    history timed a head stage."""
+    (one-core workers included) when the archive is known; without it, a ratio left to the
+    archive counts as split when the history timed a head stage."""
     if archive is not None:
-        return serves_split(config.ratio, archive.manifest.default_ratio)
+        return serves_split(config.ratio, archive.manifest.default_ratio, cpu_cores)
     if config.ratio is None:
         return any(history.is_calibrated("head", e) for e in _executors_in(history))
     return serves_split(config.ratio, None)
@@ -470,7 +470,8 @@ def advise_from_files(*, mar=None, history_path=None, state_dir=None, config: Ma
     # --set first, then what the archive serves with (auto: this box's count)
     asked = config.get("minWorkers", archive.model_config.get("minWorkers") if archive else None)
     workers = workers_here(asked)
-    layout = layout_for(knobs, served_split(knobs, history, archive), worker_share(probe(), workers))
+    share = worker_share(probe(), workers)
+    layout = layout_for(knobs, served_split(knobs, history, archive, len(share.cores)), share)
     sizes = tuple(batch_sizes or DEFAULT_BATCH_SIZES)
     curve = curve_from_history(history, layout, max_batch=max(sizes), overhead_s=overhead_ms / 1000.0)
     advice = [recommend(curve, r, batch_sizes=sizes, delays_ms=tuple(delays_ms or DEFAULT_DELAYS_MS),

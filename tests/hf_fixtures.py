@@ -92,3 +92,27 @@ def write_bert_dir(path: Path) -> Path:
     write_tokenizer(path / "tokenizer.json")
     (path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "[PAD]", "model_max_length": 64}))
     return path
+
+
+def write_bert_sst2_dir(path: Path, max_positions: int = 512) -> Path:
+    """A tiny BERT sentence classifier shaped like a real checkpoint where the README's text
+    example depends on it: 512 positions and ``model_max_length`` (so ``--max-length 128`` fits),
+    two token types (``type_vocab_size=2``, as every BERT checkpoint has), SST-2's two labels and
+    a tokenizer.json. Random weights, hidden size 32."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    labels = ("negative", "positive")
+    config = BertConfig(
+        vocab_size=4 + len(set(WORDS)), hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, max_position_embeddings=max_positions,
+        type_vocab_size=2, id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+    )
+    BertForSequenceClassification(config).eval().save_pretrained(path, safe_serialization=True)
+    write_tokenizer(path / "tokenizer.json")
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"pad_token": "[PAD]", "model_max_length": max_positions})
+    )
+    return path

@@ -99,9 +99,15 @@ def read_archive(source: str | os.PathLike[str]) -> Archive:
     return Archive(manifest, hashlib.sha256(raw).hexdigest(), _parse_config(config_text))
 
 
-def serves_split(ratio: float | None, default_ratio: float | None) -> bool:
+def serves_split(
+    ratio: float | None, default_ratio: float | None, cpu_cores: int | None = None
+) -> bool:
     """Head + tail (else the whole model): the configured ``ratio``, or the archive's
-    ``default_ratio`` when it is None, below 1.0 (the rule ``Manifest.partition_for`` applies)."""
+    ``default_ratio`` when it is None, below 1.0 (the rule ``Manifest.partition_for`` applies).
+    A CPU-only worker with one core (``cpu_cores``) serves the archive's default whole: head and
+    tail would take turns on that one core; an explicit ratio is still honoured."""
+    if ratio is None and cpu_cores is not None and cpu_cores < 2:
+        return False
     effective = default_ratio if ratio is None else ratio
     return effective is not None and effective < WHOLE_MODEL
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from handlers.artifact.contract import serves_split
 from handlers.artifact.manifest import Manifest, Partition, TensorSpec, random_batch
 from handlers.errors import ExecutorLoadError
 from handlers.executors.base import Executor, StageOutputs
@@ -111,7 +112,8 @@ def build_runtime(
             log.warning("hetserve: GPU not usable (%s); serving on CPU core groups only", exc)
     elif wants_cuda and "cuda" in (config.head_devices, config.tail_devices):
         raise ConfigError(f"hetserve asks for CUDA but it is unavailable: {reason}")
-    if partition is not None and config.ratio is None and len(topology.cores) < 2:
+    if partition is not None and not serves_split(config.ratio, manifest.default_ratio,
+                                                   len(topology.cores)):
         # One core (a worker's share when TorchServe runs one worker per core) is one group:
         # head and tail would take turns on it, the whole model's work plus a hand-over.
         log.info("hetserve: one core in this worker's share: serving the whole model (the "
