@@ -57,7 +57,7 @@ class Archive:
         configured = state_dir or section.get("state_dir")
         key = history_key(
             self.manifest, section.get("ratio"), section.get("core_groups") or "numa",
-            int(section.get("cpu_head_groups") or 0),
+            int(section.get("cpu_head_groups") or 0), section.get("precision") or "float32",
         )
         return state_file(self.manifest.model_name, self.manifest_digest, configured, key)
 
