@@ -254,21 +254,22 @@ def in_process(path: Path, feeds: dict[str, np.ndarray], cores: int, seconds: fl
         options.intra_op_num_threads = threads
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def drive(threads: int, cpu: int | None, done: list[int], start: threading.Barrier) -> None:
+    def drive(threads: int, cpu: int | None, done: list[tuple[int, float]], start: threading.Barrier) -> None:
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})
         s = session(threads)
         for _ in range(3):
             s.run(None, feeds)
         start.wait()
-        deadline, count = time.perf_counter() + seconds, 0
-        while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        count = 0
+        while time.perf_counter() < started + seconds:
             s.run(None, feeds)
             count += batch
-        done.append(count)
+        done.append((count, time.perf_counter() - started))
 
     def layout(sessions: int, threads: int, pinned: bool) -> float:
-        done: list[int] = []
+        done: list[tuple[int, float]] = []
         start = threading.Barrier(sessions)
         cpus = sorted(os.sched_getaffinity(0))
         workers = [threading.Thread(target=drive, args=(threads, cpus[i] if pinned else None, done, start))
@@ -277,7 +278,7 @@ def in_process(path: Path, feeds: dict[str, np.ndarray], cores: int, seconds: fl
             w.start()
         for w in workers:
             w.join()
-        return round(sum(done) / seconds, 2)
+        return round(sum(n for n, _ in done) / max(t for _, t in done), 2)
 
     layouts = {"one_session_all_cores": layout(1, cores, False), "session_per_core": layout(cores, 1, True)}
     best = max(layouts, key=layouts.__getitem__)

@@ -147,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration", type=Path, metavar="DIR",
                    help="real inputs to calibrate int8 on and check it against float32: images (through the "
                    "archive's image processor), .txt (one text per line, through its tokenizer), .npy/.npz")
-    q.add_argument("--quantize-method", choices=("auto", "static", "dynamic"), default="auto",
-                   help="static QDQ, dynamic, or auto: both measured, the fastest that meets --min-accuracy kept")
+    q.add_argument("--quantize-method", choices=("auto", "static", "dynamic", "dynamic_u8"), default="auto",
+                   help="static QDQ (calibrated activations), dynamic (MatMul/Gemm weights int8, or uint8: "
+                   "dynamic_u8), or auto: each measured, the fastest that meets --min-accuracy kept")
     q.add_argument("--min-accuracy", type=float, default=0.99,
                    help="int8 vs float32 on held-out calibration inputs: top-1 agreement for classifiers, "
                    "mean cosine similarity otherwise; below it the archive is refused")

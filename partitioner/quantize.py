@@ -2,7 +2,8 @@
 
 For the whole model and each partition's head and tail, ONNX Runtime's quantizer writes an int8
 copy (``model-int8.onnx``, ``stage-r0.800-head-int8.onnx`` ...; their weights in one
-``weights-int8.bin``, stored once however many stages share them). Quantization happens inside
+``weights-int8.bin``, stored once however many stages share them, and the tensors they leave
+float pointing into the float stages' ``weights.bin``). Quantization happens inside
 each stage: its inputs and outputs stay float32 (the QuantizeLinear/DequantizeLinear pairs sit
 inside), so cut tensors are float32 and head and tail can run at different precisions; a GPU
 executor keeps loading the float files (handlers/runtime/assembly.py ``cpu_stage_files``).
@@ -11,10 +12,14 @@ Method, chosen per model from measurements (``partitioner.quant_metrics.choose_m
 
 * ``static``: QDQ, per-channel int8 weights, uint8 activations with ranges calibrated (MinMax)
   on the calibration inputs; what convolutional and other activation-heavy graphs want.
-* ``dynamic``: int8 weights, activations quantized per run; the usual choice for transformer
-  MatMuls, where static activation ranges lose accuracy.
+* ``dynamic``: the MatMul/Gemm weights int8 per channel, activations quantized per run; the
+  usual choice for transformer MatMuls, where static activation ranges lose accuracy.
+* ``dynamic_u8``: the same with uint8 weights. x86 CPUs without VNNI (AVX2 only) multiply
+  uint8 x int8 pairs into int16 sums that can saturate; uint8 x uint8 takes another kernel. On
+  this project's AVX2 machine it kept the trained MiniLM's sentence embeddings at cosine 0.99
+  where int8 weights gave 0.98.
 
-Both are tried on the whole model; the fastest (in process, against float32) that meets the
+All are tried on the whole model; the fastest (in process, against float32) that meets the
 accuracy threshold on held-out inputs is kept for every stage. The accuracy of the int8 whole
 model and of each int8 head -> int8 tail pair is measured against the float model on the
 held-out inputs and recorded in the manifest; below the threshold the archive is refused
@@ -57,10 +62,18 @@ from partitioner.quant_metrics import (
     judge,
     measure,
 )
-from partitioner.stages import SharedWeights, run_pipeline, save_model
+from partitioner.stages import (  # the float stages' weight-file format, shared
+    INLINE_LIMIT,
+    PAGE,
+    SharedWeights,
+    _clear_data,
+    _point_at,
+    run_pipeline,
+    save_model,
+)
 
-STATIC, DYNAMIC = "static", "dynamic"
-METHODS = (STATIC, DYNAMIC)
+STATIC, DYNAMIC, DYNAMIC_U8 = "static", "dynamic", "dynamic_u8"
+METHODS = (STATIC, DYNAMIC, DYNAMIC_U8)
 INT8_WEIGHTS_FILE = "weights-int8.bin"
 RANDOM_INPUTS = 16  # without --calibration: enough for a smoke test, no more
 TIMING_BATCH = 4
@@ -85,12 +98,12 @@ class QuantizeOptions:
     calibration: Path | None = None
     min_accuracy: float = DEFAULT_MIN_ACCURACY
     allow_accuracy_loss: bool = False
-    method: str = "auto"  # auto (measure both), static or dynamic
+    method: str = "auto"  # auto (measure every method) or one of METHODS
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in ("auto", *METHODS):
-            raise ValueError(f"quantization method must be auto, static or dynamic, got {self.method!r}")
+            raise ValueError(f"quantization method must be auto or one of {METHODS}, got {self.method!r}")
         if not self.min_accuracy > 0.0:
             raise ValueError(f"--min-accuracy must be > 0, got {self.min_accuracy:g}")
 
@@ -114,41 +127,28 @@ def quantize_stage_directory(
     calibrate_idx, held_idx = held_out_indices(len(inputs.feeds))
     calibrate = [inputs.feeds[i] for i in calibrate_idx]
     held = [inputs.feeds[i] for i in held_idx]
-    classifier = is_classifier(manifest.outputs, labelled=bool((processors or {}).get("labels")))
-    float_whole = _session(stage_dir / manifest.whole_model)
-    reference = [_run(float_whole, f) for f in held]
+    check = _Check(held, [_run(_session(stage_dir / manifest.whole_model), f) for f in held], manifest,
+                   is_classifier(manifest.outputs, labelled=bool((processors or {}).get("labels"))))
     with tempfile.TemporaryDirectory(prefix="hetserve-int8-") as tmp:
         work = Path(tmp)
-        # 1. Each method on the whole model: accuracy on the held-out inputs, speed in process.
+        # 1. Every method on the whole model: accuracy on the held-out inputs, speed in process.
         methods = METHODS if options.method == "auto" else (options.method,)
         whole_pre = _preprocessed(stage_dir / manifest.whole_model, work / "whole-pre.onnx")
-        tried: dict[str, tuple[Path, Accuracy]] = {}
+        quantized: dict[str, Path] = {}
         for method in methods:
-            out = work / f"whole-{method}.onnx"
-            quantize_file(whole_pre, out, method, calibrate, work)
-            quantized = _session(out)
-            produced = [_run(quantized, f) for f in held]
-            tried[method] = (out, measure(reference, produced, manifest.outputs, classifier))
-        speedups = _speedups(stage_dir / manifest.whole_model, {m: p for m, (p, _) in tried.items()}, held)
-        candidates = [Candidate(m, acc, speedups[m]) for m, (_, acc) in tried.items()]
+            quantized[method] = work / f"whole-{method}.onnx"
+            quantize_file(whole_pre, quantized[method], method, calibrate, work)
+        speedups = _speedups(stage_dir / manifest.whole_model, quantized, held)
+        candidates = [Candidate(m, check.of(path), speedups[m]) for m, path in quantized.items()]
         choice = choose_method(candidates, options.min_accuracy)
         # 2. The chosen method for the whole model and every head and tail.
-        written: list[str] = []
-        with _ContentWeights(stage_dir, INT8_WEIGHTS_FILE) as weights:
+        with _ContentWeights(stage_dir, INT8_WEIGHTS_FILE, stage_dir / manifest.whole_model) as weights:
             whole_file = _int8_name(manifest.whole_model)
-            _write_int8(tried[choice.method][0], stage_dir / whole_file, weights)
-            written.append(whole_file)
-            accuracies = [("whole model", tried[choice.method][1])]
-            partitions = []
-            for part in manifest.partitions:
-                variant, accuracy = _quantize_partition(
-                    stage_dir, part, choice.method, calibrate, held, reference, manifest, weights,
-                    work, classifier,
-                )
-                partitions.append(replace(part, variants={INT8: variant}))
-                written += list(variant.files.values())
-                accuracies.append((f"ratio {part.ratio:g} head -> tail", accuracy))
-    written.append(INT8_WEIGHTS_FILE)
+            _write_int8(quantized[choice.method], stage_dir / whole_file, weights)
+            parts = [(part, *_quantize_partition(stage_dir, part, choice.method, calibrate, check, weights, work))
+                     for part in manifest.partitions]
+    accuracies = [("whole model", next(c.accuracy for c in candidates if c.method == choice.method)),
+                  *((f"ratio {part.ratio:g} head -> tail", acc) for part, _, acc in parts)]
     verdict = judge(accuracies, options.min_accuracy)
     record = {
         "precision": INT8,
@@ -169,29 +169,55 @@ def quantize_stage_directory(
         raise AccuracyError(verdict.line(options.min_accuracy))
     if not verdict.passed:
         warn(f"warning: {verdict.line(options.min_accuracy)} (allowed: --allow-accuracy-loss)")
-    files = {**manifest.files, **{
-        name: FileEntry(sha256_file(stage_dir / name), (stage_dir / name).stat().st_size) for name in written
-    }}
-    passed = {label: acc.value >= options.min_accuracy for label, acc in accuracies}
-    whole_variant = StageVariant({"whole": whole_file},
-                                 {**accuracies[0][1].to_json(), "passed": passed["whole model"]})
-    partitions = [
-        replace(p, variants={INT8: replace(p.variants[INT8], accuracy={
-            **p.variants[INT8].accuracy, "passed": passed[f"ratio {p.ratio:g} head -> tail"]})})
-        for p in partitions
-    ]
-    result = replace(manifest, partitions=tuple(partitions), whole_variants={INT8: whole_variant},
-                     quantization=record, files=files)
+
+    def variant(files: dict[str, str], accuracy: Accuracy) -> StageVariant:
+        return StageVariant(files, {**accuracy.to_json(), "passed": accuracy.value >= options.min_accuracy})
+
+    written = [whole_file, INT8_WEIGHTS_FILE, *(f for _, files, _ in parts for f in files.values())]
+    result = replace(
+        manifest,
+        partitions=tuple(replace(part, variants={INT8: variant(files, acc)}) for part, files, acc in parts),
+        whole_variants={INT8: variant({"whole": whole_file}, accuracies[0][1])},
+        quantization=record,
+        files={**manifest.files, **{n: FileEntry(sha256_file(stage_dir / n), (stage_dir / n).stat().st_size)
+                                    for n in written}},
+    )
     write_manifest(result, stage_dir)
     return QuantizeResult(result, lines)
+
+
+@dataclass(frozen=True)
+class _Check:
+    """The held-out inputs and the float model's outputs on them: what every variant is
+    measured against."""
+
+    held: Sequence[Feeds]
+    reference: Sequence[Mapping[str, np.ndarray]]
+    manifest: Manifest
+    classifier: bool
+
+    def of(self, whole: Path) -> Accuracy:
+        session = _session(whole)
+        return self.measure([_run(session, f) for f in self.held])
+
+    def of_pipeline(self, head: Path, tail: Path) -> Accuracy:
+        sessions = _session(head), _session(tail)
+        names = {s.name for s in self.manifest.outputs}
+        return self.measure([{n: v for n, v in run_pipeline(*sessions, f).items() if n in names}
+                             for f in self.held])
+
+    def measure(self, produced: Sequence[Mapping[str, np.ndarray]]) -> Accuracy:
+        return measure(self.reference, produced, self.manifest.outputs, self.classifier)
 
 
 # How each method is run (recorded in the manifest with the choice).
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     STATIC: {"format": "QDQ", "weights": "int8 per channel", "activations": "uint8",
              "calibration": "MinMax", "preprocessed": "quant_pre_process"},
-    DYNAMIC: {"format": "dynamic (QOperator)", "weights": "int8 per tensor",
+    DYNAMIC: {"format": "dynamic (QOperator)", "ops": ["MatMul", "Gemm"], "weights": "int8 per channel",
               "activations": "uint8, ranges per run", "preprocessed": "quant_pre_process"},
+    DYNAMIC_U8: {"format": "dynamic (QOperator)", "ops": ["MatMul", "Gemm"], "weights": "uint8 per channel",
+                 "activations": "uint8, ranges per run", "preprocessed": "quant_pre_process"},
 }
 
 
@@ -235,8 +261,11 @@ def quantize_file(src: Path, dst: Path, method: str, calibration: Sequence[Feeds
                 # chunk without computing its ranges.)
                 extra_options={"CalibStridedMinMax": calibration_stride(len(feeds))},
             )
-        elif method == DYNAMIC:
-            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        elif method in (DYNAMIC, DYNAMIC_U8):
+            quantize_dynamic(
+                str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                weight_type=QuantType.QInt8 if method == DYNAMIC else QuantType.QUInt8,
+            )
         else:
             raise ValueError(f"unknown quantization method {method!r}")
     check_boundary(src, dst)
@@ -263,15 +292,13 @@ def _quantize_partition(
     part: Partition,
     method: str,
     calibrate: Sequence[Feeds],
-    held: Sequence[Feeds],
-    reference: Sequence[Mapping[str, np.ndarray]],
-    manifest: Manifest,
+    check: _Check,
     weights: SharedWeights,
     work: Path,
-    classifier: bool,
-) -> tuple[StageVariant, Accuracy]:
-    """Head and tail quantized with ``method``; the tail calibrated on the float head's outputs
-    (what it gets from a float head, and what an int8 head approximates)."""
+) -> tuple[dict[str, str], Accuracy]:
+    """Head and tail quantized with ``method`` (the tail calibrated on the float head's
+    outputs: what it gets from a float head, and what an int8 head approximates); their files
+    and the accuracy of int8 head -> int8 tail."""
     float_head = _session(stage_dir / part.head)
     tail_feeds = [{**f, **_run(float_head, f)} for f in calibrate]
     files: dict[str, str] = {}
@@ -281,11 +308,7 @@ def _quantize_partition(
         quantize_file(pre, out, method, feeds, work)
         files[stage] = _int8_name(source)
         _write_int8(out, stage_dir / files[stage], weights)
-    head, tail = _session(stage_dir / files["head"]), _session(stage_dir / files["tail"])
-    names = [s.name for s in manifest.outputs]
-    produced = [{n: v for n, v in run_pipeline(head, tail, f).items() if n in names} for f in held]
-    accuracy = measure(reference, produced, manifest.outputs, classifier)
-    return StageVariant(files, accuracy.to_json()), accuracy
+    return files, check.of_pipeline(stage_dir / files["head"], stage_dir / files["tail"])
 
 
 def _calibration_set(
@@ -381,20 +404,53 @@ def _write_int8(src: Path, dst: Path, weights: SharedWeights) -> None:
 
 
 class _ContentWeights(SharedWeights):
-    """SharedWeights keyed by content, not name: the int8 whole, heads and tails share most
-    quantized weights, but a name (a bias scaled by its input's calibrated range, say) may hold
-    other bytes in another stage."""
+    """The int8 stages' weights, stored by content: a tensor the float stages already hold
+    (an embedding table dynamic quantization leaves float, say) points into their weights file;
+    any other is stored once in this file, however many int8 stages hold it. By content, not
+    name: a name (a bias scaled by its input's calibrated range) may hold other bytes in
+    another stage."""
 
-    def _store(self, tensor: onnx.TensorProto) -> tuple[int, int]:
-        from onnx import numpy_helper
+    def __init__(self, directory: Path, filename: str, float_model: Path) -> None:
+        super().__init__(directory, filename)
+        self._known = _external_tensors(float_model)  # sha256 -> (location, offset, length)
 
-        data = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
-        name = tensor.name
-        tensor.name = f"{tensor.data_type}:{hashlib.sha256(data).hexdigest()}"
-        try:
-            return super()._store(tensor)
-        finally:
-            tensor.name = name
+    def externalize(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        for tensor in out.graph.initializer:
+            data = _tensor_bytes(tensor)
+            if len(data) < INLINE_LIMIT:
+                continue
+            key = hashlib.sha256(data).hexdigest()
+            if key not in self._known:
+                position = self._file.tell()
+                padding = (-position) % (PAGE if len(data) >= 16 * PAGE else 64)
+                self._file.write(b"\0" * padding + data)
+                self._known[key] = (self.filename, position + padding, len(data))
+            _clear_data(tensor)
+            _point_at(tensor, *self._known[key])
+        return out
+
+
+def _external_tensors(model_path: Path) -> dict[str, tuple[str, int, int]]:
+    """sha256 of each external tensor's bytes -> where they are (file, offset, length)."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    found: dict[str, tuple[str, int, int]] = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entry = {e.key: e.value for e in tensor.external_data}
+        offset, length = int(entry.get("offset", 0)), int(entry["length"])
+        with open(model_path.parent / entry["location"], "rb") as f:
+            f.seek(offset)
+            found[hashlib.sha256(f.read(length)).hexdigest()] = (entry["location"], offset, length)
+    return found
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> bytes:
+    from onnx import numpy_helper
+
+    return tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
 
 
 def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
