@@ -191,10 +191,10 @@ def build(model: str, store: Path, calibration: Path, args: argparse.Namespace) 
     common = ["--cost", "flops", "--ratios", "0.5", "--allow-off-target", "--quantize", "int8", "--calibration",
               str(calibration), "--allow-accuracy-loss"]
     if model == "resnet":
-        return hetserve_archive(store, "resnet_int8", args.image_model, *common, "--image-processor", "imagenet",
+        return hetserve_archive(store, "resnet_quantized", args.image_model, *common, "--image-processor", "imagenet",
                                 "--set", f"hetserve.processors.image.size={args.image_size}",
                                 "--set", f"hetserve.processors.image.crop={args.crop}")
-    return hetserve_archive(store, "minilm_int8", f"{Path(__file__).resolve()}:minilm", *common,
+    return hetserve_archive(store, "minilm_quantized", f"{Path(__file__).resolve()}:minilm", *common,
                             "--tokenizer", str(minilm_dir() / "tokenizer.json"),
                             "--set", "hetserve.processors.text.truncation=true",
                             "--set", f"hetserve.processors.text.max_length={SEQ}")
