@@ -51,7 +51,7 @@ from handlers.artifact.manifest import (
     sha256_file,
     write_manifest,
 )
-from partitioner.calibration import CalibrationSet, Feeds, read_directory
+from partitioner.calibration import CalibrationError, CalibrationSet, Feeds, read_directory
 from partitioner.quant_metrics import (
     DEFAULT_MIN_ACCURACY,
     Accuracy,
@@ -125,7 +125,10 @@ def quantize_stage_directory(
     """Write the int8 stages into ``stage_dir``, measure them, rewrite the manifest; raises
     ``AccuracyError`` below the threshold unless ``options.allow_accuracy_loss``."""
     inputs = _calibration_set(stage_dir, manifest, processors, options, warn)
-    calibrate_idx, held_idx = held_out_indices(len(inputs.feeds))
+    try:
+        calibrate_idx, held_idx = held_out_indices(len(inputs.feeds))
+    except ValueError as exc:
+        raise CalibrationError(f"--calibration {options.calibration}: {exc}") from None
     calibrate = [inputs.feeds[i] for i in calibrate_idx]
     held = [inputs.feeds[i] for i in held_idx]
     check = _Check(held, [_run(_session(stage_dir / manifest.whole_model), f) for f in held], manifest,
