@@ -123,7 +123,9 @@ class InferenceService:
         config = RuntimeConfig.from_model_yaml(model_yaml)
         manifest = load_verified_manifest(model_dir)
         digest = hashlib.sha256((model_dir / MANIFEST_NAME).read_bytes()).hexdigest()
-        key = history_key(manifest, config.ratio, config.core_groups, config.cpu_head_groups)
+        key = history_key(
+            manifest, config.ratio, config.core_groups, config.cpu_head_groups, config.precision
+        )
         state_path = config.state_path(manifest.model_name, digest, model_dir, key)
         history = PerfHistory.load(state_path, alpha=config.ewma_alpha)
         runtime = build_runtime(manifest, model_dir, config, history)

@@ -37,7 +37,7 @@ HETSERVE_SECTION = "hetserve"
 # Names hetserve itself puts at the archive's root: an extra file may not replace one.
 RESERVED_ARCHIVE_NAMES = frozenset(
     {"handlers", "hetserve-manifest.json", "model-config.yaml", "hetserve_handler.py", "MAR-INF",
-     "model.onnx", "profile.json"})
+     "model.onnx", "profile.json", "weights-int8.bin"})
 
 
 class ArchiveInputError(ValueError):
@@ -156,3 +156,27 @@ def check_extra_files(paths: Sequence[Path]) -> None:
 def check_requirements_file(path: Path | None) -> None:
     if path is not None and not path.is_file():
         raise ArchiveInputError(f"--requirements-file: {path} is not a file")
+
+
+def check_quantize(quantize: str | None, calibration: Path | None, min_accuracy: float,
+                   served_precision: Any) -> None:
+    """The int8 flags agree with each other and with hetserve.precision, before any export."""
+    if calibration is not None and not quantize:
+        raise ArchiveInputError("--calibration is for int8 stages: add --quantize int8")
+    if served_precision not in (None, "float32") and served_precision != quantize:
+        raise ArchiveInputError(
+            f"hetserve.precision is {served_precision!r} but the archive would have no "
+            f"{served_precision} stages: add --quantize {served_precision}")
+    if not 0.0 < min_accuracy < 2.0:
+        raise ArchiveInputError(
+            f"--min-accuracy {min_accuracy:g}: give a fraction such as 0.99 (top-1 agreement or cosine)")
+    if calibration is None:
+        return
+    if not calibration.is_dir():
+        raise ArchiveInputError(f"--calibration {calibration} is not a folder")
+    from partitioner.calibration import usable_files
+
+    if not usable_files(calibration)[0]:
+        raise ArchiveInputError(
+            f"--calibration {calibration}: no images (.jpg, .jpeg, .png, .webp), text (.txt) or "
+            "tensors (.npy, .npz) in it")

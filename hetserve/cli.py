@@ -140,6 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take JPEG/PNG/WebP: 'imagenet' (resize 256, crop 224, ImageNet mean/std) or a "
                    "Hugging Face preprocessor_config.json")
     p.add_argument("--top-k", type=int, help="how many labels an answer names (default 5)")
+    q = p.add_argument_group("int8 (CPU executors)")
+    q.add_argument("--quantize", choices=("int8",),
+                   help="also pack int8 stages for CPU executors (served with --set hetserve.precision=int8); "
+                   "GPU executors keep the float stages")
+    q.add_argument("--calibration", type=Path, metavar="DIR",
+                   help="real inputs to calibrate int8 on and check it against float32: images (through the "
+                   "archive's image processor), .txt (one text per line, through its tokenizer), .npy/.npz")
+    q.add_argument("--quantize-method", choices=("auto", "static", "dynamic", "dynamic_u8"), default="auto",
+                   help="static QDQ (calibrated activations), dynamic (MatMul/Gemm weights int8, or uint8: "
+                   "dynamic_u8), or auto: each measured, the fastest that meets --min-accuracy kept")
+    q.add_argument("--min-accuracy", type=float, default=0.99,
+                   help="int8 vs float32 on held-out calibration inputs: top-1 agreement for classifiers, "
+                   "mean cosine similarity otherwise; below it the archive is refused")
+    q.add_argument("--allow-accuracy-loss", action="store_true",
+                   help="archive int8 stages that miss --min-accuracy (the miss is recorded in the manifest)")
     p.set_defaults(run=cmd_archive)
 
     p = _command(sub, "partition", "cut a model and report cut quality per ratio and method",
@@ -339,6 +354,8 @@ def cmd_archive(args: argparse.Namespace) -> int:
     checks.check_model_config(config)
     ratios = args.ratios or DEFAULT_RATIOS
     checks.check_ratios(ratios, args.default_ratio, (config.get("hetserve") or {}).get("ratio"))
+    checks.check_quantize(args.quantize, args.calibration, args.min_accuracy,
+                          (config.get("hetserve") or {}).get("precision"))
     options = CutOptions(
         ratios=ratios, methods=(args.method,), tolerance=args.tolerance,
         time_limit=args.time_limit, seed=args.seed, allow_off_target=args.allow_off_target,
@@ -368,13 +385,31 @@ def cmd_archive(args: argparse.Namespace) -> int:
             dynamic=dynamic, reference=reference,
         )
         processor_files.check((config.get("hetserve") or {}).get("processors"), stage_dir, result.manifest)
-        check_loads(stage_dir, config, result.manifest)  # a .mar archive writes always loads
+        manifest, int8_lines = result.manifest, ()
+        if args.quantize:  # before the load check: the int8 stages are checked like the others
+            quantized = _quantize(args, stage_dir, manifest, config)
+            manifest, int8_lines = quantized.manifest, quantized.lines
+        check_loads(stage_dir, config, manifest)  # a .mar archive writes always loads
         requirements = stage_dir / args.requirements_file.name if args.requirements_file else None
         mar = package(stage_dir, args.model_name, args.export_path, config, version=args.model_version,
                       force=args.force, requirements_file=requirements)
     _print_rows(result.rows)
+    for line in int8_lines:
+        print(line)
     print(f"wrote {mar} ({mar.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s")
     return 0
+
+
+def _quantize(args: argparse.Namespace, stage_dir: Path, manifest, config):
+    from partitioner.quantize import QuantizeOptions, quantize_stage_directory
+
+    options = QuantizeOptions(
+        calibration=args.calibration, min_accuracy=args.min_accuracy,
+        allow_accuracy_loss=args.allow_accuracy_loss, method=args.quantize_method, seed=args.seed,
+    )
+    processors = (config.get("hetserve") or {}).get("processors")
+    return quantize_stage_directory(stage_dir, manifest, processors, options,
+                                    warn=lambda line: print(line, file=sys.stderr))
 
 
 def _stage_extras(stage_dir: Path, extras, requirements: Path | None) -> None:

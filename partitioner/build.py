@@ -401,15 +401,16 @@ def check_loads(stage_dir: Path, config: Mapping[str, Any], manifest: Manifest) 
     cache = user_cache_root(os.environ, Path.home())
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="hetserve-loadcheck-", dir=cache) as state:
-        for part in manifest.partitions or (None,):
+        for precision, part in ((p, q) for p in manifest.precisions for q in manifest.partitions or (None,)):
             ratio = part.ratio if part is not None else 1.0
-            section = {**dict(config.get("hetserve") or {}), "ratio": ratio, "state_dir": state}
+            section = {**dict(config.get("hetserve") or {}), "ratio": ratio, "state_dir": state,
+                       "precision": precision}
             section.pop("faults", None)  # test-only injected failures are not the archive's
             try:
                 service = InferenceService.load(stage_dir, {**dict(config), "hetserve": section})
             except Exception as exc:
                 raise StageError(
-                    f"the handler cannot load the partition for ratio {ratio:g}: "
+                    f"the handler cannot load the {precision} partition for ratio {ratio:g}: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
             try:
@@ -417,7 +418,7 @@ def check_loads(stage_dir: Path, config: Mapping[str, Any], manifest: Manifest) 
                 service.runtime.infer(feeds)
             except Exception as exc:
                 raise StageError(
-                    f"the handler loads ratio {ratio:g} but fails to serve it: "
+                    f"the handler loads ratio {ratio:g} ({precision}) but fails to serve it: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
             finally:

@@ -68,7 +68,8 @@ class Archive:
         """Where a worker serving this archive keeps its history: ``state_dir`` if given, else
         the archive's own ``hetserve.state_dir``, else the environment's or the default."""
         config = self.config
-        key = history_key(self.manifest, config.ratio, config.core_groups, config.cpu_head_groups)
+        key = history_key(self.manifest, config.ratio, config.core_groups, config.cpu_head_groups,
+                          config.precision)
         return state_file(
             self.manifest.model_name, self.manifest_digest, state_dir or config.state_dir, key
         )

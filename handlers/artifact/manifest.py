@@ -98,6 +98,40 @@ class FileEntry:
     size: int
 
 
+# Precisions an archive's stages can come in; float32 is always there (the verified stages).
+FLOAT32 = "float32"
+INT8 = "int8"
+PRECISIONS = (FLOAT32, INT8)
+
+
+@dataclass(frozen=True)
+class StageVariant:
+    """The same stages in another precision: same inputs and outputs (float32 at every stage
+    boundary), other files; ``accuracy`` is how close they came to the float model."""
+
+    files: dict[str, str]  # stage ("head", "tail" or "whole") -> archive path
+    accuracy: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"files": dict(self.files), "accuracy": self.accuracy}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StageVariant:
+        files = _req(data, "files", dict)
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+            raise ManifestError("manifest field 'files' of a stage variant must map names to paths")
+        return cls(files=dict(files), accuracy=dict(data.get("accuracy") or {}))
+
+
+def _variants(data: Any) -> dict[str, StageVariant]:
+    if not isinstance(data, dict):
+        raise ManifestError("manifest field 'variants' must be an object")
+    unknown = sorted(set(data) - set(PRECISIONS[1:]))
+    if unknown:
+        raise ManifestError(f"unknown precision(s) {unknown} in the manifest (known: {list(PRECISIONS)})")
+    return {precision: StageVariant.from_json(v) for precision, v in data.items()}
+
+
 @dataclass(frozen=True)
 class Partition:
     """One head/tail split of the model, as cut offline for one requested ratio."""
@@ -113,11 +147,16 @@ class Partition:
     tail_cost: float
     max_abs_err: float
     head_outputs: tuple[str, ...] = ()  # model outputs the head produces itself
+    # Other precisions of this head and tail (hetserve archive --quantize int8).
+    variants: dict[str, StageVariant] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["cut_tensors"] = [t.to_json() for t in self.cut_tensors]
         out["head_outputs"] = list(self.head_outputs)
+        out.pop("variants")
+        if self.variants:
+            out["variants"] = {k: v.to_json() for k, v in sorted(self.variants.items())}
         return out
 
     @classmethod
@@ -134,6 +173,7 @@ class Partition:
             tail_cost=float(_req(data, "tail_cost", (int, float))),
             max_abs_err=float(_req(data, "max_abs_err", (int, float))),
             head_outputs=tuple(data.get("head_outputs", ())),
+            variants=_variants(data.get("variants") or {}),
         )
 
 
@@ -151,6 +191,29 @@ class Manifest:
     version: int = MANIFEST_VERSION
     # Dynamic dims beyond the batch (handlers.protocol.dynamic_dims.DynamicDims.to_json): empty = none.
     dynamic_dims: dict[str, Any] = field(default_factory=dict)
+    # Other precisions of the whole model; every partition has the same ones (partitioner/quantize.py).
+    whole_variants: dict[str, StageVariant] = field(default_factory=dict)
+    # How the other precisions were made and checked: method, calibration, threshold.
+    quantization: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        return (FLOAT32, *sorted(self.whole_variants))
+
+    def stage_files(self, partition: Partition | None, precision: str = FLOAT32) -> dict[str, str]:
+        """Stage name -> archive file for ``partition`` (None: the whole model) in ``precision``."""
+        if precision == FLOAT32:
+            if partition is None:
+                return {"whole": self.whole_model}
+            return {"head": partition.head, "tail": partition.tail}
+        variants = self.whole_variants if partition is None else partition.variants
+        if precision not in variants:
+            what = "whole model" if partition is None else f"partition for ratio {partition.ratio:g}"
+            raise ManifestError(
+                f"this archive has no {precision} stages for its {what} (archived precisions: "
+                f"{', '.join(self.precisions)}); rebuild it with hetserve archive --quantize {precision}"
+            )
+        return dict(variants[precision].files)
 
     def partition_for(self, ratio: float | None) -> Partition | None:
         """The partition for ``ratio`` (``None``: the default one; no partitions: ``None``): the
@@ -185,6 +248,9 @@ class Manifest:
             "profile": self.profile,
             "producer": self.producer,
             **({"dynamic_dims": self.dynamic_dims} if self.dynamic_dims else {}),
+            **({"whole_variants": {k: v.to_json() for k, v in sorted(self.whole_variants.items())}}
+               if self.whole_variants else {}),
+            **({"quantization": self.quantization} if self.quantization else {}),
             "files": {p: {"sha256": e.sha256, "size": e.size} for p, e in sorted(self.files.items())},
         }
 
@@ -215,7 +281,19 @@ class Manifest:
             producer=data.get("producer", {}),
             version=version,
             dynamic_dims=data.get("dynamic_dims") or {},
+            whole_variants=_variants(data.get("whole_variants") or {}),
+            quantization=data.get("quantization") or {},
         )
+        for precision, variant in manifest.whole_variants.items():
+            _check_stages(variant, {"whole"}, f"the whole model's {precision} variant")
+        for part in manifest.partitions:
+            for precision, variant in part.variants.items():
+                _check_stages(variant, {"head", "tail"}, f"ratio {part.ratio:g}'s {precision} variant")
+            if set(part.variants) != set(manifest.whole_variants):
+                raise ManifestError(
+                    f"the partition for ratio {part.ratio:g} has precisions {sorted(part.variants)}, "
+                    f"the whole model {sorted(manifest.whole_variants)}"
+                )
         for path in manifest.referenced_files():
             if path not in files:
                 raise ManifestError(f"manifest refers to {path!r} but does not list its hash")
@@ -225,6 +303,8 @@ class Manifest:
         paths = [self.whole_model]
         for part in self.partitions:
             paths += [part.head, part.tail]
+            paths += [f for v in part.variants.values() for f in v.files.values()]
+        paths += [f for v in self.whole_variants.values() for f in v.files.values()]
         return paths
 
 
@@ -358,6 +438,13 @@ def write_manifest(manifest: Manifest, model_dir: str | os.PathLike[str]) -> Pat
     path = Path(model_dir) / MANIFEST_NAME
     path.write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def _check_stages(variant: StageVariant, stages: set[str], what: str) -> None:
+    if set(variant.files) != stages:
+        raise ManifestError(f"{what} names stages {sorted(variant.files)}, expected {sorted(stages)}")
+    for path in variant.files.values():
+        check_relative_path(path)
 
 
 def _optional_ratio(value: Any) -> float | None:

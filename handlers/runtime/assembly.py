@@ -44,13 +44,13 @@ def stage_plans(
     head_executors: Sequence[str],
     tail_executors: Sequence[str],
 ) -> tuple[list[StagePlan], dict[str, str]]:
-    """The stages to run and, per stage, the archive file it loads (``partition``: the served
-    cut, None for the whole model)."""
+    """The stages to run and, per stage, the float32 archive file it loads (``partition``: the
+    served cut, None for the whole model; CPU executors load ``cpu_stage_files`` instead)."""
     inputs = tuple(s.name for s in manifest.inputs)
     outputs = tuple(s.name for s in manifest.outputs)
     if partition is None:
         every = tuple(dict.fromkeys([*head_executors, *tail_executors]))
-        return [StagePlan("whole", inputs, outputs, every)], {"whole": manifest.whole_model}
+        return [StagePlan("whole", inputs, outputs, every)], manifest.stage_files(None)
     cut = tuple(t.name for t in partition.cut_tensors)
     head_out = tuple(dict.fromkeys([*(n for n in cut if n not in inputs), *partition.head_outputs]))
     tail_out = tuple(o for o in outputs if o not in partition.head_outputs)
@@ -58,7 +58,16 @@ def stage_plans(
         StagePlan("head", inputs, head_out, tuple(head_executors)),
         StagePlan("tail", cut, tail_out, tuple(tail_executors)),
     ]
-    return plans, {"head": partition.head, "tail": partition.tail}
+    return plans, manifest.stage_files(partition)
+
+
+def cpu_stage_files(
+    manifest: Manifest, partition: Partition | None, precision: str
+) -> dict[str, str]:
+    """The files CPU executors load: the ``hetserve.precision`` variant of the served stages
+    (int8 runs on CPU cores only; a GPU keeps the float graph). Same stage names, same
+    float32 inputs and outputs, so the flow and the scheduler see stages, not precisions."""
+    return manifest.stage_files(partition, precision)
 
 
 @dataclass(frozen=True)
@@ -185,12 +194,14 @@ def _build(
         partitioned, cuda_names, [g.name for g in head_groups], [g.name for g in tail_groups], config
     )
     plans, files = stage_plans(manifest, partition, layout.head, layout.tail)
+    cpu_files = cpu_stage_files(manifest, partition, config.precision)
     log.info(
-        "hetserve: %s; head on %s, tail on %s",
+        "hetserve: %s; head on %s, tail on %s; %s stages on CPU",
         topology.describe(), list(layout.head), list(layout.tail) if partitioned else "-",
+        config.precision,
     )
 
-    def stages_for(name: str) -> dict[str, Path]:
+    def stages_for(name: str, files: Mapping[str, str] = files) -> dict[str, Path]:
         return {p.name: model_dir / files[p.name] for p in plans if name in p.candidates}
 
     executors: list[Executor] = []
@@ -205,7 +216,7 @@ def _build(
                 pad_batch=gpu_pad_batch(config, len(cuda_names)), cuda_graph=config.cuda_graph,
             ))
     for group in groups:
-        if stages := stages_for(group.name):
+        if stages := stages_for(group.name, cpu_files):
             executors.append(CpuExecutor(group, stages, spinning=config.spinning))
     _start_all(executors)
     injector = _fault_injector(config)

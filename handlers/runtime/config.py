@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from handlers.artifact.manifest import FLOAT32, PRECISIONS
 from handlers.artifact.state_dir import state_file
 from handlers.executors.cuda_graph import FIXED_BATCH_NEEDED
 from handlers.processors.config import ProcessorConfigError, ProcessorsConfig
@@ -61,6 +62,9 @@ class RuntimeConfig:
     # through the whole model on one group of every core, and keep the faster
     # (handlers.runtime.layout_choice). The shipped model-config.yaml turns it on.
     compare_whole: bool = False
+    # float32 or int8 (an archive built with --quantize int8): the stages CPU executors load.
+    # GPU executors always run the float stages. Chosen at load, like the ratio.
+    precision: str = FLOAT32
     limits: RequestLimits = field(default_factory=RequestLimits)
     # Image/text in, labels out (handlers/processors); none declared: tensors in and out.
     processors: ProcessorsConfig = field(default_factory=ProcessorsConfig)
@@ -71,6 +75,8 @@ class RuntimeConfig:
         if self.ratio is not None and not self.ratio > 0.0:
             raise ConfigError(f"hetserve.ratio must be > 0 (or null), got {self.ratio!r}")
         _check_policy(self.core_groups)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"hetserve.precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("tail_devices", "head_devices"):
             if getattr(self, name) not in DEVICE_CHOICES:
                 raise ConfigError(
@@ -168,7 +174,7 @@ def _check_policy(policy: str) -> None:
 # (ratio: true == 1) silently serve the whole model.
 _NUMBERS = ("ratio", "ewma_alpha", "stage_timeout_s", "request_timeout_s", "probe_backoff_s",
             "probe_backoff_max_s", "save_interval_s")
-_STRINGS = ("core_groups", "tail_devices", "head_devices", "state_dir")
+_STRINGS = ("core_groups", "tail_devices", "head_devices", "state_dir", "precision")
 _OPTIONAL = ("ratio", "request_timeout_s", "state_dir")
 
 
