@@ -20,6 +20,7 @@ from typing import Any
 
 import onnx
 
+from handlers.artifact.example_inputs import example_feeds
 from handlers.artifact.manifest import (
     MANIFEST_NAME,
     FileEntry,
@@ -49,8 +50,6 @@ from partitioner.verify import (
     RTOL,
     check_evidence,
     compare,
-    draw_inputs,
-    integer_ranges,
     other_sizes,
 )
 
@@ -137,7 +136,6 @@ def gather_evidence(
 ) -> Evidence:
     import numpy as np
 
-    ranges = integer_ranges(model)
     settings = [dict(dynamic.sizes)]
     if dynamic.sizes:
         settings.append(other_sizes(dynamic.sizes, dynamic.bounds))
@@ -146,7 +144,7 @@ def gather_evidence(
     cases, scales, worst = [], {}, 0.0
     for sizes in settings:
         for batch in options.verify_batches:
-            feeds = draw_inputs(inputs, batch, rng, sizes, ranges, dynamic.axes)
+            feeds = example_feeds(inputs, batch, rng, sizes, dynamic.axes)
             whole = dict(zip(names, whole_session.run(None, feeds), strict=True))
             if reference is not None:
                 expected = reference(feeds)
@@ -303,6 +301,7 @@ def _write_and_verify(
             f"tolerance rtol {RTOL:g} + atol {ATOL_OF_SCALE:g} x output scale)"
         )
     stats = evaluate(task.graph, cut.tail)
+    ranged = {spec.name: spec for spec in graph_io_specs(model)[0]}
     # Off target: labelled with what it achieves (below 1.0, which means "the whole model").
     label = cut.target_ratio if cut.within_tolerance else min(round(cut.achieved_ratio, 3), 0.999)
     partition = Partition(
@@ -311,7 +310,8 @@ def _write_and_verify(
         method=cut.method,
         head=head_path,
         tail=tail_path,
-        cut_tensors=tuple(tensor_spec(model, name) for name in pair.cut_tensors),
+        # A model input the tail reads keeps its value range: the runtime probes stages with it.
+        cut_tensors=tuple(ranged.get(name) or tensor_spec(model, name) for name in pair.cut_tensors),
         cut_bytes_per_sample=stats.cut_bytes,
         head_cost=stats.head_cost,
         tail_cost=stats.tail_cost,
@@ -392,7 +392,6 @@ def check_loads(stage_dir: Path, config: Mapping[str, Any], manifest: Manifest) 
 
     import numpy as np
 
-    from handlers.artifact.manifest import random_batch
     from handlers.artifact.state_dir import user_cache_root
     from handlers.service import InferenceService
 
@@ -414,7 +413,7 @@ def check_loads(stage_dir: Path, config: Mapping[str, Any], manifest: Manifest) 
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
             try:
-                feeds = {s.name: random_batch(s, 2, rng) for s in manifest.inputs}
+                feeds = example_feeds(manifest.inputs, 2, rng)
                 service.runtime.infer(feeds)
             except Exception as exc:
                 raise StageError(

@@ -22,8 +22,11 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from handlers.artifact.example_inputs import draw
+from handlers.artifact.manifest import ValueRange
 from handlers.protocol.dynamic_dims import DynamicDims
 from partitioner.loading import LoadedModel
+from partitioner.value_ranges import config_hints, derive_ranges, record_hints
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +203,9 @@ def _export_torch(loaded: LoadedModel, opset: int, dynamic: DynamicDims) -> onnx
             f"{loaded.source}: {len(output_names)} output names for {len(outputs)} outputs"
         )
     flat = FlatModule(loaded, tuple(name for name, _ in outputs))
+    # What the graph may not show (an id that reaches its table through ops the walk does not
+    # follow): the config's sizes travel in the graph, for every later example run.
+    hints = config_hints(module, input_names)
     try:
         model = _export_dynamo(flat, inputs, input_names, output_names, opset, dynamic)
     except Exception as dynamo_exc:
@@ -207,9 +213,11 @@ def _export_torch(loaded: LoadedModel, opset: int, dynamic: DynamicDims) -> onnx
     else:
         for value in (*model.graph.input, *model.graph.output):
             _require_dynamic_batch(loaded.source, value, rename=False)
+        record_hints(model, hints)
         return model
     try:
         model, tracer = _export_torchscript(flat, inputs, input_names, output_names, opset, dynamic)
+        record_hints(model, hints)
         # The tracer declares the batch dynamic whatever the code does with it; check it did.
         _check_other_batch(flat, inputs, model)
     except Exception as script_exc:
@@ -415,11 +423,13 @@ def _check_other_batch(module, inputs, model: onnx.ModelProto) -> None:
     session = ort.InferenceSession(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
-    seeded = torch.Generator().manual_seed(0)
-    redrawn = [_redrawn(t, seeded) for t in inputs]
+    rng = np.random.default_rng(0)
+    ranges = derive_ranges(model)
+    names = [i.name for i in session.get_inputs()]
+    redrawn = [_redrawn(t, ranges.get(n), rng) for n, t in zip(names, inputs, strict=True)]
     # The example, then twice its batch with other values in the second half, then other values
-    # only (floats sign-flipped plus noise): a trace that froze a value-dependent branch or a
-    # batch size differs from torch in one of them.
+    # only (ids in their tables' ranges, floats of either sign): a trace that froze a
+    # value-dependent branch or a batch size differs from torch in one of them.
     cases = (
         list(inputs),
         [torch.cat([t, r]) for t, r in zip(inputs, redrawn, strict=True)],
@@ -447,12 +457,17 @@ def _check_other_batch(module, inputs, model: onnx.ModelProto) -> None:
                 )
 
 
-def _redrawn(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    if not tensor.is_floating_point():
-        return tensor  # ids, masks: the example's own values are the valid ones
-    spread = float(tensor.float().std()) if tensor.numel() > 1 else 1.0
-    noise = torch.randn(tensor.shape, generator=generator) * (spread or 1.0)
-    return (-tensor + noise * 0.1).to(tensor.dtype)
+def _redrawn(tensor: torch.Tensor, values: ValueRange | None, rng: np.random.Generator) -> torch.Tensor:
+    """Other values for ``tensor`` from the one example-input generator: in ``values`` (the
+    graph's range for that input: ids, masks), else floats of the example's magnitude, either sign."""
+    if tensor.is_floating_point():
+        if values is None:
+            magnitude = float(tensor.float().abs().max()) if tensor.numel() else 0.0
+            values = ValueRange(-magnitude, magnitude, integers=False) if magnitude > 0 else None
+        array = draw("float32", tuple(tensor.shape), values, rng)
+    else:
+        array = draw(tensor[:0].numpy().dtype.name, tuple(tensor.shape), values, rng)
+    return torch.from_numpy(array).to(tensor.dtype)
 
 
 @contextlib.contextmanager

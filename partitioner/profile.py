@@ -31,6 +31,9 @@ from typing import Any
 import numpy as np
 import onnx
 
+from handlers.artifact.example_inputs import draw
+from partitioner.value_ranges import derive_ranges
+
 log = logging.getLogger(__name__)
 
 _KERNEL_SUFFIX = "_kernel_time"
@@ -125,7 +128,7 @@ def profile_nodes(
             "pass the model through partitioner.export first"
         )
     provider = _PROVIDERS[device]
-    feeds = random_inputs(model, batch, dim_sizes=dim_sizes)
+    feeds = profile_feeds(model, batch, dim_sizes=dim_sizes)
 
     with tempfile.TemporaryDirectory(prefix="hetserve-profile-") as tmp:
         options = ort.SessionOptions()
@@ -145,15 +148,22 @@ def profile_nodes(
                 f"{provider} could not be started (session has {session.get_providers()}); "
                 "check that a CUDA GPU, its driver and onnxruntime-gpu's CUDA libraries are present"
             )
+        def run() -> None:
+            try:
+                session.run(None, feeds)
+            except Exception as exc:  # ORT raises its own types: one line for the user instead
+                session.end_profiling()
+                raise ProfileError(_failed_run(model, feeds, exc)) from exc
+
         measured = runs * passes
         bar = tqdm(total=warmup + measured, desc="profiling", unit="run", disable=not progress)
         with bar:
             for _ in range(warmup):
-                session.run(None, feeds)
+                run()
                 bar.update()
             start = time.perf_counter()
             for _ in range(measured):
-                session.run(None, feeds)
+                run()
                 bar.update()
             seconds = time.perf_counter() - start
         trace_path = session.end_profiling()
@@ -218,30 +228,42 @@ def _cross_check(
     return flop_mismatches(model, costs, flops)
 
 
-def random_inputs(
+def profile_feeds(
     model: onnx.ModelProto, batch: int, seed: int = 0, dim_sizes: dict[str, int] | None = None
 ) -> dict[str, np.ndarray]:
-    """Inputs for every graph input: floats standard normal, integers small and non-negative;
-    a dynamic dim beyond the batch takes its representative size from ``dim_sizes``."""
+    """Inputs for every graph input, each drawn from its value range (the graph's
+    ``partitioner.value_ranges``, as the build records them); a dynamic dim beyond the batch
+    takes its representative size from ``dim_sizes``."""
     rng = np.random.default_rng(seed)
+    ranges = derive_ranges(model)
     weights = {i.name for i in model.graph.initializer}
     feeds = {}
     for value in model.graph.input:
         if value.name in weights:
             continue
         tensor = value.type.tensor_type
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name
         shape = [
             batch if k == 0 else (dim_sizes or {}).get(d.dim_param) or _static_dim(value.name, d)
             for k, d in enumerate(tensor.shape.dim)
         ]
-        if np.issubdtype(dtype, np.floating):
-            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[value.name] = rng.integers(0, 2, shape).astype(dtype)
-        else:
-            feeds[value.name] = rng.integers(0, 4, shape).astype(dtype)
+        feeds[value.name] = draw(dtype, shape, ranges.get(value.name), rng)
     return feeds
+
+
+def _failed_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], exc: Exception) -> str:
+    ranges = derive_ranges(model)
+    drawn = "; ".join(
+        f"{name} {array.dtype} {list(array.shape)}"
+        + (f" in [{ranges[name].low:g}, {ranges[name].high:g})" if name in ranges else "")
+        for name, array in feeds.items()
+    )
+    reason = " ".join(str(exc).split())[:300]
+    return (
+        f"ONNX Runtime cannot run the model on its profiling inputs ({drawn}): {reason}. "
+        "Archive with --cost flops to skip measuring, and report the model: its inputs' "
+        "valid values are read from the graph (partitioner/value_ranges.py)"
+    )
 
 
 def _static_dim(input_name: str, dim: onnx.TensorShapeProto.Dimension) -> int:

@@ -329,18 +329,17 @@ def _calibration_set(
         return found
     warn(RANDOM_WARNING)
     rng = np.random.default_rng(options.seed)
-    model = onnx.load(str(stage_dir / manifest.whole_model), load_external_data=False)
-    return CalibrationSet(tuple(_example_inputs(manifest, model, rng) for _ in range(RANDOM_INPUTS)), "random")
+    return CalibrationSet(tuple(_example_inputs(manifest, rng) for _ in range(RANDOM_INPUTS)), "random")
 
 
-def _example_inputs(manifest: Manifest, model: onnx.ModelProto, rng: np.random.Generator) -> Feeds:
-    """One random batch-1 input from the project's example-input generator (one call site, so
-    the generator can be swapped in one place)."""
+def _example_inputs(manifest: Manifest, rng: np.random.Generator) -> Feeds:
+    """One random batch-1 input from the project's example-input generator, in the ranges the
+    manifest records for each input (ids below their tables, masks in {0, 1})."""
+    from handlers.artifact.example_inputs import example_feeds
     from handlers.protocol.dynamic_dims import DynamicDims
-    from partitioner.verify import draw_inputs, integer_ranges
 
     dims = DynamicDims.from_json(manifest.dynamic_dims)
-    return draw_inputs(manifest.inputs, 1, rng, dims.sizes, integer_ranges(model), dims.axes)
+    return example_feeds(manifest.inputs, 1, rng, dims.sizes, dims.axes)
 
 
 def _speedups(float_path: Path, quantized: Mapping[str, Path], held: Sequence[Feeds]) -> dict[str, float]:

@@ -17,8 +17,9 @@ import onnx
 from onnx import numpy_helper
 from onnx.utils import Extractor
 
-from handlers.artifact.manifest import TensorSpec, random_batch
+from handlers.artifact.manifest import TensorSpec
 from partitioner.onnx_graph import OnnxTaskGraph
+from partitioner.value_ranges import derive_ranges, with_ranges
 
 WEIGHTS_FILE = "weights.bin"
 INLINE_LIMIT = 1024  # bytes; smaller initializers stay inside the graph file
@@ -206,8 +207,13 @@ def tensor_spec(model: onnx.ModelProto, name: str) -> TensorSpec:
 
 
 def graph_io_specs(model: onnx.ModelProto) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The model's inputs, each with the value range example inputs are drawn from
+    (partitioner.value_ranges), and its outputs."""
     initializers = {t.name for t in model.graph.initializer}
-    inputs = tuple(tensor_spec(model, vi.name) for vi in model.graph.input if vi.name not in initializers)
+    inputs = with_ranges(
+        (tensor_spec(model, vi.name) for vi in model.graph.input if vi.name not in initializers),
+        derive_ranges(model),
+    )
     outputs = tuple(tensor_spec(model, vi.name) for vi in model.graph.output)
     return inputs, outputs
 
@@ -264,37 +270,6 @@ class SharedWeights:
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path))
-
-
-def verify_stages(
-    whole_path: Path,
-    head_path: Path,
-    tail_path: Path,
-    inputs: tuple[TensorSpec, ...],
-    batches: tuple[int, ...] = (1, 4),
-    seed: int = 0,
-    whole_session=None,
-) -> float:
-    """Run the whole model and head -> tail on random batches; return the max abs difference."""
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"]
-    whole = whole_session or ort.InferenceSession(str(whole_path), providers=providers)
-    head = ort.InferenceSession(str(head_path), providers=providers)
-    tail = ort.InferenceSession(str(tail_path), providers=providers)
-    rng = np.random.default_rng(seed)
-    worst = 0.0
-    for batch in batches:
-        feeds = {spec.name: random_batch(spec, batch, rng) for spec in inputs}
-        expected = dict(zip([o.name for o in whole.get_outputs()], whole.run(None, feeds), strict=True))
-        produced = run_pipeline(head, tail, feeds)
-        for name, want in expected.items():
-            got = produced[name]
-            if got.shape != want.shape:
-                raise StageError(f"output {name!r}: shape {got.shape} from the stages, {want.shape} whole")
-            if want.size:
-                worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - want))))
-    return worst
 
 
 def run_pipeline(head, tail, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

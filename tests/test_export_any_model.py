@@ -13,10 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from handlers.artifact.manifest import TensorSpec
+from handlers.artifact.example_inputs import example_feeds
+from handlers.artifact.manifest import TensorSpec, ValueRange
 from partitioner.export import ExportError, export_onnx, torch_reference
 from partitioner.loading import LoadedModel
-from partitioner.verify import EvidenceError, check_evidence, compare, draw_inputs, integer_ranges
+from partitioner.value_ranges import derive_ranges, with_ranges
+from partitioner.verify import EvidenceError, check_evidence, compare
 
 
 def _run(model, feeds):
@@ -123,12 +125,47 @@ def test_the_torchscript_fallback_warns_and_is_verified_against_torch(caplog, ca
 
 def test_integer_inputs_are_drawn_below_the_vocabulary_and_masks_in_0_1():
     model = export_onnx(_text())
-    ranges = integer_ranges(model)
-    assert ranges == {"input_ids": (0, 50), "attention_mask": (0, 2)}
+    ranges = derive_ranges(model)
+    assert ranges == {"input_ids": ValueRange(0, 50), "attention_mask": ValueRange(0, 2)}
     specs = (TensorSpec("input_ids", "int64", (None, 6)), TensorSpec("attention_mask", "int64", (None, 6)))
-    feeds = draw_inputs(specs, 64, np.random.default_rng(0), ranges=ranges)
+    feeds = example_feeds(with_ranges(specs, ranges), 64, np.random.default_rng(0))
     assert feeds["input_ids"].max() < 50 and feeds["input_ids"].max() > 8
     assert set(np.unique(feeds["attention_mask"])) == {0, 1}
+
+
+def test_a_config_on_the_module_travels_in_the_exported_graph_and_narrows_the_ranges():
+    from types import SimpleNamespace
+
+    loaded = _text()
+    # Its 50-row table would allow ids up to 49; the config says the vocabulary is 40.
+    loaded.module.config = SimpleNamespace(vocab_size=40)
+    model = export_onnx(loaded)
+    assert derive_ranges(model)["input_ids"] == ValueRange(0, 40)
+
+
+class TypedBranch(nn.Module):
+    """Token types into a 3-row table, and a value-dependent branch that makes torch.export
+    fail: the TorchScript fallback's check redraws the ids, which must stay below 3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.types = nn.Embedding(3, 4)
+
+    def forward(self, token_type_ids):
+        h = self.types(token_type_ids)
+        if bool((h.abs().sum() >= 0).item()):
+            return h.sum(1)
+        return -h.sum(1)
+
+
+def test_the_traced_graphs_check_redraws_ids_inside_their_table(caplog):
+    loaded = LoadedModel(source="test:types", module=TypedBranch().eval(),
+                         example_inputs=(torch.zeros(1, 5, dtype=torch.long),),
+                         input_names=("token_type_ids",))
+    with caplog.at_level(logging.WARNING, logger="partitioner.export"):
+        model = export_onnx(loaded)
+    assert "TorchScript tracer" in caplog.text
+    assert derive_ranges(model) == {"token_type_ids": ValueRange(0, 3)}
 
 
 @pytest.mark.parametrize(

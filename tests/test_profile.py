@@ -18,8 +18,8 @@ from partitioner.profile import (
     ProfileError,
     _kernel_times,
     flops_costs,
+    profile_feeds,
     profile_nodes,
-    random_inputs,
 )
 
 MATRIX_OPS = {"Conv", "MatMul", "Gemm"}
@@ -88,7 +88,7 @@ def test_constant_nodes_cost_zero_and_integer_inputs_are_valid_indices():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5, 3])],
         [table],
     )
-    feeds = random_inputs(model, batch=3)
+    feeds = profile_feeds(model, batch=3)
     assert feeds["ids"].shape == (3, 5) and feeds["ids"].dtype == np.int64
     assert feeds["ids"].min() >= 0 and feeds["ids"].max() < 4
     profile = profile_nodes(model, batch=3, runs=3, progress=False)

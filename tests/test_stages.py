@@ -10,7 +10,8 @@ import onnxruntime as ort
 import pytest
 from models import TINY_MODELS, tiny_onnx
 
-from handlers.artifact.manifest import ManifestError, load_verified_manifest, random_batch
+from handlers.artifact.example_inputs import example_feeds
+from handlers.artifact.manifest import ManifestError, load_verified_manifest
 from partitioner.build import CutOptions, build_stage_directory
 from partitioner.export import export_onnx
 from partitioner.loading import load_model
@@ -38,7 +39,7 @@ def test_stages_of_every_tiny_model_reproduce_the_whole_model(name, tmp_path):
     whole = session(out / manifest.whole_model)
     rng = np.random.default_rng(7)
     # A batch size the builder's own verification did not use.
-    feeds = {s.name: random_batch(s, 3, rng) for s in manifest.inputs}
+    feeds = example_feeds(manifest.inputs, 3, rng)
     (want,) = whole.run(None, feeds)
     for part in manifest.partitions:
         got = run_pipeline(session(out / part.head), session(out / part.tail), feeds)

@@ -12,12 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
-
-import numpy as np
 
 from handlers.artifact.archive_safety import UnsafeModelError, check_external_data, external_refs
 
@@ -52,12 +51,48 @@ class ManifestError(ValueError):
 
 
 @dataclass(frozen=True)
+class ValueRange:
+    """The values an input takes for example runs (profiling, verification, the archive's load
+    check, the runtime's calibration): integers in [low, high) when ``integers``, else floats
+    uniform in [low, high). Derived offline from the graph (the rows of the smallest table an
+    index reaches, masks {0, 1}) and recorded in the manifest, so every example run of an
+    archive draws from the same bounds (handlers.artifact.example_inputs)."""
+
+    low: float
+    high: float
+    integers: bool = True
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.high <= self.low:
+            raise ManifestError(f"value range [{self.low}, {self.high}) is empty or not finite")
+        if self.integers and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ManifestError(f"integer value range [{self.low}, {self.high}) has fractional bounds")
+
+    def to_json(self) -> dict[str, Any]:
+        if self.integers:
+            return {"low": int(self.low), "high": int(self.high), "integers": True}
+        return {"low": self.low, "high": self.high, "integers": False}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ValueRange:
+        return cls(
+            low=float(_req(data, "low", (int, float))),
+            high=float(_req(data, "high", (int, float))),
+            integers=bool(_req(data, "integers", bool)),
+        )
+
+
+@dataclass(frozen=True)
 class TensorSpec:
-    """A model input, output or cut tensor. ``None`` marks a dynamic dimension; dim 0 is batch."""
+    """A model input, output or cut tensor. ``None`` marks a dynamic dimension; dim 0 is batch.
+
+    ``values``: the range example inputs are drawn from (model inputs; optional: archives
+    written before it was recorded get a safe default, handlers.artifact.example_inputs)."""
 
     name: str
     dtype: str
     shape: tuple[int | None, ...]
+    values: ValueRange | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in SUPPORTED_DTYPES:
@@ -70,26 +105,20 @@ class TensorSpec:
         return self.shape[1:]
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.values is not None:
+            out["values"] = self.values.to_json()
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TensorSpec:
+        values = data.get("values") if isinstance(data, dict) else None
         return cls(
             name=_req(data, "name", str),
             dtype=_req(data, "dtype", str),
             shape=tuple(None if d is None else int(d) for d in _req(data, "shape", list)),
+            values=None if values is None else ValueRange.from_json(values),
         )
-
-
-def random_batch(spec: TensorSpec, batch: int, rng: np.random.Generator) -> np.ndarray:
-    """A batch matching ``spec`` (dynamic dims set to 1), for verification and calibration."""
-    shape = (batch, *(d if d is not None else 1 for d in spec.sample_shape))
-    if spec.dtype.startswith("float"):
-        return rng.standard_normal(shape).astype(spec.dtype)
-    if spec.dtype == "bool":
-        return rng.integers(0, 2, shape).astype(bool)
-    # 0 and 1 index every table: token type embeddings (BERT's has 2 rows) take indices too.
-    return rng.integers(0, 2, shape).astype(spec.dtype)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from handlers.artifact.contract import serves_split
-from handlers.artifact.manifest import Manifest, Partition, TensorSpec, random_batch
+from handlers.artifact.example_inputs import example_feeds
+from handlers.artifact.manifest import Manifest, Partition, TensorSpec
 from handlers.errors import ExecutorLoadError
 from handlers.executors.base import Executor, StageOutputs
 from handlers.executors.cpu import CpuExecutor
@@ -157,7 +158,7 @@ def _keep_faster_layout(
         runtime.close()
         raise
     rng = np.random.default_rng(2)
-    feeds = {s.name: random_batch(s, config.batch_size, rng) for s in manifest.inputs}
+    feeds = example_feeds(manifest.inputs, config.batch_size, rng)
     try:
         times = time_alternating(lambda: runtime.infer(feeds), lambda: whole.infer(feeds), LAYOUT_CHECK_ROUNDS)
     except Exception:
@@ -356,7 +357,7 @@ def pipeline_feeds(
 ) -> dict[str, dict[str, np.ndarray]]:
     """Feeds for every stage at ``batch``: random model inputs, then each stage's real outputs
     (run once, unobserved, on its first candidate) for the stages after it."""
-    available = {s.name: random_batch(s, batch, rng) for s in specs.values()}
+    available = example_feeds(list(specs.values()), batch, rng)
     feeds: dict[str, dict[str, np.ndarray]] = {}
     for plan in runner.stages:
         feeds[plan.name] = {n: available[n] for n in plan.inputs}
@@ -417,7 +418,7 @@ def probe_feeds(
     """Batch-1 random feeds per stage, made once: what re-probes a quarantined executor."""
     specs = _stage_input_specs(manifest, partition)
     rng = np.random.default_rng(1)
-    feeds = {p.name: {n: random_batch(specs[n], 1, rng) for n in p.inputs} for p in plans}
+    feeds = {p.name: example_feeds([specs[n] for n in p.inputs], 1, rng) for p in plans}
     return feeds.__getitem__
 
 
