@@ -270,6 +270,7 @@ class Runtime:
             self.attempts[future] = attempt
             flow.attempt = (attempt, future)
         future.add_done_callback(lambda f: self._stage_done(attempt, f))
+        self.supervisor.wake()  # its deadline is watched from now on
 
     def place(
         self, stage: StagePlan, batch: int, feeds: Mapping[str, Any], exclude: frozenset[str]
