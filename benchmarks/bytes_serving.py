@@ -354,8 +354,8 @@ def draft_accuracy(mar: Path, photos: list[tuple[str, str, bytes]]) -> dict[str,
             "max_pixel_diff": max(r["max_pixel_diff"] for r in picked),
             "max_logit_diff": max(r["max_logit_diff"] for r in picked),
             "top1_agreement": round(sum(r["top1_agree"] for r in picked) / len(picked), 4),
-            "median_decode_ms_full": statistics.median(r["decode_ms_full"] for r in picked),
-            "median_decode_ms_draft": statistics.median(r["decode_ms_draft"] for r in picked),
+            "median_decode_ms_full": round(statistics.median(r["decode_ms_full"] for r in picked), 1),
+            "median_decode_ms_draft": round(statistics.median(r["decode_ms_draft"] for r in picked), 1),
         }
     return {"fast_decode": "present", "weights": "random (zoo:resnet18)", "image_config": asdict(draft),
             "summary": summary, "rows": rows}
@@ -413,7 +413,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             goal = GOALS[workload] * (rows["a_stock"][workload].get(key) or 0.0)
             ax.axhline(goal, color="red", linestyle="--", label=f"goal {GOALS[workload]}x stock")
             ax.legend(fontsize=8)
-        ax.set_title(f"{workload}: {report['bodies'][workload]}", fontsize=9)
+        ax.set_title(f"{workload}\n{report['bodies'][workload]}", fontsize=9)
         ax.set_ylabel("requests/s" if key == "req_per_s" else "highest rate with p99 <= target")
         ax.tick_params(axis="x", labelsize=8)
     fig.savefig(path, dpi=110)

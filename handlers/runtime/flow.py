@@ -3,7 +3,9 @@
 Each stage of each micro-batch is placed when it becomes ready (the head at submission, the
 tail the moment its head finishes) on the candidate executor with the earliest predicted
 completion (``handlers.runtime.scheduler``), so the head of micro-batch i+1 runs while the tail of
-micro-batch i runs elsewhere. Outputs are reassembled in request order.
+micro-batch i runs elsewhere. Outputs are reassembled in request order. ``submit`` returns at
+once (a ``PendingRun``): the service starts a micro-batch whose requests are decoded while their
+neighbours still decode, and waits for all of them at the end.
 
 Faults stay local: a stage that fails is retried once on another executor; a stage that runs past
 ``stage_timeout_s`` is cancelled by the supervisor (``handlers.runtime.supervisor``) and retried
