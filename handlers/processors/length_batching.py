@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-# The fixed cost of one run, in token steps of one row. Measured for a MiniLM-sized encoder
-# (hidden 384, 6 layers) with ONNX Runtime on 2 cores: about 1 ms per run against 0.1 ms per
-# token step, so one run is worth about ten padded tokens; rounded up, because a larger run also
-# uses the cores better (bigger matrix products) than two small ones.
+# The fixed cost of one run, in token steps of one row. For a MiniLM-sized encoder (hidden 384,
+# 6 layers, ONNX Runtime, 2 threads) a least-squares fit of run time against rows x length gave
+# 11 and 20 token steps in two runs on the 2-core build machine while it was shared (2026-12-07,
+# load average 5-15); 16 sits between. Past it, a long neighbour's padding costs more than a run.
 RUN_OVERHEAD_TOKENS = 16
 
 
