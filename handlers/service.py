@@ -21,8 +21,11 @@ import numpy as np
 from handlers.artifact.archive_digest import check_archive_digest
 from handlers.artifact.history_key import history_key
 from handlers.artifact.manifest import MANIFEST_NAME, Manifest, TensorSpec, load_verified_manifest
+from handlers.batching import Group, ShapeGroups, early_rows, is_text, rows
+from handlers.decode_pool import DecodePool, decode_threads
 from handlers.errors import RequestError, http_error
 from handlers.frontend_limits import FrontendLimit
+from handlers.hardware.topology import probe
 from handlers.observability.tracing import HOST, Recorder, Span, span_file_from_env
 from handlers.processors import Processors
 from handlers.protocol.codecs import (
@@ -41,13 +44,15 @@ from handlers.protocol.response_size import (
 )
 from handlers.runtime.assembly import build_runtime
 from handlers.runtime.config import RuntimeConfig
-from handlers.runtime.flow import MicroBatchOutcome, Runtime, RuntimeStats
+from handlers.runtime.flow import MicroBatchOutcome, PendingRun, Runtime, RuntimeStats
 from handlers.runtime.perf_model import PerfHistory
 
 log = logging.getLogger(__name__)
 
 # How many requests shared this one's run: lets clients see batching at work.
 BATCH_HEADER = "X-Hetserve-Batch"
+# Text requests: the token length their run was padded to (similar lengths share a run).
+TOKENS_HEADER = "X-Hetserve-Padded-Tokens"
 
 
 @dataclass(frozen=True)
@@ -78,12 +83,14 @@ class InferenceService:
         processors: Processors | None = None,
         served_name: str | None = None,
         response_limit: ResponseLimit | None = None,
+        decoder: DecodePool | None = None,
     ) -> None:
         self.manifest = manifest
         # KServe v2 answers carry the name the model is served under, which an operator may have
         # registered differently from the archive's --model-name.
         self.served_name = served_name or manifest.model_name
         self.processors = processors
+        self.decoder = decoder or DecodePool(0)
         self.runtime = runtime
         self.config = config
         self.response_limit = response_limit or ResponseLimit(config.limits.max_response_bytes)
@@ -135,8 +142,10 @@ class InferenceService:
             config.limits.max_response_bytes, "max_response_bytes" in limits, frontend_limit
         )
         log.info("hetserve: %s", response_limit.log_line())
+        decoder = DecodePool(decode_threads(len(probe().cores), processors is not None))
         service = cls(
-            manifest, runtime, config, state_path, model_version, processors, served_name, response_limit
+            manifest, runtime, config, state_path, model_version, processors, served_name,
+            response_limit, decoder,
         )
         service.save_history()
         service.trace_into(span_file_from_env())  # HETSERVE_TRACE_DIR: benchmarks only
@@ -155,23 +164,36 @@ class InferenceService:
                 self.timeline.flush()  # a SpanFile: another process reads it during the run
 
     def _handle(self, requests: Sequence[RawRequest], started: float) -> list[Reply]:
+        """Decode on the pool; a shape group starts running as soon as it holds a micro-batch's
+        rows while other requests still decode (``handlers.batching``)."""
         replies: list[Reply | None] = [None] * len(requests)
-        decoded: list[tuple[int, DecodedRequest]] = []
-        for i, request in enumerate(requests):
-            try:
-                decoded.append((i, self._decode(request)))
-            except RequestError as err:
-                replies[i] = _error_reply(err, None)
-            except Exception:  # noqa: BLE001 - a decoder bug fails this request, not the batch
-                log.exception("request %d could not be decoded", i)
-                replies[i] = _error_reply(RequestError(500, "internal error decoding the request"), None)
-        if self.processors is not None:
-            decoded = self.processors.pad_texts(decoded)
+        first = self.runtime.micro_batches(len(requests))[0][1] if requests else 0
+        groups = ShapeGroups(early_rows(first, len(requests), self.decoder.threads))
+        decoding = self.decoder.start(requests, self._decode_or_error, _body_size)
+        running: list[tuple[Group, PendingRun | BaseException]] = []
+        for index, outcome in decoding:
+            if isinstance(outcome, RequestError):
+                replies[index] = _error_reply(outcome, None)
+            elif not self._refuse_oversized(index, outcome, replies):
+                ready = groups.add(index, outcome, still_decoding=decoding.pending > 0)
+                if ready is not None:
+                    running.append(self._start_group(*ready))
         self._trace("decode", started, len(requests))
-        decoded = [(i, d) for i, d in decoded if not self._refuse_oversized(i, d, replies)]
-        for group in _groups_by_shape(decoded):
-            self._run_group(group, replies)
+        pad = self.processors.pad_texts if self.processors is not None else None
+        running += [self._start_group(group, size) for group, size in groups.rest(pad)]
+        for group, pending in running:
+            self._answer_group(group, pending, replies)
         return [r if r is not None else _internal_error() for r in replies]
+
+    def _decode_or_error(self, request: RawRequest) -> DecodedRequest | RequestError:
+        """Runs on the decode pool: a bad body becomes its own error, never its neighbours'."""
+        try:
+            return self._decode(request)
+        except RequestError as err:
+            return err
+        except Exception:  # noqa: BLE001 - a decoder bug fails this request, not the batch
+            log.exception("a request could not be decoded")
+            return RequestError(500, "internal error decoding the request")
 
     def _refuse_oversized(self, index: int, request: DecodedRequest, replies: list[Reply | None]) -> bool:
         """A 413 now for a request whose answer cannot fit; it leaves the batch, the rest runs."""
@@ -216,24 +238,35 @@ class InferenceService:
     def _dynamic(self) -> DynamicDims:
         return DynamicDims.from_json(self.manifest.dynamic_dims)
 
-    def _run_group(
-        self, group: list[tuple[int, DecodedRequest]], replies: list[Reply | None]
-    ) -> None:
+    def _start_group(self, group: Group, micro_batch: int) -> tuple[Group, PendingRun | BaseException]:
         started = time.perf_counter()
-        feeds = assemble_feeds(group, self.manifest.inputs)
-        samples = sum(r.batch for _, r in group)
-        started = self._trace("assemble", started, samples)
         try:
-            outcomes = self.runtime.run(feeds)
+            feeds = assemble_feeds(group, self.manifest.inputs)
+            self._trace("assemble", started, rows(group))
+            return group, self.runtime.submit(feeds, micro_batch)
         except Exception as exc:  # noqa: BLE001 - a runtime bug must still answer every request
             log.exception("runtime failure for %d request(s)", len(group))
-            outcomes = [MicroBatchOutcome(0, samples, None, exc)]
+            return group, exc
+
+    def _answer_group(
+        self, group: Group, pending: PendingRun | BaseException, replies: list[Reply | None]
+    ) -> None:
+        started = time.perf_counter()
+        samples = rows(group)
+        if isinstance(pending, BaseException):  # it could not start; logged then
+            outcomes = [MicroBatchOutcome(0, samples, None, pending)]
+        else:
+            try:
+                outcomes = pending.outcomes()
+            except Exception as exc:  # noqa: BLE001 - a runtime bug must still answer every request
+                log.exception("runtime failure for %d request(s)", len(group))
+                outcomes = [MicroBatchOutcome(0, samples, None, exc)]
         started = self._trace("run", started, samples)
         offset = 0
         for index, request in group:
-            rows = (offset, offset + request.batch)
+            span = (offset, offset + request.batch)
             offset += request.batch
-            mine = _slice_outcomes(outcomes, *rows)
+            mine = _slice_outcomes(outcomes, *span)
             if isinstance(mine, BaseException):
                 replies[index] = _error_reply(http_error(mine), request.format)
                 continue
@@ -259,7 +292,7 @@ class InferenceService:
             if size > self.response_limit.bytes:  # TorchServe would kill the worker: a 413 instead
                 replies[index] = _error_reply(self._too_large(size, mine, request), request.format)
                 continue
-            replies[index] = _reply(200, encoded, extra={BATCH_HEADER: str(len(group))})
+            replies[index] = _reply(200, encoded, extra=_batch_headers(len(group), request))
         self._trace("encode", started, samples)
 
     def _too_large(self, size: int, outputs: Mapping[str, Any], request: DecodedRequest) -> RequestError:
@@ -282,6 +315,7 @@ class InferenceService:
 
     def close(self) -> None:
         self.save_history()
+        self.decoder.close()
         self.runtime.close()
 
 
@@ -322,15 +356,16 @@ def _slice_outcomes(
     return {n: p[0] if len(p) == 1 else np.concatenate(p) for n, p in pieces.items()}
 
 
-def _groups_by_shape(
-    decoded: list[tuple[int, DecodedRequest]],
-) -> list[list[tuple[int, DecodedRequest]]]:
-    """Requests whose non-batch dims agree can share one run (dynamic dims may differ)."""
-    groups: dict[tuple[Any, ...], list[tuple[int, DecodedRequest]]] = {}
-    for index, request in decoded:
-        key = tuple((name, a.shape[1:]) for name, a in sorted(request.arrays.items()))
-        groups.setdefault(key, []).append((index, request))
-    return list(groups.values())
+def _body_size(request: RawRequest) -> int:
+    body = request.body
+    return len(body) if isinstance(body, bytes | bytearray | memoryview | str) else 0
+
+
+def _batch_headers(shared: int, request: DecodedRequest) -> dict[str, str]:
+    headers = {BATCH_HEADER: str(shared)}
+    if is_text(request):  # the length its run was padded to (length-aware batching)
+        headers[TOKENS_HEADER] = str(next(iter(request.arrays.values())).shape[1])
+    return headers
 
 
 def _reply(status: int, encoded: EncodedResponse, reason: str = "", extra: Mapping[str, str] | None = None) -> Reply:

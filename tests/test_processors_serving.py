@@ -191,7 +191,7 @@ def test_tritonclient_binary_bytes_images_and_texts_on_both_routes(server, vit_r
 
 
 def test_bad_images_fail_alone_inside_a_mixed_batch(server, vit_reference):
-    good = [jpeg(100, 70, seed=s) for s in (21, 22)]
+    good = [jpeg(400, 300, seed=s) for s in (21, 22)]  # over 8 KB: decoded on the worker's pool
     cases = [
         ("good0", good[0], None, 200, None),
         ("truncated", good[1][:400], "image/jpeg", 400, "could not be"),

@@ -519,13 +519,10 @@ def test_vit_example_packs_its_image_processor(media_archives, blocks):
     assert {"image", "labels"} <= set(processors), processors
 
 
-# The README's text example crashes today: with the default cost model, profiling draws every
-# integer input from [0, 4), token_type_ids included, against BERT's two token types ("indices
-# element out of data bounds"; issue 22, item 1, being fixed on branch inputs22). Strict: once
-# that fix is merged this test passes, the suite reports the XPASS as a failure, and this mark
-# is to be removed.
+# The README's text example, archived with the default cost model (profiling) on a BERT
+# directory with two token types: it crashed until example inputs were bounded by the tables
+# they index (issue 22, item 1).
 @pytest.mark.server
-@pytest.mark.xfail(strict=True, reason="issue 22 item 1: profiling draws token_type_ids out of range")
 def test_text_example_answers_the_curl_requests(media_archives, readme_server, blocks):
     assert media_archives["bert"].code == 0, media_archives["bert"]
     labels = {"negative", "positive"}

@@ -525,6 +525,23 @@ def test_the_supervisor_saves_the_history_periodically_off_the_request_path():
     assert len(saved_by) == count, "close() stops the periodic saves"
 
 
+def test_an_idle_supervisor_sleeps_until_work_arrives():
+    """Many idle models on one box: no worker's supervisor may poll (issue 23, item 4); the
+    deadline tests above show it still watches every run it is woken for."""
+    runtime = make_runtime([FnExecutor("cpu0", BOTH), FnExecutor("cpu1", BOTH)], ["cpu0"], ["cpu1"])
+    try:
+        time.sleep(0.5)  # ten polling intervals
+        assert runtime.supervisor.passes == 0
+        np.testing.assert_array_equal(runtime.infer(x_batch(4))["y"], x_batch(4)["x"] * 2 + 1)
+        assert wait_for(lambda: runtime.supervisor.passes > 0)  # woken by the submitted runs
+        time.sleep(0.2)  # a pass already due may still come
+        passes = runtime.supervisor.passes
+        time.sleep(0.5)
+        assert runtime.supervisor.passes == passes, "idle again: asleep again"
+    finally:
+        runtime.close()
+
+
 def test_the_placer_books_the_earliest_predicted_end_and_frees_on_completion():
     from handlers.runtime.placement import Placer
 

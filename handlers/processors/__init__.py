@@ -63,6 +63,7 @@ from handlers.protocol.validation import (
 from .config import ProcessorConfigError, ProcessorsConfig
 from .image import decode_image
 from .labels import read_labels, top_labels
+from .length_batching import padded_lengths
 from .text import TextProcessor
 
 __all__ = ["FORMAT_LABELS", "ProcessedRequest", "Processors", "ProcessorConfigError", "ProcessorsConfig"]
@@ -336,20 +337,21 @@ class Processors:
 
     # -- a batch --
     def pad_texts(self, decoded: list[tuple[int, DecodedRequest]]) -> list[tuple[int, DecodedRequest]]:
-        """Text requests padded to the batch's longest sequence, so they share one run."""
+        """Text requests padded to their length group's longest sequence: similar lengths share
+        a run and a short text does not pay for a long one (``length_batching``); other
+        requests unchanged."""
         if self.text is None or self.text.fixed_length is not None:
             return decoded
-        texts = [r for _, r in decoded if isinstance(r, ProcessedRequest) and r.kind == "text"]
+        texts = [k for k, (_, r) in enumerate(decoded) if isinstance(r, ProcessedRequest) and r.kind == "text"]
         if len(texts) < 2:
             return decoded
         first = self.text.input_names[0]
-        longest = max(r.arrays[first].shape[1] for r in texts)
-        return [
-            (i, dataclasses.replace(r, arrays=self.text.pad_to(r.arrays, longest)))
-            if isinstance(r, ProcessedRequest) and r.kind == "text"
-            else (i, r)
-            for i, r in decoded
-        ]
+        lengths = padded_lengths([(decoded[k][1].batch, decoded[k][1].arrays[first].shape[1]) for k in texts])
+        out = list(decoded)
+        for k, length in zip(texts, lengths, strict=True):
+            index, request = decoded[k]
+            out[k] = (index, dataclasses.replace(request, arrays=self.text.pad_to(request.arrays, length)))
+        return out
 
     # -- answers out --
     def encode(self, outputs: Mapping[str, np.ndarray], request: DecodedRequest) -> EncodedResponse | None:

@@ -3,7 +3,9 @@
 Each stage of each micro-batch is placed when it becomes ready (the head at submission, the
 tail the moment its head finishes) on the candidate executor with the earliest predicted
 completion (``handlers.runtime.scheduler``), so the head of micro-batch i+1 runs while the tail of
-micro-batch i runs elsewhere. Outputs are reassembled in request order.
+micro-batch i runs elsewhere. Outputs are reassembled in request order. ``submit`` returns at
+once (a ``PendingRun``): the service starts a micro-batch whose requests are decoded while their
+neighbours still decode, and waits for all of them at the end.
 
 Faults stay local: a stage that fails is retried once on another executor; a stage that runs past
 ``stage_timeout_s`` is cancelled by the supervisor (``handlers.runtime.supervisor``) and retried
@@ -122,6 +124,32 @@ def _host(value: Any) -> np.ndarray:
     return value if isinstance(value, np.ndarray) else value.to_host()
 
 
+class PendingRun:
+    """A batch submitted by ``Runtime.submit``: ``outcomes`` waits for it, up to the request budget
+    counted from its submission; a micro-batch past it is abandoned and answered with a timeout."""
+
+    def __init__(self, runtime: Runtime, flows: list[_Flow], deadline: float) -> None:
+        self._runtime = runtime
+        self._flows = flows
+        self._deadline = deadline
+
+    def outcomes(self) -> list[MicroBatchOutcome]:
+        rt, outcomes = self._runtime, []
+        for flow in self._flows:
+            try:
+                result = flow.done.result(timeout=max(self._deadline - rt.clock(), 0.0))
+                outcomes.append(MicroBatchOutcome(flow.start, flow.stop, result, None))
+            except FutureTimeout:
+                rt.abandon(flow)
+                error = StageTimeout(
+                    f"not finished within the request budget of {rt.request_timeout_s:g} s"
+                )
+                outcomes.append(MicroBatchOutcome(flow.start, flow.stop, None, error))
+            except Exception as exc:  # noqa: BLE001 - reported per micro-batch
+                outcomes.append(MicroBatchOutcome(flow.start, flow.stop, None, exc))
+        return outcomes
+
+
 class Runtime:
     def __init__(
         self,
@@ -180,30 +208,24 @@ class Runtime:
     # -- the request path --
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[MicroBatchOutcome]:
         """Every micro-batch's rows and its outputs or error: failures stay local to their rows."""
+        return self.submit(feeds).outcomes()
+
+    def submit(self, feeds: Mapping[str, np.ndarray], micro_batch: int = 0) -> PendingRun:
+        """Submit ``feeds`` without waiting: the caller may decode or start more while it runs.
+
+        ``micro_batch`` > 0 cuts it into micro-batches of that many rows instead of the runtime's
+        own rule (a caller that starts one batch in parts keeps the parts' sizes its own).
+        """
         total = next(iter(feeds.values())).shape[0]
         flows = [
             _Flow(start, stop, {k: v[start:stop] for k, v in feeds.items()})
-            for start, stop in self.micro_batches(total)
+            for start, stop in self.micro_batches(total, micro_batch)
         ]
         with self.lock:
             self.stats.micro_batches += len(flows)
         for flow in flows:
             self._advance(flow)
-        deadline = self.clock() + self.request_timeout_s
-        outcomes = []
-        for flow in flows:
-            try:
-                result = flow.done.result(timeout=max(deadline - self.clock(), 0.0))
-                outcomes.append(MicroBatchOutcome(flow.start, flow.stop, result, None))
-            except FutureTimeout:
-                self._abandon(flow)
-                error = StageTimeout(
-                    f"not finished within the request budget of {self.request_timeout_s:g} s"
-                )
-                outcomes.append(MicroBatchOutcome(flow.start, flow.stop, None, error))
-            except Exception as exc:  # noqa: BLE001 - reported per micro-batch
-                outcomes.append(MicroBatchOutcome(flow.start, flow.stop, None, exc))
-        return outcomes
+        return PendingRun(self, flows, self.clock() + self.request_timeout_s)
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """All outputs in row order; raises the first micro-batch error."""
@@ -216,8 +238,8 @@ class Runtime:
             return dict(outputs[0])
         return {name: np.concatenate([o[name] for o in outputs]) for name in self.model_outputs}
 
-    def micro_batches(self, total: int) -> list[tuple[int, int]]:
-        size = self.micro_batch
+    def micro_batches(self, total: int, size: int = 0) -> list[tuple[int, int]]:
+        size = size or self.micro_batch
         if size <= 0:
             # Enough micro-batches to keep every head executor busy, no more.
             lanes = len(self.stages[0].candidates)
@@ -250,6 +272,7 @@ class Runtime:
             self.attempts[future] = attempt
             flow.attempt = (attempt, future)
         future.add_done_callback(lambda f: self._stage_done(attempt, f))
+        self.supervisor.wake()  # its deadline is watched from now on
 
     def place(
         self, stage: StagePlan, batch: int, feeds: Mapping[str, Any], exclude: frozenset[str]
@@ -346,7 +369,7 @@ class Runtime:
         else:
             flow.done.set_result(result)
 
-    def _abandon(self, flow: _Flow) -> None:
+    def abandon(self, flow: _Flow) -> None:
         """The request gave up on this micro-batch: stop its work, answer nothing more."""
         with self.lock:
             flow.abandoned = True

@@ -6,6 +6,10 @@ re-probes of quarantined executors that are due, and saves the performance histo
 ``save_every`` asked for it: the periodic save runs here, off the request path and without the
 runtime's lock (``PerfHistory`` locks itself). It works on the state the runtime shares with it
 (``lock``, ``attempts``, ``probes``) and answers through the runtime's own retry path.
+
+An idle runtime (no stage run or probe in flight, no executor quarantined) has nothing to watch:
+the thread then sleeps until the runtime submits work (``wake``), the next save is due, or
+``close``. A box of many idle models (one supervisor per worker) thus takes no CPU polling.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ class Supervisor:
         self.runtime = runtime
         self.interval_s = interval_s
         self._stop = threading.Event()
+        self._work = threading.Event()  # set by wake(): a stage run was submitted
+        self.passes = 0  # passes made so far: an idle runtime makes none (tests read it)
         self._thread: threading.Thread | None = None
         self._save: Callable[[], None] | None = None
         self._save_interval_s = 0.0
@@ -44,6 +50,7 @@ class Supervisor:
 
     def close(self) -> None:
         self._stop.set()
+        self._work.set()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
 
@@ -58,8 +65,32 @@ class Supervisor:
         self._last_save = self.runtime.clock()
         self._save()
 
+    def wake(self) -> None:
+        """Work was submitted: watch it (cheap, called for every stage run)."""
+        if not self._work.is_set():
+            self._work.set()
+
+    def _idle(self) -> bool:
+        rt = self.runtime
+        with rt.lock:
+            return not rt.attempts and not rt.probes and not rt.quarantine.excluded()
+
+    def _sleep(self) -> bool:
+        """Wait for the next pass: one interval while there is work, else until woken or a save
+        is due. False once closed."""
+        self._work.clear()  # before the check: a wake() from here on ends the wait below
+        if self._idle():
+            due = None
+            if self._save is not None:
+                due = max(self._last_save + self._save_interval_s - self.runtime.clock(), 0.0)
+            self._work.wait(due)
+            if self._stop.is_set():
+                return False
+        return not self._stop.wait(self.interval_s)
+
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while self._sleep():
+            self.passes += 1
             try:
                 self._enforce_deadlines()
                 self._start_probes()
