@@ -29,6 +29,9 @@ BASE_CONFIG = default_file(CONFIG_PROPERTIES)
 LOG_CONFIG = default_file(_LOG_CONFIG_NAME)
 
 
+BIND_ATTEMPTS = 3
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,6 +167,21 @@ def start_torchserve(workdir: Path, model_store: Path, models: dict[str, str],
             verify_mar(model_store / mar, pinned)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "tmp").mkdir(exist_ok=True)
+    # A port free_port() saw free can be taken before Java binds it (the kernel hands the same
+    # range out as clients' source ports): a start that fails to bind retries on fresh ports.
+    for attempt in range(1, BIND_ATTEMPTS + 1):
+        try:
+            return _start_once(workdir, model_store, models, overrides, timeout, env, base_config,
+                               log_config)
+        except RuntimeError as exc:
+            if attempt == BIND_ATTEMPTS or "Address already in use" not in str(exc):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_once(workdir: Path, model_store: Path, models: dict[str, str],
+                overrides: dict[str, str] | None, timeout: float, env: dict[str, str] | None,
+                base_config: Path, log_config: Path) -> TorchServe:
     # TorchServe writes fresh keys at each start; a stale file would hand out dead tokens.
     (workdir / "key_file.json").unlink(missing_ok=True)
     ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
