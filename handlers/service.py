@@ -28,14 +28,16 @@ from handlers.frontend_limits import FrontendLimit
 from handlers.hardware.topology import probe
 from handlers.observability.tracing import HOST, Recorder, Span, span_file_from_env
 from handlers.processors import Processors
+from handlers.processors.codecs import processor_codecs
 from handlers.protocol.codecs import (
+    CODECS,
     DecodedRequest,
     EncodedResponse,
-    decode_request,
+    RequestDecoder,
     encode_error,
     encode_response,
 )
-from handlers.protocol.dynamic_dims import DynamicDims, check_dynamic_dims
+from handlers.protocol.dynamic_dims import DynamicDims
 from handlers.protocol.response_size import (
     ResponseLimit,
     body_size,
@@ -217,26 +219,17 @@ class InferenceService:
         return [] if all(request.binary_outputs.wants(n) for n in names) else names
 
     def _decode(self, request: RawRequest) -> DecodedRequest:
-        if self.processors is not None:
-            processed = self.processors.decode(
-                request.body, request.content_type, request.headers, request.params, self.config.limits
-            )
-            if processed is not None:
-                return processed
-        decoded = decode_request(
-            request.body,
-            request.content_type,
-            request.headers,
-            self.manifest.inputs,
-            self.config.limits,
-            outputs=self.manifest.outputs,
-        )
-        check_dynamic_dims(self._dynamic, decoded.arrays)
-        return decoded
+        return self._requests.decode(request.body, request.content_type, request.headers, request.params)
 
     @functools.cached_property
-    def _dynamic(self) -> DynamicDims:
-        return DynamicDims.from_json(self.manifest.dynamic_dims)
+    def _requests(self) -> RequestDecoder:
+        """The one decoder: the processors' codecs (if any) in front of the tensor codecs."""
+        manifest = self.manifest
+        codecs = processor_codecs(self.processors) if self.processors is not None else CODECS
+        return RequestDecoder(
+            manifest.inputs, self.config.limits, manifest.outputs, codecs,
+            DynamicDims.from_json(manifest.dynamic_dims),
+        )
 
     def _start_group(self, group: Group, micro_batch: int) -> tuple[Group, PendingRun | BaseException]:
         started = time.perf_counter()

@@ -18,8 +18,6 @@ LAYERS = ("handlers", "partitioner", "hetserve", "benchmarks")
 # (observability/metrics.py importing RuntimeStats from runtime/flow.py, also named in issue 24, is
 # an arrow from observability into the runtime, not a cycle: flow never reaches metrics.)
 KNOWN_CYCLES = {
-    # issue 24: codecs registers NpzCodec; npz_codec imports EncodedResponse back (a relative import)
-    frozenset({"handlers.protocol.codecs", "handlers.protocol.npz_codec"}),
     # issue 24: Runtime starts its Supervisor, which works on Runtime's lock, attempts and _Attempt
     frozenset({"handlers.runtime.flow", "handlers.runtime.supervisor"}),
     # issue 24: loading hands hf: sources to hf_dir, which builds loading's LoadedModel
