@@ -12,19 +12,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # Lowest first: a package may import the ones before it, never one after it.
 LAYERS = ("handlers", "partitioner", "hetserve", "benchmarks")
 
-# Import cycles that exist today in files other work is changing, each as the set of modules that
-# import one another (one strongly connected component). The list may only shrink: an entry that
-# is no longer a cycle fails the test until it is removed here, so a fixed cycle stays fixed.
-# (observability/metrics.py importing RuntimeStats from runtime/flow.py, also named in issue 24, is
-# an arrow from observability into the runtime, not a cycle: flow never reaches metrics.)
-KNOWN_CYCLES = {
-    # issue 24: Runtime starts its Supervisor, which works on Runtime's lock, attempts and _Attempt
-    frozenset({"handlers.runtime.flow", "handlers.runtime.supervisor"}),
-    # issue 24: loading hands hf: sources to hf_dir, which builds loading's LoadedModel
-    frozenset({"partitioner.hf_dir", "partitioner.loading"}),
-}
-
-
 def _module(path: Path, root: Path = ROOT) -> str:
     parts = path.relative_to(root).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -116,13 +103,10 @@ def test_no_package_imports_one_above_it():
     assert not upward, f"imports against {' -> '.join(reversed(LAYERS))}: " + "; ".join(upward)
 
 
-def test_no_import_cycles_but_the_known_ones_which_may_only_shrink():
+def test_no_import_cycles():
     graph = import_graph()
-    cycles = import_cycles(graph)
-    new = [_one_loop(graph, c) for c in sorted(cycles - KNOWN_CYCLES, key=sorted)]
-    assert not new, "import cycle(s): " + "; ".join(new)
-    gone = [sorted(c) for c in KNOWN_CYCLES - cycles]
-    assert not gone, f"no longer import cycles: {gone}: remove it from KNOWN_CYCLES"
+    loops = [_one_loop(graph, c) for c in sorted(import_cycles(graph), key=sorted)]
+    assert not loops, "import cycle(s): " + "; ".join(loops)
 
 
 def test_the_cycle_check_sees_relative_lazy_and_type_only_imports(tmp_path):
