@@ -137,3 +137,18 @@ def test_serving_without_a_faults_section_never_loads_the_test_support_module():
                          check=True, env={"PYTHONPATH": str(ROOT)}).stdout.split("\n")
     assert out[0] == "[]", "the product path imported handlers.testing"
     assert out[1] == "False", "the serving package must import without torch"
+
+
+MAX_CLASS_LINES = 200
+
+
+def test_no_class_in_handlers_is_over_200_lines():
+    """The serving core stays readable a class at a time (issue 24): split by concern instead."""
+    long = []
+    for path in sorted((ROOT / "handlers").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.end_lineno is not None:
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_CLASS_LINES:
+                    long.append(f"{path.relative_to(ROOT)}: {node.name} ({lines} lines)")
+    assert not long, f"classes over {MAX_CLASS_LINES} lines: " + "; ".join(long)

@@ -51,6 +51,14 @@ class MicroBatchOutcome:
     error: BaseException | None
 
 
+def micro_batch_spans(total: int, size: int, lanes: int) -> list[tuple[int, int]]:
+    """Rows [start, stop) of each micro-batch: ``size`` rows each, or (size <= 0) enough
+    micro-batches to keep each of ``lanes`` head executors busy, no more."""
+    if size <= 0:
+        size = -(-total // lanes)
+    return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+
 def _host(value: Any) -> np.ndarray:
     return value if isinstance(value, np.ndarray) else value.to_host()
 
@@ -169,12 +177,7 @@ class Runtime:
         return {name: np.concatenate([o[name] for o in outputs]) for name in self.model_outputs}
 
     def micro_batches(self, total: int, size: int = 0) -> list[tuple[int, int]]:
-        size = size or self.micro_batch
-        if size <= 0:
-            # Enough micro-batches to keep every head executor busy, no more.
-            lanes = len(self.stages[0].candidates)
-            size = -(-total // lanes)
-        return [(start, min(start + size, total)) for start in range(0, total, size)]
+        return micro_batch_spans(total, size or self.micro_batch, len(self.stages[0].candidates))
 
     def _advance(self, flow: Flow, exclude: frozenset[str] = frozenset()) -> None:
         if flow.abandoned:
