@@ -152,3 +152,13 @@ def test_no_class_in_handlers_is_over_200_lines():
                 if lines > MAX_CLASS_LINES:
                     long.append(f"{path.relative_to(ROOT)}: {node.name} ({lines} lines)")
     assert not long, f"classes over {MAX_CLASS_LINES} lines: " + "; ".join(long)
+
+
+def test_the_cli_never_imports_the_benchmarks_infrastructure():
+    """``hetserve.benchmarking`` serves ``benchmarks/`` (and tests) only: no other hetserve module
+    reaches it, so the CLI does not load it."""
+    graph = import_graph()
+    inside = "hetserve.benchmarking"
+    users = [f"{module} imports {dep}" for module, deps in sorted(graph.items()) for dep in sorted(deps)
+             if dep.startswith(inside) and module.startswith("hetserve") and not module.startswith(inside)]
+    assert not users, "; ".join(users)
