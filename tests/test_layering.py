@@ -162,3 +162,32 @@ def test_the_cli_never_imports_the_benchmarks_infrastructure():
     users = [f"{module} imports {dep}" for module, deps in sorted(graph.items()) for dep in sorted(deps)
              if dep.startswith(inside) and module.startswith("hetserve") and not module.startswith(inside)]
     assert not users, "; ".join(users)
+
+
+# Inside handlers/, lowest first (docs/architecture.md draws the same): records and facts, the
+# executors, the request and runtime logic, the service (and the offline tools' archive reader,
+# which reads the runtime's config), the TorchServe adapter. A module's layer is its longest
+# prefix here.
+HANDLER_LAYERS = (
+    ("handlers.errors", "handlers.frontend_limits", "handlers.observability", "handlers.hardware",
+     "handlers.artifact"),
+    ("handlers.executors", "handlers.testing"),
+    ("handlers.protocol", "handlers.processors", "handlers.runtime", "handlers.batching", "handlers.decode_pool"),
+    ("handlers.service", "handlers.artifact.contract"),
+    ("handlers.hetserve_handler", "handlers.connection_guard"),
+)
+
+
+def _handler_layer(module: str) -> int | None:
+    found = [(len(prefix), rank) for rank, layer in enumerate(HANDLER_LAYERS) for prefix in layer
+             if module == prefix or module.startswith(prefix + ".")]
+    return max(found)[1] if found else None
+
+
+def test_inside_handlers_no_module_imports_one_above_it():
+    graph = import_graph()
+    modules = [m for m in graph if m.startswith("handlers.")]
+    assert [m for m in modules if _handler_layer(m) is None] == []  # every module has a layer
+    upward = [f"{m} imports {d}" for m in sorted(modules) for d in sorted(graph[m])
+              if d.startswith("handlers.") and _handler_layer(d) > _handler_layer(m)]
+    assert not upward, "; ".join(upward)
