@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from handlers.protocol.body import JSON_CONTENT_TYPE, RAW_CONTENT_TYPE, header, is_json_media
+from handlers.protocol.body import RAW_CONTENT_TYPE, header, is_json_media
 from handlers.protocol.codec import BodyRequest, Codec, DecodedRequest
 from handlers.protocol.codecs import CODECS
 from handlers.protocol.kserve_v2 import FORMAT_V2, check_v2_shape
@@ -87,7 +87,7 @@ class TextCodec(Codec):
     def matches(self, request: BodyRequest) -> bool:
         if request.is_bytes:
             return request.media == "text/plain"
-        if request.media not in (None, JSON_CONTENT_TYPE) and not is_json_media(request.media):
+        if not _json_or_none(request.media):
             return False
         if not isinstance(request.body, dict | list):  # a bare JSON string stays a tensor request
             return False
@@ -139,6 +139,8 @@ class BytesV2Codec(KServeV2Codec):
         self, request: BodyRequest, document: dict[str, Any], blobs: Mapping[str, memoryview] | None
     ) -> DecodedRequest:
         if not any(isinstance(e, dict) and e.get("datatype") == "BYTES" for e in document["inputs"]):
+            return super().decode_document(request, document, blobs)
+        if not request.is_bytes and not _json_or_none(request.media):  # JSON sent as something else
             return super().decode_document(request, document, blobs)
         try:
             return self._bytes(request, document, blobs)
@@ -192,6 +194,11 @@ class BytesV2Codec(KServeV2Codec):
             texts = [text_of(item, i) for i, item in enumerate(items)]
             return processors.texts(texts, FORMAT_V2, True, request_id, binary)
         raise RequestError(BAD_REQUEST, "BYTES inputs need an image or text processor in the archive; send numbers")
+
+
+def _json_or_none(media: str | None) -> bool:
+    """A parsed document the processors may read: sent as JSON, or with no content type."""
+    return media is None or is_json_media(media)
 
 
 def _utf8_text(element: bytes, index: int) -> str:
