@@ -23,7 +23,7 @@ its worker count (configured, and processes running). Measured per row, over the
 - then, with the server stopped, the in-process ONNX Runtime ceiling on the same cores (whole
   model, batch = batchSize, the best of three layouts: one session over every physical core,
   unpinned and pinned as hetserve pins, and one single-thread session per core run side by side;
-  ``hetserve.bench_harness.in_process_ceiling``).
+  ``hetserve.benchmarking.harness.in_process_ceiling``).
   Served / ceiling is against the best layout (named), against each layout, and against the best
   less the share of the cores the load generator used; and, in process, the request path's host
   steps timed side by side: decode, assemble (the shipped path against a plain
@@ -59,15 +59,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from handlers.observability.tracing import TRACE_DIR_ENV, Span, read_span_file  # noqa: E402
-from hetserve.bench_harness import (  # noqa: E402
+from hetserve.benchmarking.harness import (  # noqa: E402
     hetserve_archive,
     in_process_ceiling,
     physical_cores,
     whole_model_files,
 )
+from hetserve.benchmarking.timeline_report import clip, served_breakdown  # noqa: E402
 from hetserve.loadgen import Target, drive_closed_loop_recorded, run_closed_loop  # noqa: E402
 from hetserve.machine import machine_info, run_record  # noqa: E402
-from hetserve.timeline_report import clip, served_breakdown  # noqa: E402
 from hetserve.tsprocess import start_torchserve  # noqa: E402
 
 SHAPE = (1, 3, 224, 224)

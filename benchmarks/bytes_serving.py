@@ -24,7 +24,7 @@ Servers (each a fresh TorchServe on 127.0.0.1; the image servers answer photo th
 
 Each server gets --jvm-warmup seconds of 16 closed-loop clients first, then per workload
 --clients closed-loop clients (default 8) for --duration seconds after --warmup seconds; with
---sweep also the highest Poisson rate with p99 <= --p99-ms (hetserve.bench_harness.sweep_server,
+--sweep also the highest Poisson rate with p99 <= --p99-ms (hetserve.benchmarking.harness.sweep_server,
 a fresh server per workload). Goals: photo >= 1.5x stock, phone >= 3x, text >= 1.5x.
 
 In process, no server: the draft-decode accuracy table (every photo of the set decoded with
@@ -58,7 +58,7 @@ import numpy as np
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS.parent))  # this checkout's hetserve and handlers
 
-from hetserve.bench_harness import (  # noqa: E402
+from hetserve.benchmarking.harness import (  # noqa: E402
     CPU_ROWS,
     JVM_WARMUP_CLIENTS,
     SERVING,

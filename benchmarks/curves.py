@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from handlers.artifact.contract import read_archive  # noqa: E402
-from hetserve.bench_harness import fill, hetserve_archive, physical_cores  # noqa: E402
+from hetserve.benchmarking.harness import fill, hetserve_archive, physical_cores  # noqa: E402
 from hetserve.knee import Criteria, find_knee, plot_curves  # noqa: E402
 from hetserve.loadgen import Target, idle_latency, run_closed_loop, run_open_loop, wait_until_idle  # noqa: E402
 from hetserve.machine import machine_info, run_record  # noqa: E402

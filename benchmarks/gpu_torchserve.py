@@ -41,7 +41,7 @@ from gpu_baselines import build_stock_onnx_mar, mar_from_model_dir  # noqa: E402
 
 from handlers.artifact.contract import read_archive  # noqa: E402
 from handlers.executors.cuda import cuda_available  # noqa: E402
-from hetserve.bench_harness import (  # noqa: E402
+from hetserve.benchmarking.harness import (  # noqa: E402
     Load,
     SweepSettings,
     hetserve_archive,

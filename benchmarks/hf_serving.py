@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hetserve.bench_harness import (
+from hetserve.benchmarking.harness import (
     SERVING,
     Load,
     SweepSettings,

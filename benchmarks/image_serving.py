@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hetserve.bench_harness import (
+from hetserve.benchmarking.harness import (
     CPU_ROWS,
     SERVING,
     Load,

@@ -18,7 +18,7 @@ inputs, ``--allow-accuracy-loss`` so the run always completes: the accuracy is r
 enforced); two rows served from it with the same model-config, ``hetserve.precision`` float32 and
 int8 (whole model on one group of every core, 1 worker, batchSize 8, maxBatchDelay 10). Each row
 is a fresh TorchServe on 127.0.0.1 under an open-loop Poisson rate sweep
-(``hetserve.bench_harness.sweep_server``); the figure is the highest rate with p99 <= --p99-ms.
+(``hetserve.benchmarking.harness.sweep_server``); the figure is the highest rate with p99 <= --p99-ms.
 
 In process, same cores, batch 8 of the same inputs: each precision's whole model in its best
 layout (one session over every core, or one single-thread session per core). Accuracy, in
@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from hetserve.bench_harness import (
+from hetserve.benchmarking.harness import (
     SERVING,
     Load,
     SweepSettings,

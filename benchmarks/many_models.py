@@ -60,7 +60,7 @@ import numpy as np
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS.parent))  # this checkout's hetserve and handlers
 
-from hetserve.bench_harness import Load, hetserve_archive  # noqa: E402
+from hetserve.benchmarking.harness import Load, hetserve_archive  # noqa: E402
 from hetserve.loadgen import Target, run_closed_loop  # noqa: E402
 from hetserve.machine import machine_info  # noqa: E402
 from hetserve.tsprocess import TorchServe, start_torchserve  # noqa: E402

@@ -7,7 +7,7 @@ one session over every core pinned as hetserve's CPU executor pins a group
 side (``session_per_core``: the data-parallel layout, pinned the same way); each at every
 ``--batches``. The ceiling at
 ``--batch`` is the best row at that batch, named by its layout
-(``hetserve.bench_harness.in_process_ceiling``).
+(``hetserve.benchmarking.harness.in_process_ceiling``).
 
     .venv/bin/python benchmarks/ort_ceiling.py --mar /tmp/hetserve-bench/store/resnet18.mar
 """
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from handlers.artifact.contract import read_archive  # noqa: E402
-from hetserve.bench_harness import (  # noqa: E402
+from hetserve.benchmarking.harness import (  # noqa: E402
     ONE_SESSION_ALL_CORES,
     ONE_SESSION_ALL_CORES_PINNED,
     SESSION_PER_CORE,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hetserve.bench_harness import (
+from hetserve.benchmarking.harness import (
     CPU_ROWS,
     Load,
     SweepSettings,
@@ -36,7 +36,7 @@ from hetserve.bench_harness import (
     sweep_server,
     whole_model_files,
 )
-from hetserve.bench_harness import (
+from hetserve.benchmarking.harness import (
     in_process_ceiling as harness_ceiling,
 )
 from hetserve.knee import Criteria, plot_curves
@@ -69,7 +69,7 @@ def build_stock_onnx_mar(model: str, store: Path, hetserve_mar: Path) -> Path:
 def in_process_ceiling(store: Path, model: str, seconds: float) -> dict:
     """ONNX Runtime with no server, batch 8: the best of one session over every physical core
     (unpinned and pinned) and one single-thread session per core side by side
-    (``bench_harness.in_process_ceiling``)."""
+    (``hetserve.benchmarking.harness.in_process_ceiling``)."""
     batch = 8
     with tempfile.TemporaryDirectory() as tmp:
         whole, _ = whole_model_files(store / f"{model}.mar", Path(tmp))

@@ -44,8 +44,8 @@ from handlers.observability.tracing import (  # noqa: E402
     Span,
     Timeline,
 )
+from hetserve.benchmarking.timeline_report import chrome_trace, clip, overlap_report  # noqa: E402
 from hetserve.machine import machine_info, run_record  # noqa: E402
-from hetserve.timeline_report import chrome_trace, clip, overlap_report  # noqa: E402
 
 ROWS: dict[str, dict[str, Any]] = {
     "a": {"ratio": 1.0, "cuda_streams": 1, "head_devices": "cuda", "micro_batch": 0},

@@ -160,7 +160,7 @@ def numa_nodes() -> int:
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     from handlers.artifact.contract import read_archive
     from handlers.hardware.topology import usable_cores
-    from hetserve.bench_harness import hetserve_archive
+    from hetserve.benchmarking.harness import hetserve_archive
     from hetserve.machine import machine_info, run_record
     from hetserve.properties import read_properties
     from hetserve.tsprocess import BASE_CONFIG

@@ -28,20 +28,17 @@ from handlers.frontend_limits import FrontendLimit
 from handlers.hardware.topology import probe
 from handlers.observability.tracing import HOST, Recorder, Span, span_file_from_env
 from handlers.processors import Processors
+from handlers.processors.codecs import processor_codecs
 from handlers.protocol.codecs import (
+    CODECS,
     DecodedRequest,
     EncodedResponse,
-    decode_request,
+    RequestDecoder,
     encode_error,
     encode_response,
 )
-from handlers.protocol.dynamic_dims import DynamicDims, check_dynamic_dims
-from handlers.protocol.response_size import (
-    ResponseLimit,
-    body_size,
-    min_response_bytes,
-    too_large_message,
-)
+from handlers.protocol.dynamic_dims import DynamicDims
+from handlers.protocol.response_size import AnswerSizes, ResponseLimit, body_size
 from handlers.runtime.assembly import build_runtime
 from handlers.runtime.config import RuntimeConfig
 from handlers.runtime.flow import MicroBatchOutcome, PendingRun, Runtime, RuntimeStats
@@ -91,6 +88,10 @@ class InferenceService:
         self.served_name = served_name or manifest.model_name
         self.processors = processors
         self.decoder = decoder or DecodePool(0)
+        # The one request decoder: the processors' codecs (if any) in front of the tensor codecs.
+        codecs = processor_codecs(processors) if processors is not None else CODECS
+        dims = DynamicDims.from_json(manifest.dynamic_dims)
+        self.requests = RequestDecoder(manifest.inputs, config.limits, manifest.outputs, codecs, dims)
         self.runtime = runtime
         self.config = config
         self.response_limit = response_limit or ResponseLimit(config.limits.max_response_bytes)
@@ -129,18 +130,12 @@ class InferenceService:
         check_archive_digest(model_dir)  # the operator's pin, before anything else is read
         config = RuntimeConfig.from_model_yaml(model_yaml)
         manifest = load_verified_manifest(model_dir)
-        digest = hashlib.sha256((model_dir / MANIFEST_NAME).read_bytes()).hexdigest()
-        key = history_key(
-            manifest, config.ratio, config.core_groups, config.cpu_head_groups, config.precision
-        )
-        state_path = config.state_path(manifest.model_name, digest, model_dir, key)
+        state_path = _state_path(model_dir, manifest, config)
         history = PerfHistory.load(state_path, alpha=config.ewma_alpha)
         runtime = build_runtime(manifest, model_dir, config, history)
         processors = Processors.load(config.processors, model_dir, manifest)
-        limits = ((model_yaml or {}).get("hetserve") or {}).get("limits") or {}
-        response_limit = ResponseLimit(
-            config.limits.max_response_bytes, "max_response_bytes" in limits, frontend_limit
-        )
+        archive_sets = "max_response_bytes" in (((model_yaml or {}).get("hetserve") or {}).get("limits") or {})
+        response_limit = ResponseLimit(config.limits.max_response_bytes, archive_sets, frontend_limit)
         log.info("hetserve: %s", response_limit.log_line())
         decoder = DecodePool(decode_threads(len(probe().cores), processors is not None))
         service = cls(
@@ -169,12 +164,14 @@ class InferenceService:
         replies: list[Reply | None] = [None] * len(requests)
         first = self.runtime.micro_batches(len(requests))[0][1] if requests else 0
         groups = ShapeGroups(early_rows(first, len(requests), self.decoder.threads))
-        decoding = self.decoder.start(requests, self._decode_or_error, _body_size)
+        decoding = self.decoder.start(requests, functools.partial(_decode_or_error, self.requests), _body_size)
         running: list[tuple[Group, PendingRun | BaseException]] = []
         for index, outcome in decoding:
             if isinstance(outcome, RequestError):
                 replies[index] = _error_reply(outcome, None)
-            elif not self._refuse_oversized(index, outcome, replies):
+            elif (refused := self._sizes.refusal(outcome)) is not None:  # its answer cannot fit
+                replies[index] = _error_reply(refused, outcome.format)
+            else:
                 ready = groups.add(index, outcome, still_decoding=decoding.pending > 0)
                 if ready is not None:
                     running.append(self._start_group(*ready))
@@ -185,58 +182,9 @@ class InferenceService:
             self._answer_group(group, pending, replies)
         return [r if r is not None else _internal_error() for r in replies]
 
-    def _decode_or_error(self, request: RawRequest) -> DecodedRequest | RequestError:
-        """Runs on the decode pool: a bad body becomes its own error, never its neighbours'."""
-        try:
-            return self._decode(request)
-        except RequestError as err:
-            return err
-        except Exception:  # noqa: BLE001 - a decoder bug fails this request, not the batch
-            log.exception("a request could not be decoded")
-            return RequestError(500, "internal error decoding the request")
-
-    def _refuse_oversized(self, index: int, request: DecodedRequest, replies: list[Reply | None]) -> bool:
-        """A 413 now for a request whose answer cannot fit; it leaves the batch, the rest runs."""
-        limit = self.response_limit
-        least = min_response_bytes(
-            self.manifest.outputs, request.format, request.batch, request.output_names,
-            binary=request.binary_outputs.any,
-        )
-        if least <= limit.bytes:
-            return False
-        names = self._answered(request)
-        binary = min_response_bytes(self.manifest.outputs, "raw", request.batch, names) if names else None
-        message = too_large_message(least, limit, True, request.format, binary, len(names))
-        replies[index] = _error_reply(RequestError(413, message), request.format)
-        return True
-
-    def _answered(self, request: DecodedRequest) -> list[str]:
-        """The outputs a request's answer carries; [] when they are binary already (a v2
-        request that asked for binary outputs): no smaller encoding to name then."""
-        names = list(request.output_names or [s.name for s in self.manifest.outputs])
-        return [] if all(request.binary_outputs.wants(n) for n in names) else names
-
-    def _decode(self, request: RawRequest) -> DecodedRequest:
-        if self.processors is not None:
-            processed = self.processors.decode(
-                request.body, request.content_type, request.headers, request.params, self.config.limits
-            )
-            if processed is not None:
-                return processed
-        decoded = decode_request(
-            request.body,
-            request.content_type,
-            request.headers,
-            self.manifest.inputs,
-            self.config.limits,
-            outputs=self.manifest.outputs,
-        )
-        check_dynamic_dims(self._dynamic, decoded.arrays)
-        return decoded
-
-    @functools.cached_property
-    def _dynamic(self) -> DynamicDims:
-        return DynamicDims.from_json(self.manifest.dynamic_dims)
+    @property
+    def _sizes(self) -> AnswerSizes:
+        return AnswerSizes(self.manifest.outputs, self.response_limit)
 
     def _start_group(self, group: Group, micro_batch: int) -> tuple[Group, PendingRun | BaseException]:
         started = time.perf_counter()
@@ -264,42 +212,36 @@ class InferenceService:
         started = self._trace("run", started, samples)
         offset = 0
         for index, request in group:
-            span = (offset, offset + request.batch)
+            mine = _slice_outcomes(outcomes, offset, offset + request.batch)
             offset += request.batch
-            mine = _slice_outcomes(outcomes, *span)
-            if isinstance(mine, BaseException):
-                replies[index] = _error_reply(http_error(mine), request.format)
-                continue
-            try:
-                encoded = self.processors.encode(mine, request) if self.processors else None
-                encoded = encoded or encode_response(
-                    mine,
-                    request,
-                    self.manifest.outputs,
-                    model_name=self.served_name,
-                    model_version=self.model_version,
-                )
-            except RequestError as err:  # e.g. the answer would exceed a response limit
-                replies[index] = _error_reply(err, request.format)
-                continue
-            except Exception:  # noqa: BLE001 - an encoder bug fails this request, not the batch
-                log.exception("response %d could not be encoded", index)
-                replies[index] = _error_reply(
-                    RequestError(500, "internal error encoding the response"), request.format
-                )
-                continue
-            size = body_size(encoded.body)
-            if size > self.response_limit.bytes:  # TorchServe would kill the worker: a 413 instead
-                replies[index] = _error_reply(self._too_large(size, mine, request), request.format)
-                continue
-            replies[index] = _reply(200, encoded, extra=_batch_headers(len(group), request))
+            replies[index] = self._answer(index, mine, request, len(group))
         self._trace("encode", started, samples)
 
-    def _too_large(self, size: int, outputs: Mapping[str, Any], request: DecodedRequest) -> RequestError:
-        names = self._answered(request)
-        binary = sum(int(getattr(outputs.get(name), "nbytes", 0)) for name in names) if names else None
-        message = too_large_message(size, self.response_limit, False, request.format, binary, len(names))
-        return RequestError(413, message)
+    def _answer(
+        self, index: int, mine: dict[str, np.ndarray] | BaseException, request: DecodedRequest, shared: int
+    ) -> Reply:
+        """One request's reply: its rows encoded in its format, or its own error."""
+        if isinstance(mine, BaseException):
+            return _error_reply(http_error(mine), request.format)
+        try:
+            encoded = self._encode(mine, request)
+        except RequestError as err:  # e.g. the answer would exceed a response limit
+            return _error_reply(err, request.format)
+        except Exception:  # noqa: BLE001 - an encoder bug fails this request, not the batch
+            log.exception("response %d could not be encoded", index)
+            return _error_reply(RequestError(500, "internal error encoding the response"), request.format)
+        size = body_size(encoded.body)
+        if size > self.response_limit.bytes:  # TorchServe would kill the worker: a 413 instead
+            return _error_reply(self._sizes.too_large(size, mine, request), request.format)
+        return _reply(200, encoded, extra=_batch_headers(shared, request))
+
+    def _encode(self, outputs: Mapping[str, np.ndarray], request: DecodedRequest) -> EncodedResponse:
+        """The labels answer when the processors give one, else the request's codec's."""
+        labels = self.processors.encode(outputs, request) if self.processors else None
+        return labels or encode_response(
+            outputs, request, self.manifest.outputs,
+            model_name=self.served_name, model_version=self.model_version,
+        )
 
     # -- performance history persistence --
     def save_history(self) -> None:
@@ -317,6 +259,14 @@ class InferenceService:
         self.save_history()
         self.decoder.close()
         self.runtime.close()
+
+
+def _state_path(model_dir: Path, manifest: Manifest, config: RuntimeConfig) -> Path:
+    """Where this archive's performance history lives: keyed by its manifest's digest and by
+    the stages and core groups it serves."""
+    digest = hashlib.sha256((model_dir / MANIFEST_NAME).read_bytes()).hexdigest()
+    key = history_key(manifest, config.ratio, config.core_groups, config.cpu_head_groups, config.precision)
+    return config.state_path(manifest.model_name, digest, model_dir, key)
 
 
 def assemble_feeds(
@@ -354,6 +304,17 @@ def _slice_outcomes(
         for name, value in (outcome.outputs or {}).items():
             pieces.setdefault(name, []).append(value[lo - outcome.start : hi - outcome.start])
     return {n: p[0] if len(p) == 1 else np.concatenate(p) for n, p in pieces.items()}
+
+
+def _decode_or_error(decoder: RequestDecoder, request: RawRequest) -> DecodedRequest | RequestError:
+    """Runs on the decode pool: a bad body becomes its own error, never its neighbours'."""
+    try:
+        return decoder.decode(request.body, request.content_type, request.headers, request.params)
+    except RequestError as err:
+        return err
+    except Exception:  # noqa: BLE001 - a decoder bug fails this request, not the batch
+        log.exception("a request could not be decoded")
+        return RequestError(500, "internal error decoding the request")
 
 
 def _body_size(request: RawRequest) -> int:

@@ -25,7 +25,7 @@ from onnx import numpy_helper
 from handlers.artifact.example_inputs import draw
 from handlers.artifact.manifest import ValueRange
 from handlers.protocol.dynamic_dims import DynamicDims
-from partitioner.loading import LoadedModel
+from partitioner.loaded import LoadedModel
 from partitioner.value_ranges import config_hints, derive_ranges, record_hints
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from partitioner.loading import LoadedModel, ModelLoadError
+from partitioner.loaded import LoadedModel, ModelLoadError
 
 TASKS = ("image-classification", "text-classification")
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

@@ -262,3 +262,15 @@ def test_short_and_long_texts_in_one_batch_are_each_padded_to_their_own_length(t
         assert int(alone.headers[TOKENS_HEADER]) == own
         got, want = json.loads(reply.body)["outputs"], json.loads(alone.body)["outputs"]
         np.testing.assert_allclose(np.asarray(got["logits"]), np.asarray(want["logits"]), atol=1e-6)
+
+
+def test_a_json_tensor_request_to_a_text_model_is_held_to_the_dynamic_dim_bound(text_service):
+    """Tensors sent to a model with a text processor pass the same checks as on any model: a
+    sequence past the archive's ``seq<=48`` is a 400 naming the bound, not a run."""
+    ids = [[k % 40 for k in range(53)]]  # 53 tokens of the 40-word vocabulary
+    body = json.dumps({"input_ids": ids, "attention_mask": [[1] * 53]}).encode()
+    (reply,) = text_service.handle([_raw(body, "application/json")])
+    assert reply.status == 400
+    assert "seq" in reply.reason and "48" in reply.reason, reply.reason
+    fits = json.dumps({"input_ids": [ids[0][:48]], "attention_mask": [[1] * 48]}).encode()
+    assert [r.status for r in text_service.handle([_raw(fits, "application/json")])] == [200]

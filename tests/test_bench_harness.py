@@ -1,4 +1,4 @@
-"""The benchmarks' archive cache (hetserve/bench_harness.py): a cached .mar is reused only while it
+"""The benchmarks' archive cache (hetserve/benchmarking/harness.py): a cached .mar is reused only while it
 packs this checkout's serving code."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from hetserve.bench_harness import hetserve_archive, packed_runtime_is_current
+from hetserve.benchmarking.harness import hetserve_archive, packed_runtime_is_current
 
 
 def _rewrite(src, dst, edit):
@@ -52,7 +52,7 @@ def test_a_stale_cached_archive_is_rebuilt_and_a_current_one_reused(tiny_mar, tm
 
 
 def test_the_ceiling_times_every_layout_and_names_the_best(tiny_mar, tmp_path):
-    from hetserve.bench_harness import (
+    from hetserve.benchmarking.harness import (
         CEILING_LAYOUTS,
         ONE_SESSION_ALL_CORES_PINNED,
         SESSION_PER_CORE,
@@ -77,7 +77,7 @@ def test_the_ceiling_times_every_layout_and_names_the_best(tiny_mar, tmp_path):
 
 
 def test_a_session_per_core_that_cannot_load_fails_loudly_rather_than_hanging(tmp_path):
-    from hetserve.bench_harness import session_per_core_samples_per_s
+    from hetserve.benchmarking.harness import session_per_core_samples_per_s
 
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a model")
@@ -88,7 +88,7 @@ def test_a_session_per_core_that_cannot_load_fails_loudly_rather_than_hanging(tm
 
 
 def test_main_threads_affinity_is_left_alone_by_the_pinned_drivers(tiny_mar, tmp_path):
-    from hetserve.bench_harness import session_per_core_samples_per_s, whole_model_files
+    from hetserve.benchmarking.harness import session_per_core_samples_per_s, whole_model_files
 
     whole, _ = whole_model_files(tiny_mar, tmp_path)
     before = os.sched_getaffinity(0)

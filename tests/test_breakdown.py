@@ -21,7 +21,7 @@ from handlers.observability.tracing import (
 from handlers.protocol.codecs import decode_request
 from handlers.protocol.validation import RequestLimits
 from handlers.service import assemble_feeds
-from hetserve.timeline_report import served_breakdown
+from hetserve.benchmarking.timeline_report import served_breakdown
 
 # ---- served_breakdown on plain data ------------------------------------------------------------
 

@@ -956,26 +956,29 @@ def test_fuzz_arrays_decode_exactly_or_refuse_safely(case, fmt):
 
 
 def test_each_body_format_is_one_codec_and_the_first_match_wins():
-    from handlers.protocol.codecs import CODECS
+    from handlers.protocol.codecs import CODECS, BodyRequest, RequestLimits
+
+    def request(body, media, headers):
+        return BodyRequest(body, media, headers, (), RequestLimits())
 
     v2, npz, npy, raw, plain = CODECS
     assert [c.format for c in CODECS] == ["kservev2", "npz", "npy", "raw", "json"]
     zipped = io.BytesIO()
     np.savez(zipped, x=np.zeros((1, 3), np.float32))
-    assert npz.matches(zipped.getvalue(), None, {}) and not npy.matches(zipped.getvalue(), None, {})
+    assert npz.matches(request(zipped.getvalue(), None, {})) and not npy.matches(request(zipped.getvalue(), None, {}))
     buffer = io.BytesIO()
     np.save(buffer, np.zeros((1, 3), np.float32))
     npy_body, octets = buffer.getvalue(), "application/octet-stream"
-    assert npy.matches(npy_body, octets, {}) and not npz.matches(npy_body, octets, {})
+    assert npy.matches(request(npy_body, octets, {})) and not npz.matches(request(npy_body, octets, {}))
     # the magic wins over the content type ...
-    assert not npy.matches(npy_body, octets, {"X-Tensor-Shape": "1,3"})  # ... unless described raw
-    assert raw.matches(npy_body, octets, {"X-Tensor-Shape": "1,3"})
+    assert not npy.matches(request(npy_body, octets, {"X-Tensor-Shape": "1,3"}))  # ... unless described raw
+    assert raw.matches(request(npy_body, octets, {"X-Tensor-Shape": "1,3"}))
     document = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}
-    assert v2.matches(document, None, None) and not v2.matches(b"{}", None, None)
+    assert v2.matches(request(document, None, None)) and not v2.matches(request(b"{}", None, None))
     # The binary tensor extension's header claims a body first, whatever its content type says.
     binary = {"Inference-Header-Content-Length": "2"}
-    assert v2.matches(b"{}\x00\x00", octets, binary) and raw.matches(b"{}\x00\x00", octets, binary)
-    assert [c.format for c in CODECS if c.matches({"x": [1.0]}, None, None)] == ["json"]
+    assert v2.matches(request(b"{}\x00\x00", octets, binary)) and raw.matches(request(b"{}\x00\x00", octets, binary))
+    assert [c.format for c in CODECS if c.matches(request({"x": [1.0]}, None, None))] == ["json"]
     # Errors answer in the codec's own form.
     assert json.loads(v2.error(RequestError(400, "bad")).body) == {"error": "bad"}
     assert json.loads(plain.error(RequestError(400, "bad")).body)["type"] == "BadRequest"

@@ -754,7 +754,7 @@ def test_gpu_padded_runs_match_the_cpu_provider(gpu_models):
 @pytest.mark.gpu
 def test_gpu_timeline_orders_copy_compute_copy_on_one_clock(gpu_models):
     from handlers.observability.tracing import Timeline
-    from hetserve.timeline_report import overlap_report
+    from hetserve.benchmarking.timeline_report import overlap_report
 
     executor = gpu_executor({"whole": gpu_models["whole"]})
     executor.timeline = timeline = Timeline()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from handlers.observability.metrics import METRICS, aggregate
-from handlers.runtime.flow import RuntimeStats
+from handlers.observability.stats import RuntimeStats
 
 
 def test_stage_times_are_histogram_observations_in_seconds_and_events_are_counters():

@@ -427,6 +427,16 @@ def test_npz_refuses_pickles_and_zip_bombs():
 
 # ---- the processors together -----------------------------------------------------------------
 
+def decode(procs: Processors, body, content_type, headers, params):
+    """One request through the one decoder, the processors' codecs in front of the tensor ones."""
+    from handlers.processors.codecs import processor_codecs
+    from handlers.protocol.codecs import RequestDecoder
+
+    manifest = procs.manifest
+    decoder = RequestDecoder(manifest.inputs, LIMITS, manifest.outputs, processor_codecs(procs))
+    return decoder.decode(body, content_type, headers, params)
+
+
 def manifest_with(inputs, outputs, files=()) -> Manifest:
     return Manifest("m", inputs, outputs, "model.onnx", (), {f: FileEntry("0" * 64, 1) for f in files})
 
@@ -440,22 +450,22 @@ def test_processors_decode_images_text_and_fall_back_to_tensors(tmp_path):
     )
     config = ProcessorsConfig.from_mapping({"image": {"size": 40, "crop": 32}, "labels": {"labels": "labels.json"}})
     procs = Processors.load(config, tmp_path, manifest)
-    got = procs.decode(jpeg(seed=5), None, {}, {}, LIMITS)  # curl -T: no content type
+    got = decode(procs, jpeg(seed=5), None, {}, {})  # curl -T: no content type
     assert got.format == FORMAT_LABELS and got.arrays["image"].shape == (1, 3, 32, 32) and not got.had_batch_dim
-    raw = procs.decode(jpeg(seed=5), "image/jpeg", {}, {"raw": b"1"}, LIMITS)  # a form field
+    raw = decode(procs, jpeg(seed=5), "image/jpeg", {}, {"raw": b"1"})  # a form field
     assert raw.format == "json"
-    assert procs.decode(jpeg(seed=5), "image/jpeg", {"x-hetserve-raw": "1"}, {}, LIMITS).format == "json"
-    assert procs.decode(jpeg(seed=5), "image/jpeg", {"Accept": "application/x-npy"}, {}, LIMITS).format == "npy"
-    tensors = procs.decode(json.dumps({"image": np.zeros((3, 32, 32)).tolist()}).encode(), "application/json", {}, {}, LIMITS)
+    assert decode(procs, jpeg(seed=5), "image/jpeg", {"x-hetserve-raw": "1"}, {}).format == "json"
+    assert decode(procs, jpeg(seed=5), "image/jpeg", {"Accept": "application/x-npy"}, {}).format == "npy"
+    tensors = decode(procs, json.dumps({"image": np.zeros((3, 32, 32)).tolist()}).encode(), "application/json", {}, {})
     assert tensors.format == "json" and tensors.arrays["image"].shape == (1, 3, 32, 32)
-    assert procs.decode(npz(image=np.zeros((1, 3, 32, 32), np.float32)), "application/x-npz", {}, {}, LIMITS) is None
-    code, message = status_of(lambda: procs.decode(b"hello", "text/plain", {}, {}, LIMITS))
+    assert decode(procs, npz(image=np.zeros((1, 3, 32, 32), np.float32)), "application/x-npz", {}, {}).format == "npz"
+    code, message = status_of(lambda: decode(procs, b"hello", "text/plain", {}, {}))
     assert code == 415 and "no text" in message
     encoded = procs.encode({"logits": np.array([[0.0, 1.0]], np.float32)}, got)
     body = json.loads(encoded.body)
     assert list(body) == ["b", "a"] and body["b"] == pytest.approx(np.exp(1) / (1 + np.exp(1)))
     b64 = __import__("base64").b64encode(jpeg(seed=6)).decode()
-    v2 = procs.decode(json.dumps({"id": "x", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": [b64, b64]}]}).encode(), "application/json", {}, {}, LIMITS)
+    v2 = decode(procs, json.dumps({"id": "x", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": [b64, b64]}]}).encode(), "application/json", {}, {})
     assert v2.format == "kservev2" and v2.batch == 2 and v2.request_id == "x"
 
 
@@ -476,13 +486,13 @@ def test_text_requests_in_one_batch_are_padded_to_its_longest(tmp_path):
         (TensorSpec("logits", "float32", (None, 3)),), files=("tokenizer.json",),
     )
     procs = Processors.load(ProcessorsConfig.from_mapping({"text": {"max_length": 16}}), tmp_path, manifest)
-    a = procs.decode(b"good", "text/plain", {}, {}, LIMITS)
-    b = procs.decode(json.dumps({"text": ["the plot was really boring", "fun"]}).encode(), "application/json", {}, {}, LIMITS)
-    c = procs.decode(json.dumps(["a film"]).encode(), None, {}, {}, LIMITS)
+    a = decode(procs, b"good", "text/plain", {}, {})
+    b = decode(procs, json.dumps({"text": ["the plot was really boring", "fun"]}).encode(), "application/json", {}, {})
+    c = decode(procs, json.dumps(["a film"]).encode(), None, {}, {})
     assert (a.batch, b.batch, c.batch) == (1, 2, 1) and b.had_batch_dim and c.had_batch_dim and not a.had_batch_dim
     padded = procs.pad_texts([(0, a), (1, b), (2, c)])
     assert {r.arrays["input_ids"].shape[1] for _, r in padded} == {7}
-    code, message = status_of(lambda: procs.decode(json.dumps({"text": ["good " * 40]}).encode(), None, {}, {}, LIMITS))
+    code, message = status_of(lambda: decode(procs, json.dumps({"text": ["good " * 40]}).encode(), None, {}, {}))
     assert code == 413 and "tokens long" in message
 
 
@@ -498,12 +508,12 @@ def text_processors(tmp_path, **text) -> Processors:
 def test_a_request_over_the_character_budget_is_refused_before_tokenizing(tmp_path):
     procs = text_processors(tmp_path)
     texts = [("good movie " * 9091)[:100_000]] * 64  # 6.4 MB: 64 texts at the per-text limit
-    code, message = status_of(lambda: procs.decode(json.dumps({"text": texts}).encode(), None, {}, {}, LIMITS))
+    code, message = status_of(lambda: decode(procs, json.dumps({"text": texts}).encode(), None, {}, {}))
     assert code == 413 and "64 texts hold 6400000 characters" in message
     assert "limit of 1000000 per request (hetserve.processors.text.max_request_chars)" in message
     small = text_processors(tmp_path, max_request_chars=12)
-    assert small.decode(json.dumps(["good movie", "fu"]).encode(), None, {}, {}, LIMITS).batch == 2
-    code, message = status_of(lambda: small.decode(json.dumps(["good movie", "fun"]).encode(), None, {}, {}, LIMITS))
+    assert decode(small, json.dumps(["good movie", "fu"]).encode(), None, {}, {}).batch == 2
+    code, message = status_of(lambda: decode(small, json.dumps(["good movie", "fun"]).encode(), None, {}, {}))
     assert code == 413 and "13 characters, over the limit of 12" in message
 
 
@@ -535,11 +545,11 @@ def test_text_that_is_not_valid_unicode_is_a_400_naming_it(tmp_path):
         (b"a\xed\xa0\x80b", "text/plain", "not valid UTF-8"),  # a surrogate encoded in UTF-8
     ]
     for body, content_type, words in cases:
-        code, message = status_of(lambda b=body, c=content_type: procs.decode(b, c, {}, {}, LIMITS))
+        code, message = status_of(lambda b=body, c=content_type: decode(procs, b, c, {}, {}))
         assert code == 400 and words in message, (body, message)
     document = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["fine", "x\ud83dy"]}]}
     with pytest.raises(RequestError) as info:
-        procs.decode(json.dumps(document).encode(), None, {}, {}, LIMITS)
+        decode(procs, json.dumps(document).encode(), None, {}, {})
     assert info.value.status == 400 and info.value.request_format == "kservev2"
     assert "text 1 is not valid Unicode" in info.value.message and "U+D83D" in info.value.message
 
@@ -549,7 +559,7 @@ def test_v2_bytes_inputs_refuse_negative_shapes(tmp_path):
     for shape in ([-1, -1], [-1], [1, -1, -1]):
         document = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": shape, "data": ["fun"]}]}
         with pytest.raises(RequestError) as info:
-            procs.decode(json.dumps(document).encode(), None, {}, {}, LIMITS)
+            decode(procs, json.dumps(document).encode(), None, {}, {})
         assert info.value.status == 400 and info.value.request_format == "kservev2"
         assert f"'shape' must be a list of non-negative integers (at most 32), got {shape}" in info.value.message
 
@@ -668,22 +678,22 @@ def test_v2_binary_bytes_inputs_reach_the_image_and_text_processors(tmp_path):
     procs = Processors.load(ProcessorsConfig.from_mapping({"image": {"size": 40, "crop": 32}}), tmp_path, manifest)
     pictures = [jpeg(seed=7), jpeg(seed=8)]
     body, headers = binary_request("image", pictures, request_id="b1")
-    got = procs.decode(body, None, headers, {}, LIMITS)
+    got = decode(procs, body, None, headers, {})
     assert (got.format, got.batch, got.request_id, got.had_batch_dim) == ("kservev2", 2, "b1", True)
     assert got.binary_outputs.wants("logits"), "tritonclient asked for binary outputs"
-    one = procs.decode(jpeg(seed=8), "image/jpeg", {}, {}, LIMITS)
+    one = decode(procs, jpeg(seed=8), "image/jpeg", {}, {})
     np.testing.assert_array_equal(got.arrays["image"][1], one.arrays["image"][0])
     # every bad size names the input and answers in v2's form
     bad_headers = {V2_BINARY_HEADER: headers[V2_BINARY_HEADER]}
-    code, message = status_of(lambda: procs.decode(body[:-1], None, bad_headers, {}, LIMITS))
+    code, message = status_of(lambda: decode(procs, body[:-1], None, bad_headers, {}))
     assert code == 400 and "input 'image'" in message and "runs past the end" in message
     body3, headers3 = binary_request("image", pictures[:1])
     forged = body3.replace(b'"shape":[1]', b'"shape":[2]')
     assert forged != body3
-    code, message = status_of(lambda: procs.decode(forged, None, headers3, {}, LIMITS))
+    code, message = status_of(lambda: decode(procs, forged, None, headers3, {}))
     assert code == 400 and "BYTES element 1 has no 4-byte length" in message
     many, many_headers = binary_request("image", [b"x"] * (LIMITS.max_batch_per_request + 1))
-    code, message = status_of(lambda: procs.decode(many, None, many_headers, {}, LIMITS))
+    code, message = status_of(lambda: decode(procs, many, None, many_headers, {}))
     assert code == 413 and "BYTES elements exceed the limit" in message
 
     write_tokenizer(tmp_path / "tokenizer.json")
@@ -693,11 +703,11 @@ def test_v2_binary_bytes_inputs_reach_the_image_and_text_processors(tmp_path):
     )
     texts = Processors.load(ProcessorsConfig.from_mapping({"text": {"max_length": 16}}), tmp_path, text_manifest)
     body, headers = binary_request("text", [b"a film", b"fun"])
-    got = texts.decode(body, "application/octet-stream", headers, {}, LIMITS)
-    want = texts.decode(json.dumps(["a film", "fun"]).encode(), "application/json", {}, {}, LIMITS)
+    got = decode(texts, body, "application/octet-stream", headers, {})
+    want = decode(texts, json.dumps(["a film", "fun"]).encode(), "application/json", {}, {})
     assert got.format == "kservev2" and got.batch == 2
     for name in ("input_ids", "attention_mask"):
         np.testing.assert_array_equal(got.arrays[name], want.arrays[name])
     body, headers = binary_request("text", [b"\xff\xfe"])
-    code, message = status_of(lambda: texts.decode(body, None, headers, {}, LIMITS))
+    code, message = status_of(lambda: decode(texts, body, None, headers, {}))
     assert code == 400 and "not valid UTF-8" in message

@@ -22,7 +22,14 @@ from handlers.observability.tracing import (
 )
 from handlers.runtime.flow import Runtime, StagePlan
 from handlers.runtime.perf_model import PerfHistory
-from hetserve.timeline_report import chrome_trace, clip, intersection, length, merge, overlap_report
+from hetserve.benchmarking.timeline_report import (
+    chrome_trace,
+    clip,
+    intersection,
+    length,
+    merge,
+    overlap_report,
+)
 
 
 def test_merge_joins_touching_and_nested_intervals_and_drops_empty_ones():

@@ -13,7 +13,10 @@ re-deriving file names, JSON fields or grouping rules by hand:
   dir resolved as the runtime does (explicit, then ``HETSERVE_STATE_DIR``, then
   ``~/.cache/hetserve``); it lives in ``handlers.artifact.state_dir``, re-exported here.
 * ``serves_split``: whether a worker serves head + tail or the whole model, for tools that have
-  a ratio but no resolved partition.
+  a ratio but no resolved partition (it lives in ``handlers.artifact.manifest``, re-exported here).
+
+It reads ``RuntimeConfig`` (``handlers.runtime.config``), so it sits above the runtime: the
+serving path below the service never imports it.
 * ``cpu_layout``: the executors that may run each stage in one CPU-only worker, computed with
   the runtime's own grouping (``plan_groups`` + ``split_cpu_groups``).
 """
@@ -30,7 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from handlers.artifact.history_key import history_key
-from handlers.artifact.manifest import MANIFEST_NAME, Manifest, ManifestError
+from handlers.artifact.manifest import (
+    MANIFEST_NAME,
+    WHOLE_MODEL,
+    Manifest,
+    ManifestError,
+    serves_split,
+)
 from handlers.artifact.state_dir import (
     HISTORY_SUFFIX,
     STATE_DIR_ENV,
@@ -42,8 +51,6 @@ from handlers.hardware.topology import Topology, plan_groups, split_cpu_groups
 from handlers.runtime.config import RuntimeConfig
 
 MODEL_CONFIG_FILE = "model-config.yaml"
-# A ratio at or above this serves the whole model (RuntimeConfig.ratio, Manifest.partition_for).
-WHOLE_MODEL = 1.0
 __all__ = ["HISTORY_SUFFIX", "STATE_DIR_ENV", "WHOLE_MODEL", "Archive", "cpu_layout", "histories_of",
            "read_archive", "serves_split", "state_dir", "state_file"]
 
@@ -98,19 +105,6 @@ def read_archive(source: str | os.PathLike[str]) -> Archive:
     except (ValueError, TypeError, AttributeError) as exc:
         raise ManifestError(f"{source}: {MANIFEST_NAME}: {exc}") from None
     return Archive(manifest, hashlib.sha256(raw).hexdigest(), _parse_config(config_text))
-
-
-def serves_split(
-    ratio: float | None, default_ratio: float | None, cpu_cores: int | None = None
-) -> bool:
-    """Head + tail (else the whole model): the configured ``ratio``, or the archive's
-    ``default_ratio`` when it is None, below 1.0 (the rule ``Manifest.partition_for`` applies).
-    A CPU-only worker with one core (``cpu_cores``) serves the archive's default whole: head and
-    tail would take turns on that one core; an explicit ratio is still honoured."""
-    if ratio is None and cpu_cores is not None and cpu_cores < 2:
-        return False
-    effective = default_ratio if ratio is None else ratio
-    return effective is not None and effective < WHOLE_MODEL
 
 
 def cpu_layout(

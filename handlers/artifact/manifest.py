@@ -20,6 +20,9 @@ from typing import Any
 
 from handlers.artifact.archive_safety import UnsafeModelError, check_external_data, external_refs
 
+# A ratio at or above this serves the whole model (RuntimeConfig.ratio, Manifest.partition_for).
+WHOLE_MODEL = 1.0
+
 _log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "hetserve-manifest.json"
@@ -249,7 +252,7 @@ class Manifest:
         one cut for it, else the one whose achieved ratio is nearest (logged)."""
         if ratio is None:
             ratio = self.default_ratio
-        if ratio is None or ratio >= 1.0:
+        if ratio is None or ratio >= WHOLE_MODEL:
             return None
         for part in self.partitions:
             if abs(part.ratio - ratio) < 1e-9:
@@ -495,3 +498,16 @@ def _req(data: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise ManifestError(f"manifest field {key!r} has the wrong type")
     return value
+
+
+def serves_split(
+    ratio: float | None, default_ratio: float | None, cpu_cores: int | None = None
+) -> bool:
+    """Head + tail (else the whole model): the configured ``ratio``, or the archive's
+    ``default_ratio`` when it is None, below 1.0 (the rule ``Manifest.partition_for`` applies).
+    A CPU-only worker with one core (``cpu_cores``) serves the archive's default whole: head and
+    tail would take turns on that one core; an explicit ratio is still honoured."""
+    if ratio is None and cpu_cores is not None and cpu_cores < 2:
+        return False
+    effective = default_ratio if ratio is None else ratio
+    return effective is not None and effective < WHOLE_MODEL

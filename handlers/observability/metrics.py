@@ -13,7 +13,7 @@ import logging
 from collections import defaultdict
 from typing import Any
 
-from handlers.runtime.flow import RuntimeStats
+from handlers.observability.stats import RuntimeStats
 
 log = logging.getLogger(__name__)
 

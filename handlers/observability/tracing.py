@@ -6,7 +6,7 @@ executor's host thread, or one of its streams ("cuda0s0/compute", "cuda0s0/h2d",
 "cuda0s0/d2h"). GPU spans come from CUDA events mapped onto the host clock, so host and GPU lanes
 share one time axis.
 
-This module only records; the analysis of a recording (``hetserve.timeline_report``) is an
+This module only records; the analysis of a recording (``hetserve.benchmarking.timeline_report``) is an
 offline tool and does not ship in a ``.mar``.
 
 Inside a TorchServe worker nobody can hand the service a ``Timeline``: with

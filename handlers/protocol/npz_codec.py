@@ -15,7 +15,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .validation import (
+from handlers.protocol.body import RAW_CONTENT_TYPE, header
+from handlers.protocol.codec import (
+    BodyRequest,
+    Codec,
+    DecodedRequest,
+    EncodedResponse,
+    ResponseMeta,
+)
+from handlers.protocol.kserve_v2 import check_output_name
+from handlers.protocol.validation import (
     BAD_REQUEST,
     PAYLOAD_TOO_LARGE,
     RequestError,
@@ -30,12 +39,49 @@ from .validation import (
 
 if TYPE_CHECKING:
     from handlers.artifact.manifest import TensorSpec
-    from handlers.protocol.codecs import EncodedResponse
 
 FORMAT_NPZ = "npz"
 NPZ_CONTENT_TYPE = "application/x-npz"
 ZIP_MAGIC = b"PK\x03\x04"
 MAX_MEMBERS = 64
+# Headers that describe a raw tensor: raw bytes that happen to start with a magic stay raw.
+SHAPE_HEADER = "X-Tensor-Shape"
+DTYPE_HEADER = "X-Tensor-Dtype"
+OUTPUT_HEADER = "X-Output-Name"
+
+
+def described_raw(request: BodyRequest) -> bool:
+    """Bytes sent as octet-stream with a raw tensor's shape or dtype header: raw, whatever they
+    start with."""
+    return request.media == RAW_CONTENT_TYPE and (
+        header(request.headers, SHAPE_HEADER) is not None
+        or header(request.headers, DTYPE_HEADER) is not None
+    )
+
+
+class NpzCodec(Codec):
+    """Several named tensors in one binary body: NumPy's .npz (a zip of .npy, never pickled)."""
+
+    format = FORMAT_NPZ
+
+    def matches(self, request: BodyRequest) -> bool:
+        if not request.is_bytes:
+            return False
+        zipped = request.body.startswith(ZIP_MAGIC) and not described_raw(request)
+        return zipped or request.media == NPZ_CONTENT_TYPE
+
+    def decode(self, request: BodyRequest) -> DecodedRequest:
+        arrays, batch, had_batch_dim = decode_npz(bytes(request.body), request.inputs, request.limits)
+        named = header(request.headers, OUTPUT_HEADER)
+        if named is not None:
+            check_output_name(named, request.outputs)
+        wanted = (named,) if named is not None else None
+        return DecodedRequest(arrays, batch, FORMAT_NPZ, had_batch_dim, None, wanted)
+
+    def encode(
+        self, arrays: dict[str, np.ndarray], request: DecodedRequest, meta: ResponseMeta
+    ) -> EncodedResponse:
+        return encode_npz(arrays, had_batch_dim=True)  # already this request's (unbatched) rows
 
 
 def decode_npz(
@@ -103,8 +149,6 @@ def _check_unique(names: list[str], members: list[zipfile.ZipInfo]) -> None:
 
 def encode_npz(outputs: Mapping[str, np.ndarray], had_batch_dim: bool) -> EncodedResponse:
     """The outputs (this request's rows) as one .npz body."""
-    from .codecs import EncodedResponse
-
     buffer = io.BytesIO()
     arrays = {name: np.asarray(a) if had_batch_dim else np.asarray(a)[0] for name, a in outputs.items()}
     np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy stubs type **kwds as allow_pickle

@@ -18,12 +18,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from handlers.artifact.manifest import TensorSpec
+from handlers.errors import RequestError
 from handlers.frontend_limits import FRONTEND_DEFAULT_MAX_RESPONSE_SIZE, FrontendLimit
+
+if TYPE_CHECKING:
+    from handlers.protocol.codec import DecodedRequest
 
 # limits.max_response_bytes when unset: max_response_size in the shipped config.properties.
 HETSERVE_DEFAULT_MAX_RESPONSE_BYTES = 16 * 2**20
@@ -191,3 +195,34 @@ def archive_warnings(outputs: Sequence[TensorSpec], limits: Mapping[str, Any] | 
         f"the worker cannot read that): every request would be refused with a 413; set "
         f"{HETSERVE_KNOB}={_whole_mib(one)} or more and TorchServe's max_response_size to match"
     ]
+
+
+@dataclass(frozen=True)
+class AnswerSizes:
+    """One model's answers held to ``limit``: a 413 before running for a request whose answer
+    cannot fit (``refusal``), and for an encoded answer that did not (``too_large``)."""
+
+    outputs: Sequence[TensorSpec]
+    limit: ResponseLimit
+
+    def refusal(self, request: DecodedRequest) -> RequestError | None:
+        least = min_response_bytes(
+            self.outputs, request.format, request.batch, request.output_names,
+            binary=request.binary_outputs.any,
+        )
+        if least <= self.limit.bytes:
+            return None
+        names = self._answered(request)
+        binary = min_response_bytes(self.outputs, "raw", request.batch, names) if names else None
+        return RequestError(413, too_large_message(least, self.limit, True, request.format, binary, len(names)))
+
+    def too_large(self, size: int, outputs: Mapping[str, Any], request: DecodedRequest) -> RequestError:
+        names = self._answered(request)
+        binary = sum(int(getattr(outputs.get(name), "nbytes", 0)) for name in names) if names else None
+        return RequestError(413, too_large_message(size, self.limit, False, request.format, binary, len(names)))
+
+    def _answered(self, request: DecodedRequest) -> list[str]:
+        """The outputs a request's answer carries; [] when they are binary already (a v2
+        request that asked for binary outputs): no smaller encoding to name then."""
+        names = list(request.output_names or [s.name for s in self.outputs])
+        return [] if all(request.binary_outputs.wants(n) for n in names) else names

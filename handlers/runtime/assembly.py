@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from handlers.artifact.contract import serves_split
 from handlers.artifact.example_inputs import example_feeds
-from handlers.artifact.manifest import Manifest, Partition, TensorSpec
+from handlers.artifact.manifest import Manifest, Partition, TensorSpec, serves_split
 from handlers.errors import ExecutorLoadError
 from handlers.executors.base import Executor, StageOutputs
 from handlers.executors.cpu import CpuExecutor

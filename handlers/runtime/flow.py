@@ -15,101 +15,32 @@ TorchServe's responseTimeout, which would otherwise kill the worker) is answered
 and its work abandoned.
 
 This module keeps only the micro-batch flow; placement is ``handlers.runtime.placement.Placer``.
-The supervisor shares the runtime's ``lock``, ``attempts`` and ``probes`` (both sides of one
-state machine), which is why they are public here.
+What the flow and the supervisor both work on (stage runs and probes in flight, the quarantine,
+the counters, one lock) is ``handlers.runtime.in_flight.InFlight``.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from handlers.errors import ExecutorFailed, ExecutorOutOfMemory, StageTimeout
 from handlers.executors.base import Executor, StageOutputs
+from handlers.observability.stats import RuntimeStats
+from handlers.runtime.in_flight import Attempt, Flow, InFlight, ProbeFeeds, StagePlan
 from handlers.runtime.perf_model import PerfHistory
 from handlers.runtime.placement import Placer
 from handlers.runtime.quarantine import Quarantine
 from handlers.runtime.scheduler import Placement
 from handlers.runtime.supervisor import Supervisor
 
-log = logging.getLogger(__name__)
-
-# (stage) -> calibration-size feeds for that stage: what a re-probe runs.
-ProbeFeeds = Callable[[str], Mapping[str, np.ndarray]]
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    name: str  # "head", "tail" or "whole"
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    candidates: tuple[str, ...]  # executor names allowed to run it
-
-
-@dataclass
-class RuntimeStats:
-    """Counters the handler turns into TorchServe metrics after each batch."""
-
-    placements: Counter[tuple[str, str]] = field(default_factory=Counter)  # (stage, executor) -> count
-    run_ms: list[tuple[str, str, float]] = field(default_factory=list)  # (stage, executor, ms)
-    queue_ms: list[tuple[str, float]] = field(default_factory=list)  # (stage, ms)
-    micro_batches: int = 0
-    timeouts: Counter[tuple[str, str]] = field(default_factory=Counter)  # (stage, executor) -> missed deadlines
-    quarantines: Counter[str] = field(default_factory=Counter)  # executor -> times taken out
-    probes: Counter[tuple[str, str]] = field(default_factory=Counter)  # (executor, "ok" | "failed") -> count
-    retries: Counter[tuple[str, str]] = field(default_factory=Counter)  # (stage, executor that failed) -> count
-    cpu_fallbacks: Counter[tuple[str, str]] = field(default_factory=Counter)  # (stage, GPU executor out of memory)
-
-    def drain(self) -> RuntimeStats:
-        snapshot = RuntimeStats(
-            Counter(self.placements), list(self.run_ms), list(self.queue_ms), self.micro_batches,
-            Counter(self.timeouts), Counter(self.quarantines), Counter(self.probes),
-            Counter(self.retries), Counter(self.cpu_fallbacks),
-        )
-        for counter in (self.placements, self.timeouts, self.quarantines, self.probes,
-                        self.retries, self.cpu_fallbacks):
-            counter.clear()
-        self.run_ms.clear()
-        self.queue_ms.clear()
-        self.micro_batches = 0
-        return snapshot
-
-
-@dataclass
-class _Flow:
-    """One micro-batch on its way through the stages."""
-
-    start: int
-    stop: int
-    tensors: dict[str, Any]  # numpy arrays, or tensors left on a GPU by the previous stage
-    done: Future[Any] = field(default_factory=Future)
-    stage_index: int = 0
-    abandoned: bool = False  # its request ran out of time: nothing more is done for it
-    attempt: tuple[_Attempt, Future[StageOutputs]] | None = None  # the stage run in flight
-
-    @property
-    def batch(self) -> int:
-        return self.stop - self.start
-
-
-@dataclass(eq=False)
-class _Attempt:
-    """One stage of one micro-batch submitted to one executor."""
-
-    flow: _Flow
-    stage: StagePlan
-    executor: str
-    exclude: frozenset[str]  # executors this stage already failed on
-    settled: bool = False  # its outcome was handled (done, timed out, rerouted or abandoned)
+__all__ = ["MicroBatchOutcome", "PendingRun", "ProbeFeeds", "Runtime", "RuntimeStats", "StagePlan"]
 
 
 @dataclass(frozen=True)
@@ -120,6 +51,14 @@ class MicroBatchOutcome:
     error: BaseException | None
 
 
+def micro_batch_spans(total: int, size: int, lanes: int) -> list[tuple[int, int]]:
+    """Rows [start, stop) of each micro-batch: ``size`` rows each, or (size <= 0) enough
+    micro-batches to keep each of ``lanes`` head executors busy, no more."""
+    if size <= 0:
+        size = -(-total // lanes)
+    return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+
 def _host(value: Any) -> np.ndarray:
     return value if isinstance(value, np.ndarray) else value.to_host()
 
@@ -128,7 +67,7 @@ class PendingRun:
     """A batch submitted by ``Runtime.submit``: ``outcomes`` waits for it, up to the request budget
     counted from its submission; a micro-batch past it is abandoned and answered with a timeout."""
 
-    def __init__(self, runtime: Runtime, flows: list[_Flow], deadline: float) -> None:
+    def __init__(self, runtime: Runtime, flows: list[Flow], deadline: float) -> None:
         self._runtime = runtime
         self._flows = flows
         self._deadline = deadline
@@ -178,17 +117,16 @@ class Runtime:
         self.stage_timeout_s = stage_timeout_s
         # A micro-batch may run each stage and one retry, each up to the stage deadline.
         self.request_timeout_s = request_timeout_s or stage_timeout_s * (len(self.stages) + 1)
-        self.quarantine = quarantine or Quarantine(list(self.executors))
-        self.probe_feeds = probe_feeds
         self.clock = clock
         for executor in executors:  # job start stamps, which the deadlines compare with
             executor.clock = clock
-        self.lock = threading.Lock()
+        quarantine = quarantine or Quarantine(list(self.executors))
+        self.state = InFlight(self.executors, quarantine, clock, stage_timeout_s, probe_feeds)
+        # The shared state's parts, under the names the flow uses
+        self.quarantine, self.lock, self.stats = quarantine, self.state.lock, self.state.stats
+        self.attempts = self.state.attempts
         self.placer = Placer(history, {e.name: e.device for e in executors}, clock)
-        self.stats = RuntimeStats()
-        self.attempts: dict[Future[StageOutputs], _Attempt] = {}  # stage runs in flight
-        self.probes: dict[Future[StageOutputs], str] = {}  # re-probes in flight -> executor
-        self.supervisor = Supervisor(self, supervise_interval_s)
+        self.supervisor = Supervisor(self.state, self.retry_or_fail, supervise_interval_s)
 
     def start(self) -> Runtime:
         """Start the supervisor (deadlines, re-probes, periodic saves); returns self."""
@@ -218,7 +156,7 @@ class Runtime:
         """
         total = next(iter(feeds.values())).shape[0]
         flows = [
-            _Flow(start, stop, {k: v[start:stop] for k, v in feeds.items()})
+            Flow(start, stop, {k: v[start:stop] for k, v in feeds.items()})
             for start, stop in self.micro_batches(total, micro_batch)
         ]
         with self.lock:
@@ -239,14 +177,9 @@ class Runtime:
         return {name: np.concatenate([o[name] for o in outputs]) for name in self.model_outputs}
 
     def micro_batches(self, total: int, size: int = 0) -> list[tuple[int, int]]:
-        size = size or self.micro_batch
-        if size <= 0:
-            # Enough micro-batches to keep every head executor busy, no more.
-            lanes = len(self.stages[0].candidates)
-            size = -(-total // lanes)
-        return [(start, min(start + size, total)) for start in range(0, total, size)]
+        return micro_batch_spans(total, size or self.micro_batch, len(self.stages[0].candidates))
 
-    def _advance(self, flow: _Flow, exclude: frozenset[str] = frozenset()) -> None:
+    def _advance(self, flow: Flow, exclude: frozenset[str] = frozenset()) -> None:
         if flow.abandoned:
             return
         if flow.stage_index == len(self.stages):
@@ -256,7 +189,7 @@ class Runtime:
         feeds = {name: flow.tensors[name] for name in stage.inputs}
         placement = self.place(stage, flow.batch, feeds, exclude)
         if placement is None:
-            self._finish(flow, self._no_executor_error(stage, exclude))
+            self._finish(flow, self.state.no_executor_error(stage, exclude))
             return
         executor = self.executors[placement.executor]
         try:
@@ -266,7 +199,7 @@ class Runtime:
                 self.placer.complete(placement.executor)
             self._finish(flow, exc)
             return
-        attempt = _Attempt(flow, stage, placement.executor, exclude)
+        attempt = Attempt(flow, stage, placement.executor, exclude)
         with self.lock:
             # Registered before the callback: a future already done runs it at once and unregisters.
             self.attempts[future] = attempt
@@ -291,7 +224,7 @@ class Runtime:
             )
             return placement
 
-    def _stage_done(self, attempt: _Attempt, future: Future[StageOutputs]) -> None:
+    def _stage_done(self, attempt: Attempt, future: Future[StageOutputs]) -> None:
         name, flow = attempt.executor, attempt.flow
         with self.lock:
             self.placer.complete(name)
@@ -309,7 +242,7 @@ class Runtime:
                 elif isinstance(exc, ExecutorOutOfMemory):
                     pass  # a sign of load, not of a broken executor: the retry handles it
                 elif self.quarantine.record_failure(name, attempt.stage.name, str(exc)):
-                    self.on_quarantined(name)
+                    self.state.on_quarantined(name)
         if rerouted:
             self._advance(flow, attempt.exclude)
         elif exc is not None:
@@ -319,9 +252,9 @@ class Runtime:
             flow.stage_index += 1
             self._advance(flow)
 
-    def retry_or_fail(self, attempt: _Attempt, exc: BaseException) -> None:
+    def retry_or_fail(self, attempt: Attempt, exc: BaseException) -> None:
         with self.lock:
-            retry = self._retry_set(attempt.stage, attempt.executor, exc, attempt.exclude)
+            retry = self.state.retry_set(attempt.stage, attempt.executor, exc, attempt.exclude)
             if retry is not None:
                 key = (attempt.stage.name, attempt.executor)
                 self.stats.retries[key] += 1
@@ -333,35 +266,7 @@ class Runtime:
         else:
             self._advance(attempt.flow, retry)
 
-    def _retry_set(
-        self, stage: StagePlan, failed: str, exc: BaseException, exclude: frozenset[str]
-    ) -> frozenset[str] | None:
-        """Executors to keep away from on a second try, or None when there is no other one.
-
-        One retry per stage: after a GPU runs out of memory the retry goes to a CPU group.
-        """
-        if exclude or not isinstance(exc, ExecutorFailed | StageTimeout):
-            return None
-        out = self.quarantine.excluded()
-        others = [c for c in stage.candidates if c != failed and c not in out]
-        if isinstance(exc, ExecutorOutOfMemory):
-            others = [c for c in others if self.executors[c].device == "cpu"]
-        if not others:
-            return None
-        return frozenset(c for c in stage.candidates if c not in others)
-
-    def _no_executor_error(self, stage: StagePlan, exclude: frozenset[str]) -> ExecutorFailed:
-        with self.lock:
-            held = [f"{c}: {self.quarantine.reason(c)}" for c in stage.candidates
-                    if self.quarantine.is_quarantined(c)]
-        failed = sorted(exclude)
-        parts = [f"quarantined {'; '.join(held)}"] if held else []
-        parts += [f"kept off {', '.join(failed)} on retry"] if failed else []
-        return ExecutorFailed(
-            f"no executor in service for stage {stage.name!r} ({'; '.join(parts) or 'none'})"
-        )
-
-    def _finish(self, flow: _Flow, result: Mapping[str, np.ndarray] | BaseException) -> None:
+    def _finish(self, flow: Flow, result: Mapping[str, np.ndarray] | BaseException) -> None:
         if flow.abandoned or flow.done.done():
             return
         if isinstance(result, BaseException):
@@ -369,22 +274,8 @@ class Runtime:
         else:
             flow.done.set_result(result)
 
-    def abandon(self, flow: _Flow) -> None:
-        """The request gave up on this micro-batch: stop its work, answer nothing more."""
-        with self.lock:
-            flow.abandoned = True
-            current = flow.attempt
-            if current is None or current[0].settled:
-                return
-            attempt, future = current
-            attempt.settled = True
-            self.attempts.pop(future, None)
-        self.executors[attempt.executor].interrupt(future)
-
-    def on_quarantined(self, name: str) -> None:
-        """Under the lock."""
-        self.stats.quarantines[name] += 1
-        log.warning("hetserve: executor %s quarantined (%s)", name, self.quarantine.reason(name))
+    def abandon(self, flow: Flow) -> None:
+        self.state.abandon(flow)
 
     def drain_stats(self) -> RuntimeStats:
         with self.lock:
@@ -392,8 +283,7 @@ class Runtime:
 
     def in_flight(self) -> int:
         """Stage runs and probes not yet settled: 0 when the runtime is idle (tests check leaks)."""
-        with self.lock:
-            return len(self.attempts) + len(self.probes)
+        return self.state.count()
 
     def close(self) -> None:
         self.supervisor.close()

@@ -14,6 +14,7 @@ first run here replaces a loaded estimate rather than averaging with it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -22,7 +23,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -269,24 +270,9 @@ class PerfHistory:
         """
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target.with_name(target.name + ".lock"), "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                on_disk = _read_history(target, self.alpha, self.clock)
-                data = on_disk.merge(self).to_json() if on_disk is not None else self.to_json()
-                fd, tmp = tempfile.mkstemp(prefix=target.name + ".", dir=target.parent)
-                try:
-                    with os.fdopen(fd, "w", encoding="utf-8") as f:
-                        json.dump(data, f, indent=1)
-                        f.write("\n")
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(tmp, target)
-                except BaseException:
-                    Path(tmp).unlink(missing_ok=True)
-                    raise
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with _locked(target):
+            on_disk = _read_history(target, self.alpha, self.clock)
+            _replace_json(target, on_disk.merge(self).to_json() if on_disk is not None else self.to_json())
 
     @classmethod
     def load(
@@ -310,6 +296,32 @@ class PerfHistory:
             self._fits = {k: (e.latency_s, e.per_byte_s) for k, e in links.items()}
             self._buckets = {pair: tuple(sorted(b)) for pair, b in buckets.items()}
             self._confirmed = {}
+
+
+@contextlib.contextmanager
+def _locked(target: Path) -> Iterator[None]:
+    """An exclusive lock on ``target``'s lock file: one writer at a time across workers."""
+    with open(target.with_name(target.name + ".lock"), "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _replace_json(target: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` next to ``target`` and rename it over ``target``: readers see all or none."""
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _read_history(path: Path, alpha: float, clock: Callable[[], float]) -> PerfHistory | None:

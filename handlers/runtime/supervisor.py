@@ -19,20 +19,21 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING
 
 from handlers.errors import StageTimeout
+from handlers.executors.base import StageOutputs
+from handlers.runtime.in_flight import Attempt, InFlight
 
-if TYPE_CHECKING:
-    from handlers.executors.base import StageOutputs
-    from handlers.runtime.flow import Runtime, _Attempt
+# What the supervisor does with a run it took off an executor: retry it elsewhere or fail it.
+Retry = Callable[[Attempt, BaseException], None]
 
 log = logging.getLogger(__name__)
 
 
 class Supervisor:
-    def __init__(self, runtime: Runtime, interval_s: float = 0.05) -> None:
-        self.runtime = runtime
+    def __init__(self, state: InFlight, retry: Retry, interval_s: float = 0.05) -> None:
+        self.state = state
+        self._retry = retry
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._work = threading.Event()  # set by wake(): a stage run was submitted
@@ -57,12 +58,12 @@ class Supervisor:
     def save_every(self, save: Callable[[], None], interval_s: float) -> None:
         """Call ``save`` from the supervisor thread every ``interval_s`` seconds."""
         self._save, self._save_interval_s = save, interval_s
-        self._last_save = self.runtime.clock()
+        self._last_save = self.state.clock()
 
     def _maybe_save(self) -> None:
-        if self._save is None or self.runtime.clock() - self._last_save < self._save_interval_s:
+        if self._save is None or self.state.clock() - self._last_save < self._save_interval_s:
             return
-        self._last_save = self.runtime.clock()
+        self._last_save = self.state.clock()
         self._save()
 
     def wake(self) -> None:
@@ -70,19 +71,14 @@ class Supervisor:
         if not self._work.is_set():
             self._work.set()
 
-    def _idle(self) -> bool:
-        rt = self.runtime
-        with rt.lock:
-            return not rt.attempts and not rt.probes and not rt.quarantine.excluded()
-
     def _sleep(self) -> bool:
         """Wait for the next pass: one interval while there is work, else until woken or a save
         is due. False once closed."""
         self._work.clear()  # before the check: a wake() from here on ends the wait below
-        if self._idle():
+        if self.state.idle():
             due = None
             if self._save is not None:
-                due = max(self._last_save + self._save_interval_s - self.runtime.clock(), 0.0)
+                due = max(self._last_save + self._save_interval_s - self.state.clock(), 0.0)
             self._work.wait(due)
             if self._stop.is_set():
                 return False
@@ -99,9 +95,9 @@ class Supervisor:
                 log.exception("hetserve supervisor pass failed")
 
     def _enforce_deadlines(self) -> None:
-        rt = self.runtime
+        rt = self.state
         now = rt.clock()  # the executors stamp job starts with the same clock
-        overdue: list[tuple[str, Future[StageOutputs], _Attempt | None]] = []
+        overdue: list[tuple[str, Future[StageOutputs], Attempt | None]] = []
         for name, executor in rt.executors.items():
             running = executor.running()
             if running is None or now - running[1] <= rt.stage_timeout_s:
@@ -128,11 +124,11 @@ class Supervisor:
                     f"stage {attempt.stage.name!r} on {name} missed the "
                     f"{rt.stage_timeout_s:g} s stage deadline"
                 )
-                rt.retry_or_fail(attempt, error)
+                self._retry(attempt, error)
 
     def _reroute_queued(self) -> None:
         """Jobs still queued on a quarantined executor move elsewhere instead of waiting there."""
-        rt = self.runtime
+        rt = self.state
         with rt.lock:
             out = rt.quarantine.excluded()
             queued = [f for f, a in rt.attempts.items() if a.executor in out and not a.settled]
@@ -140,7 +136,7 @@ class Supervisor:
             future.cancel()  # fails for a running job; a queued one reroutes in _stage_done
 
     def _start_probes(self) -> None:
-        rt = self.runtime
+        rt = self.state
         with rt.lock:
             due = rt.quarantine.due_probes()
         for name, stage in due:
@@ -161,7 +157,7 @@ class Supervisor:
             future.add_done_callback(functools.partial(self._probe_done, name))
 
     def _probe_done(self, name: str, future: Future[StageOutputs] | None) -> None:
-        rt = self.runtime
+        rt = self.state
         ok = future is None or (not future.cancelled() and future.exception() is None)
         with rt.lock:
             if future is not None:
