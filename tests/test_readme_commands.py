@@ -74,6 +74,9 @@ CURL_TEXT = ('curl -H "Authorization: Bearer $KEY" -H "Content-Type: text/plain"
              "http://127.0.0.1:8080/predictions/bert")
 CURL_TEXTS = ('curl -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" '
               "-d '{\"text\": [\"great\", \"awful plot\"]}' http://127.0.0.1:8080/predictions/bert")
+# "int8 on CPU"
+INT8_ARCHIVE = ("hetserve archive --model zoo:resnet18 --model-name resnet18-int8 --image-processor imagenet "
+                "--labels imagenet.txt --quantize int8 --calibration photos/ --set hetserve.precision=int8")
 
 # README command -> the test (in this module) that runs it.
 COVERAGE = {
@@ -93,6 +96,7 @@ COVERAGE = {
     TEXT_ARCHIVE: "test_text_example_answers_the_curl_requests",
     CURL_TEXT: "test_text_example_answers_the_curl_requests",
     CURL_TEXTS: "test_text_example_answers_the_curl_requests",
+    INT8_ARCHIVE: "test_int8_example_records_its_accuracy_and_serves_int8",
 }
 
 # ---------------------------------------------------------------- what the suite changes
@@ -262,8 +266,8 @@ def run_shell(command: str, cwd: Path, env: dict[str, str] | None = None) -> sub
 @pytest.fixture(scope="module")
 def blocks(tmp_path_factory) -> dict[str, Path]:
     """One fresh directory per README block: "using" (Using it), "own" (Bringing your own
-    model), "media" (Images, text and labels)."""
-    return {name: tmp_path_factory.mktemp(f"readme-{name}") for name in ("using", "own", "media")}
+    model), "media" (Images, text and labels), "int8" (int8 on CPU)."""
+    return {name: tmp_path_factory.mktemp(f"readme-{name}") for name in ("using", "own", "media", "int8")}
 
 
 @pytest.fixture(scope="module")
@@ -427,7 +431,13 @@ def test_partition_example_reports_every_ratio_and_method(blocks):
     rows = json.loads((blocks["using"] / "cuts.json").read_text())["rows"]
     assert {(r["method"], r["ratio"]) for r in rows} == {
         (m, r) for m in ("metis", "exact", "prefix") for r in (0.75, 0.8, 0.85, 0.9)}
-    assert all(r["valid"] for r in rows)
+    fields = {"method", "ratio", "achieved_ratio", "cut_bytes", "valid", "max_abs_err", "seconds"}
+    for row in rows:
+        assert set(row) >= fields and row["valid"] and row["max_abs_err"] <= 1e-4, row
+    for ratio in (0.75, 0.8, 0.85, 0.9):  # the MILP's proven optimum is never worse than METIS
+        by = {r["method"]: r for r in rows if r["ratio"] == ratio}
+        if by["exact"]["optimal"] and by["metis"]["within_tolerance"]:
+            assert by["exact"]["cut_bytes"] <= by["metis"]["cut_bytes"], by
 
 
 def test_topology_example_prints_the_core_groups(blocks):
@@ -530,3 +540,31 @@ def test_text_example_answers_the_curl_requests(media_archives, readme_server, b
     assert isinstance(one, dict) and set(one) == labels, one
     two = curl(CURL_TEXTS, readme_server, blocks["media"])
     assert isinstance(two, list) and len(two) == 2 and all(set(a) == labels for a in two), two
+
+
+def test_int8_example_records_its_accuracy_and_serves_int8(blocks):
+    """The int8 example on real photos (its ``photos/``: matplotlib's and scikit-image's samples):
+    it archives, records the accuracy it measured on held-out photos, and ships int8 as the
+    served precision; the archive's own load check served that precision before writing it
+    (serving it on TorchServe is tests/test_quantize.py's)."""
+    from handlers.artifact.manifest import Manifest
+    from tests.photos import SKIMAGE_PHOTOS, sample_photo
+
+    here = blocks["int8"]
+    (here / "imagenet.txt").write_text("".join(f"{name}\n" for name in IMAGE_LABELS))
+    photos = here / "photos"
+    photos.mkdir()
+    for name in ("grace_hopper", *SKIMAGE_PHOTOS):
+        photo = sample_photo(name)
+        for turn in range(2):  # each photo upright and mirrored: 8 calibration inputs
+            (photo if turn == 0 else photo.transpose(0)).save(photos / f"{name}-{turn}.jpg", quality=90)
+    ran = run_cli(runnable(INT8_ARCHIVE), here)
+    assert ran.code == 0, ran
+    mar = here / "model_store" / "resnet18-int8.mar"
+    manifest = Manifest.from_json(json.loads(mar_member(mar, "hetserve-manifest.json")))
+    record = manifest.quantization
+    assert record["passed"] is True and record["calibration"]["source"] == "directory", record
+    assert record["calibration"]["kinds"] == {"image": 8}, record
+    assert "int8" in manifest.precisions
+    config = yaml.safe_load(mar_member(mar, "model-config.yaml"))
+    assert config["hetserve"]["precision"] == "int8", config

@@ -12,6 +12,7 @@ rate that meets the criteria (``knee.sweep_rates``).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -82,10 +83,16 @@ def packed_runtime_is_current(mar: Path) -> bool:
 
 def hetserve_archive(store: Path, name: str, model: str, *options: str) -> Path:
     """``hetserve archive --model MODEL --model-name NAME OPTIONS`` into ``store``, once: a later
-    run reuses the .mar while it carries this checkout's serving code."""
+    run reuses the .mar while it carries this checkout's serving code and was built from the
+    same model and options (recorded beside it)."""
     mar = store / f"{name}.mar"
+    recipe = store / f"{name}.recipe.json"
+    wanted = json.dumps({"model": model, "options": list(options)})
     if mar.exists() and not packed_runtime_is_current(mar):
         print(f"{mar} packs an older handlers/ than this checkout: rebuilding it", flush=True)
+        mar.unlink()
+    elif mar.exists() and (not recipe.exists() or recipe.read_text() != wanted):
+        print(f"{mar} was built from another model or options: rebuilding it", flush=True)
         mar.unlink()
     if not mar.exists():
         subprocess.run(
@@ -93,6 +100,7 @@ def hetserve_archive(store: Path, name: str, model: str, *options: str) -> Path:
              "--export-path", str(store), "--quiet", *options],
             check=True,
         )
+        recipe.write_text(wanted)
     return mar
 
 
