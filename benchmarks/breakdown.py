@@ -260,8 +260,8 @@ def row_archives(model: str, store: Path, workers: int | None = None) -> dict[st
     as it ships); ``whole``: that with the whole model on one group of every core, one worker."""
     import yaml
 
-    from hetserve.defaults import MODEL_CONFIG, default_file
     from partitioner.archive import with_config
+    from partitioner.defaults import MODEL_CONFIG, default_file
 
     # The cut is whatever ResNet-18/GoogLeNet's coarse graphs allow near 0.5/0.8 (labelled by the
     # ratio it reaches); the default row serves the archive's default partition.

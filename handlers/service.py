@@ -95,6 +95,7 @@ class InferenceService:
         self.runtime = runtime
         self.config = config
         self.response_limit = response_limit or ResponseLimit(config.limits.max_response_bytes)
+        self._sizes = AnswerSizes(manifest.outputs, self.response_limit)  # fixed at load
         self.state_path = state_path
         self.model_version = model_version
         if state_path is not None:  # periodic saves run on the supervisor, off the request path
@@ -132,12 +133,13 @@ class InferenceService:
         manifest = load_verified_manifest(model_dir)
         state_path = _state_path(model_dir, manifest, config)
         history = PerfHistory.load(state_path, alpha=config.ewma_alpha)
-        runtime = build_runtime(manifest, model_dir, config, history)
+        topology = probe()  # once per load: the runtime's core groups and the decode pool
+        runtime = build_runtime(manifest, model_dir, config, history, topology)
         processors = Processors.load(config.processors, model_dir, manifest)
         archive_sets = "max_response_bytes" in (((model_yaml or {}).get("hetserve") or {}).get("limits") or {})
         response_limit = ResponseLimit(config.limits.max_response_bytes, archive_sets, frontend_limit)
         log.info("hetserve: %s", response_limit.log_line())
-        decoder = DecodePool(decode_threads(len(probe().cores), processors is not None))
+        decoder = DecodePool(decode_threads(len(topology.cores), processors is not None))
         service = cls(
             manifest, runtime, config, state_path, model_version, processors, served_name,
             response_limit, decoder,
@@ -181,10 +183,6 @@ class InferenceService:
         for group, pending in running:
             self._answer_group(group, pending, replies)
         return [r if r is not None else _internal_error() for r in replies]
-
-    @property
-    def _sizes(self) -> AnswerSizes:
-        return AnswerSizes(self.manifest.outputs, self.response_limit)
 
     def _start_group(self, group: Group, micro_batch: int) -> tuple[Group, PendingRun | BaseException]:
         started = time.perf_counter()

@@ -1,9 +1,10 @@
 """TorchServe's ``config.properties``, read and rewritten in one place.
 
-The rules are those of the readers that matter here, Java's Properties and KServe's
-``kserve_wrapper`` (its ``parse_config``): a ``#`` line is a comment, the first ``=`` splits key
-from value, both stripped. Rewriting keeps every other line (comments included) as it was, so a
-derived file diffs against the shipped one line by line.
+Reading is the worker's own parser (``handlers.frontend_limits.parse_properties``: Java's
+Properties rules, which the frontend applies), so the CLI, the tuner and the worker agree on what
+a file says. Rewriting keeps every other line (comments included) as it was, so a derived file
+diffs against the shipped one line by line: a ``#`` line is a comment, the first ``=`` splits a
+live line's key from its value.
 """
 
 from __future__ import annotations
@@ -11,20 +12,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from handlers.frontend_limits import parse_properties
+
+__all__ = ["merge_properties", "parse_properties", "read_properties"]
+
 
 def _live_key(line: str) -> str | None:
     """The key a line sets; None for a comment or a line without ``=``."""
     if "=" not in line or line.lstrip().startswith("#"):
         return None
     return line.split("=", 1)[0].strip()
-
-
-def parse_properties(text: str) -> dict[str, str]:
-    pairs = {}
-    for line in text.splitlines():
-        if (key := _live_key(line)) is not None:
-            pairs[key] = line.split("=", 1)[1].strip()
-    return pairs
 
 
 def read_properties(path: Path) -> dict[str, str]:

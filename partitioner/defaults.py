@@ -6,7 +6,7 @@ importlib.resources, so an installed ``hetserve`` needs no clone. A clone always
 ``config/``: an editable install elsewhere must not hand a worktree another checkout's files.
 
 This lives in ``partitioner`` because packing an archive needs the default model-config.yaml;
-the CLI (``hetserve.defaults``, ``hetserve.tsprocess``) imports it from here. An installed copy
+the CLI (``hetserve.tsprocess``) imports it from here. An installed copy
 is found by package name through importlib.resources (which loads only ``hetserve/__init__.py``,
 a version string), never by importing a ``hetserve`` module.
 """

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hetserve.auto_workers import resolve_here
+from partitioner.auto_workers import resolve_here
 
 REPO = Path(__file__).resolve().parent.parent
 TORCH_PIN = "torch==2.13.0"  # first, in every venv: an unpinned resolve pulls a CUDA build
@@ -55,7 +55,7 @@ def installed(tmp_path_factory):
 
 def test_wheel_ships_the_defaults_and_the_type_marker(installed):
     python, outside, env = installed
-    probe = "import hetserve.defaults as d; print(d.config_dir())"
+    probe = "import partitioner.defaults as d; print(d.config_dir())"
     where = Path(_run([str(python), "-c", probe], cwd=outside, timeout=60, env=env).strip())
     assert "site-packages" in where.parts and REPO not in where.parents, where
     for name in ("config.properties", "model-config.yaml", "log4j2.xml"):

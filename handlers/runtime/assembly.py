@@ -105,12 +105,13 @@ def choose_layout(
 
 
 def build_runtime(
-    manifest: Manifest, model_dir: Path, config: RuntimeConfig, history: PerfHistory
+    manifest: Manifest, model_dir: Path, config: RuntimeConfig, history: PerfHistory,
+    topology: Topology | None = None,
 ) -> Runtime:
     # Worked out once per load: the partition (partition_for may log a "nearest partition" line)
-    # and the cores (read from /sys).
+    # and the cores (read from /sys; the caller's probe when it has one).
     partition = manifest.partition_for(config.ratio)
-    topology = probe()
+    topology = topology or probe()
     wants_cuda = not (config.head_devices == "cpu" and config.tail_devices == "cpu")
     if wants_cuda and (reason := cuda_unavailable_reason()) is None:
         try:
